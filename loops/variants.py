@@ -1,0 +1,159 @@
+"""Every built-in variant, registered by name in one place.
+
+A built-in variant is the canonical loop with one idiom changed: a name, the idiom it belongs to, one
+line saying what it changes, the `Idioms`/`EvalIdioms` fields it sets, and the verdict it is expected to
+get from the correctness pass (per workload where it depends on the workload).
+
+Variants compose with `+`: `tensor_sum+set_to_none_false` sets the fields of both. A user's variant is a
+plain function `fn(run: loops.Run)` named `package.module:function`; see README.md.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from loops import canonical
+from loops.canonical import EvalIdioms, Idioms, Run
+from loops.resolve import BadName, load_object
+
+VERDICTS = ("identical", "equivalent", "different", "broken")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    idiom: str
+    description: str
+    kind: str  # "train" or "eval"
+    fn: Callable[[Run], Any] = field(compare=False)
+    expected: dict[str, str] | None = None  # workload -> verdict; "*" for any other workload
+    requires: str | None = None  # "cuda" for a GPU-only variant
+
+    def expected_for(self, workload: str) -> str | None:
+        if self.expected is None:
+            return None
+        return self.expected.get(workload, self.expected.get("*"))
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    idiom: str
+    description: str
+    changes: dict
+    expected: dict
+    kind: str = "train"
+
+
+def _train(idiom, description, expected="identical", **changes):
+    return _Builtin(idiom, description, changes, _as_dict(expected))
+
+
+def _eval(idiom, description, expected="identical", **changes):
+    return _Builtin(idiom, description, changes, _as_dict(expected), kind="eval")
+
+
+def _as_dict(expected):
+    return expected if isinstance(expected, dict) else {"*": expected}
+
+
+BUILTINS: dict[str, _Builtin] = {
+    "baseline": _train("baseline", "the seed's loop: zero_grad, forward, loss, backward, step, "
+                       "train_loss += loss.item()"),
+    # loss tracking
+    "item_list_mean": _train("loss tracking", "append loss.item() to a list, torch.tensor(list).mean() "
+                             "at the end (float32 mean)", "equivalent", loss_tracking="item_list"),
+    "tensor_sum": _train("loss tracking", "running += loss.detach() on the device, one .item() per epoch",
+                         "equivalent", loss_tracking="tensor_sum"),
+    "tensor_list_stack": _train("loss tracking", "list of detached losses, torch.stack(list).mean() at the end",
+                                "equivalent", loss_tracking="tensor_list_stack"),
+    "tensor_list_totensor": _train("loss tracking", "list of detached losses through torch.tensor(list): "
+                                   "one sync per element", "equivalent", loss_tracking="tensor_list_totensor"),
+    "graph_sum": _train("loss tracking", "running += loss without detach: keeps the autograd graph (bug)",
+                        "broken", loss_tracking="graph_sum"),
+    # zero_grad placement
+    "zero_grad_after_step": _train("zero_grad placement", "zero_grad() after optimizer.step()",
+                                   zero_grad_at="after_step"),
+    "zero_grad_before_backward": _train("zero_grad placement", "zero_grad() after the loss, before backward()",
+                                        zero_grad_at="before_backward"),
+    "zero_grad_between_backward_and_step": _train(
+        "zero_grad placement", "zero_grad() between backward() and step(): the step sees no gradient (bug)",
+        "broken", zero_grad_at="between_backward_and_step"),
+    "zero_grad_missing": _train("zero_grad placement", "no zero_grad(): gradients accumulate across steps (bug)",
+                                "broken", zero_grad_at="missing"),
+    # zeroing style
+    "set_to_none_false": _train("zeroing style", "optimizer.zero_grad(set_to_none=False): zero tensors, not None",
+                                {"*": "identical", "conditional": "different"},
+                                zeroing="optimizer_set_to_none_false"),
+    "model_zero_grad": _train("zeroing style", "model.zero_grad() instead of optimizer.zero_grad()",
+                              zeroing="model"),
+    "grad_none_manual": _train("zeroing style", "p.grad = None by hand for every parameter",
+                               zeroing="manual_none"),
+    # evaluation
+    "eval_baseline": _eval("evaluation", "the seed's test(): model.eval(), no_grad, loss.item() and "
+                           "correct.sum().item() per batch"),
+    "eval_inference_mode": _eval("evaluation", "torch.inference_mode() instead of torch.no_grad()",
+                                 grad_mode="inference_mode"),
+    "eval_tensor_accum": _eval("evaluation", "loss and an int64 correct-count on the device, one read-back "
+                               "at the end", tracking="tensor"),
+    "eval_grad_enabled": _eval("evaluation", "no torch.no_grad(): autograd records every batch, loss.item()",
+                               grad_mode="enabled"),
+    "eval_graph_sum": _eval("evaluation", "no no_grad and test_loss += loss: every batch's graph stays "
+                            "alive (bug)", "broken", grad_mode="enabled", tracking="graph"),
+}
+
+BASELINES = {"train": "baseline", "eval": "eval_baseline"}
+_SEVERITY = {v: i for i, v in enumerate(VERDICTS)}
+
+
+def _loop(kind: str, changes: dict) -> Callable[[Run], Any]:
+    if kind == "train":
+        return functools.partial(canonical.train_epoch, idioms=Idioms(**changes))
+    return functools.partial(canonical.eval_epoch, idioms=EvalIdioms(**changes))
+
+
+def builtin_names(kind: str | None = None) -> list[str]:
+    return [n for n, b in BUILTINS.items() if kind is None or b.kind == kind]
+
+
+def _compose(names: list[str]) -> Variant:
+    parts = [BUILTINS[n] for n in names]
+    kinds = {p.kind for p in parts}
+    if len(kinds) > 1:
+        raise BadName(f"cannot compose training and evaluation variants: {'+'.join(names)}")
+    changes: dict = {}
+    for name, part in zip(names, parts):
+        clash = set(changes) & set(part.changes)
+        if clash:
+            raise BadName(f"{'+'.join(names)}: {name} changes {', '.join(sorted(clash))} a second time")
+        changes.update(part.changes)
+    workloads = set().union(*(p.expected for p in parts))
+    expected = {w: max((p.expected.get(w, p.expected["*"]) for p in parts), key=_SEVERITY.get)
+                for w in workloads}
+    name = "+".join(names)
+    idiom = parts[0].idiom if len(parts) == 1 else " + ".join(dict.fromkeys(p.idiom for p in parts))
+    description = parts[0].description if len(parts) == 1 else "; ".join(p.description for p in parts)
+    kind = parts[0].kind
+    return Variant(name, idiom, description, kind, _loop(kind, changes), expected)
+
+
+def resolve_variant(name: str) -> Variant:
+    """A built-in name, a `+` composition of built-ins, or a user's `package.module:function`."""
+    if ":" in name:
+        fn = load_object(name, "variant")
+        kind = getattr(fn, "loopmark_kind", "train")
+        return Variant(name, getattr(fn, "loopmark_idiom", "user"), (fn.__doc__ or "").strip().split("\n")[0],
+                       kind, fn, None, getattr(fn, "loopmark_requires", None))
+    parts = name.split("+")
+    unknown = [p for p in parts if p not in BUILTINS]
+    if unknown:
+        raise BadName(f"unknown variant {unknown[0]!r}; valid: {', '.join(BUILTINS)}, "
+                      "a '+' composition of them, or package.module:function")
+    return _compose(parts)
+
+
+def evaluation(fn: Callable) -> Callable:
+    """Mark a user's variant as an evaluation loop: `fn(run)` returns (mean loss, accuracy)."""
+    fn.loopmark_kind = "eval"
+    return fn
