@@ -1,0 +1,3 @@
+"""loopmark: benchmark and check the idioms of PyTorch training loops."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,227 @@
+"""`loopmark run`: every cell (workload x variant x device) through four separate passes.
+
+1. correctness (`bench.correctness`), 2. syncs (`bench.syncs`), 3. memory (`bench.memory`), each on a
+freshly built cell, then 4. timing (`bench.timing`), the cells of one workload and device interleaved
+round-robin across repeats. No instrument runs inside a timed block.
+
+A cell is finished, and written to results.csv / results.json at once, when its last timed block ends.
+A fault stays in its cell: NaN/inf loss -> `diverged`, CUDA out-of-memory -> `oom` (memory freed),
+an exception -> `error` with its message, a GPU-only variant on CPU -> `skipped`.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from bench import correctness, results, stats
+from bench.cell import build_cell, stage_batches
+from bench.env import EnergyMeter, environment
+from bench.memory import measure_memory
+from bench.syncs import measure_syncs
+from bench.timing import time_block
+from loops import BASELINES, Variant, Workload, builtin_names, resolve_variant, resolve_workload
+
+DEFAULT_TRAIN_WORKLOADS = ("mlp", "cnn")
+DEFAULT_EVAL_WORKLOADS = ("cnn",)
+
+
+@dataclass(frozen=True)
+class Settings:
+    steps: int = 40  # timed steps per block
+    repeats: int = 5  # blocks per cell
+    warmup: int = 5  # untimed steps before a cell's first block
+    seed: int = 0
+    check_epochs: int = 2  # correctness pass
+    check_steps: int = 6
+    memory_steps: int = 32  # memory pass: enough step boundaries for a slope
+
+
+QUICK = Settings(steps=16, repeats=3, warmup=3, check_steps=3)
+
+
+@dataclass
+class Group:
+    workload: str
+    device: str
+    variants: list[str]
+
+
+def plan(devices: list[str], workloads: list[str] | None, variants: list[str] | None) -> list[Group]:
+    """The groups to run; each holds its kind's baseline first (the ratios need it)."""
+    groups = []
+    for device in devices:
+        for kind in ("train", "eval"):
+            names = builtin_names(kind) if variants is None else [v for v in variants
+                                                                   if resolve_variant(v).kind == kind]
+            if not names:
+                continue
+            default = DEFAULT_TRAIN_WORKLOADS if kind == "train" else DEFAULT_EVAL_WORKLOADS
+            for workload in workloads or default:
+                base = BASELINES[kind]
+                groups.append(Group(workload, device, [base] + [n for n in names if n != base]))
+    return groups
+
+
+def _base_record(workload: Workload, variant: Variant, device: torch.device, s: Settings) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else environment([])["cpu_model"]
+    return {"workload": workload.name, "variant": variant.name, "kind": variant.kind, "idiom": variant.idiom,
+            "description": variant.description, "device": device.type, "device_name": name,
+            "torch_version": torch.__version__, "batch_size": workload.batch_size, "steps": s.steps,
+            "repeats": s.repeats, "warmup_steps": s.warmup, "expected_verdict": variant.expected_for(workload.name),
+            "status": "ok", "error": None}
+
+
+def _fault(record: dict, exc: BaseException) -> None:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        record.update(status="oom", error=str(exc).split("\n")[0][:300])
+    else:
+        record.update(status="error", error=f"{type(exc).__name__}: {exc}".split("\n")[0][:300])
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _warm(cell, batches: list, warmup: int) -> None:
+    if warmup:
+        cell.epoch(batches[:warmup])
+
+
+def _untimed_passes(workload, variant, device, s: Settings, staged: list, cache: dict) -> dict:
+    record = correctness.check(workload, variant, device, s.check_epochs, s.check_steps, s.seed, cache)
+    cell = build_cell(workload, variant, device, s.seed)
+    _warm(cell, staged, s.warmup)
+    record.update(measure_syncs(cell, staged))
+    cell = build_cell(workload, variant, device, s.seed)
+    _warm(cell, staged, s.warmup)
+    cycled = [staged[i % len(staged)] for i in range(max(s.memory_steps, len(staged)))]
+    record.update(measure_memory(cell, cycled))
+    record["param_tensors"] = sum(1 for p in cell.model.parameters() if p.requires_grad)
+    return record
+
+
+def _finite(reported) -> bool:
+    value = reported[0] if isinstance(reported, tuple) else reported
+    if isinstance(value, torch.Tensor):
+        value = float(value.detach())
+    return math.isfinite(float(value))
+
+
+class Runner:
+    def __init__(self, out_dir: Path, settings: Settings, resume: bool = False, progress=None):
+        self.out_dir, self.s = out_dir, settings
+        self.env = environment()
+        self.records: dict[tuple, dict] = {}
+        if resume and (out_dir / "results.json").exists():
+            for r in results.read_results(out_dir)["cells"]:
+                if r.get("status") in results.FINISHED:
+                    self.records[results.cell_key(r)] = r
+        self.progress = progress or _plain_progress
+
+    def finished(self, workload: str, variant: str, device: str) -> bool:
+        return (workload, variant, device) in self.records
+
+    def save(self, record: dict) -> None:
+        self.records[results.cell_key(record)] = record
+        results.write_results(self.out_dir, self.env, list(self.records.values()))
+        self.progress(record)
+
+    def run(self, groups: list[Group]) -> list[dict]:
+        for g in groups:
+            if all(self.finished(g.workload, v, g.device) for v in g.variants):
+                continue
+            self.run_group(g)
+        return list(self.records.values())
+
+    def run_group(self, g: Group) -> None:
+        s, device = self.s, torch.device(g.device)
+        workload = resolve_workload(g.workload)
+        # finished cells are skipped; the baseline is timed again whenever others run (their ratio's reference)
+        variants = [resolve_variant(v) for i, v in enumerate(g.variants)
+                    if i == 0 or not self.finished(g.workload, v, g.device)]
+        kind = variants[0].kind
+        staged = stage_batches(workload, "test" if kind == "eval" else "train", s.steps, device)
+        cache: dict = {}
+        pending: dict[str, dict] = {}
+        for variant in variants:
+            record = _base_record(workload, variant, device, s)
+            if variant.requires == "cuda" and device.type != "cuda":
+                record.update(status="skipped", error="needs a CUDA GPU")
+                self.save(record)
+                continue
+            try:
+                record.update(_untimed_passes(workload, variant, device, s, staged, cache))
+            except (Exception, torch.cuda.OutOfMemoryError) as exc:
+                _fault(record, exc)
+                self.save(record)
+                continue
+            pending[variant.name] = record
+        self._time(workload, device, variants, staged, pending)
+
+    def _time(self, workload, device, variants, staged, pending: dict) -> None:
+        """Interleaved timing of the pending cells; each is saved as its last block ends."""
+        s = self.s
+        cells, times, energy = {}, {}, {}
+        meter = EnergyMeter(device)
+        for variant in variants:
+            if variant.name not in pending:
+                continue
+            try:
+                cell = build_cell(workload, variant, device, s.seed)
+                _warm(cell, staged, s.warmup)
+                cells[variant.name], times[variant.name], energy[variant.name] = cell, [], []
+            except (Exception, torch.cuda.OutOfMemoryError) as exc:
+                _fault(pending[variant.name], exc)
+                self.save(pending.pop(variant.name))
+        base_name = variants[0].name
+        for r in range(s.repeats):
+            for name in list(cells):
+                record = pending[name]
+                try:
+                    e0 = meter.read()
+                    block, reported = time_block(cells[name], staged)
+                    e1 = meter.read()
+                    if e0 is not None and e1 is not None:
+                        energy[name].append(e1 - e0)
+                    times[name].append(block)
+                    if not _finite(reported):
+                        record.update(status="diverged", error=f"non-finite loss in block {r + 1}")
+                except (Exception, torch.cuda.OutOfMemoryError) as exc:
+                    _fault(record, exc)
+                if record["status"] != "ok" or r == s.repeats - 1:
+                    del cells[name]
+                    self._finish(record, times[name], energy[name], times.get(base_name), workload)
+                    self.save(pending.pop(name))
+
+    def _finish(self, record: dict, blocks: list, energy: list, base_blocks, workload: Workload) -> None:
+        samples = [t for b in blocks for t in b]
+        record["step_times_s"] = samples
+        record["block_medians_s"] = [float(stats.summarize(b)["step_time_median_s"]) for b in blocks]
+        if not samples:
+            return
+        record.update(stats.summarize(samples, self.s.seed))
+        record["samples_per_s"] = workload.batch_size / record["step_time_median_s"]
+        base = [t for b in base_blocks or [] for t in b]
+        if base:
+            ratio, low, high = stats.ratio_with_ci(samples, base, self.s.seed)
+            record.update(ratio_to_baseline=ratio, ratio_ci_low=low, ratio_ci_high=high)
+        if energy and sum(energy) > 0:
+            record["energy_j_per_sample"] = sum(energy) / (len(samples) * workload.batch_size)
+
+
+def _plain_progress(record: dict) -> None:
+    sps = record.get("samples_per_s")
+    rate = f"{sps:,.0f} samples/s" if sps else "-"
+    mark = "" if record.get("verdict") in (None, record.get("expected_verdict")) or \
+        record.get("expected_verdict") is None else f" (expected {record['expected_verdict']})"
+    print(f"{record['device']:4s} {record['workload']:<12s} {record['variant']:<38s} {record['status']:<8s} "
+          f"{rate:>18s}  verdict={record.get('verdict')}{mark}", file=sys.stderr, flush=True)
+
+
+def replace_settings(s: Settings, **changes) -> Settings:
+    return replace(s, **{k: v for k, v in changes.items() if v is not None})
