@@ -55,7 +55,7 @@ def cmd_check(args) -> int:
     import torch
 
     from bench import correctness
-    from loops import WORKLOADS, builtin_names, resolve_variant, resolve_workload
+    from loops import WORKLOADS, builtin_names, resolve_variant, resolve_workload, verdict_matches
 
     _resolve_names(args.workload, args.variant)
     device = torch.device(_devices(args.device)[0])
@@ -72,7 +72,7 @@ def cmd_check(args) -> int:
                 r = {"verdict": "error", "expected_verdict": variant.expected_for(workload.name),
                      "verdict_reason": f"{type(exc).__name__}: {exc}".split("\n")[0]}
             expected = r["expected_verdict"]
-            bad = (r["verdict"] != expected) if expected else r["verdict"] in ("broken", "error")
+            bad = not verdict_matches(r["verdict"], expected) if expected else r["verdict"] in ("broken", "error")
             failures += bad
             flag = "  <-- FAIL" if bad else ""
             print(f"{workload.name:12s} {variant.name:38s} {r['verdict']:10s} {expected or '-':10s} "
@@ -124,6 +124,8 @@ def _progress_printer(groups):
 
 
 def _summary(records: list[dict]) -> None:
+    from loops import verdict_matches
+
     print(f"\n{'device':6s} {'workload':12s} {'variant':38s} {'samples/s':>11s} {'ratio':>6s} {'syncs':>6s} "
           f"{'growth B/st':>11s} {'verdict':10s} status")
     for r in records:
@@ -131,7 +133,7 @@ def _summary(records: list[dict]) -> None:
             v = r.get(key)
             return format(v, spec) if isinstance(v, (int, float)) else "-"
         verdict = r.get("verdict") or "-"
-        if r.get("expected_verdict") and verdict != r["expected_verdict"]:
+        if r.get("expected_verdict") and not verdict_matches(r.get("verdict"), r["expected_verdict"]):
             verdict += "!"
         print(f"{r['device']:6s} {r['workload']:12s} {r['variant']:38s} {fmt('samples_per_s', ',.0f'):>11s} "
               f"{fmt('ratio_to_baseline', '.3f'):>6s} {fmt('syncs_per_step', '.2f'):>6s} "
@@ -228,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # output piped into `head`
+        sys.stderr.close()
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from bench.env import EnergyMeter, environment
 from bench.memory import measure_memory
 from bench.syncs import measure_syncs
 from bench.timing import time_block
-from loops import BASELINES, Variant, Workload, builtin_names, resolve_variant, resolve_workload
+from loops import (BASELINES, Variant, Workload, builtin_names, resolve_variant, resolve_workload,
+                   verdict_matches)
 
 DEFAULT_TRAIN_WORKLOADS = ("mlp", "cnn")
 DEFAULT_EVAL_WORKLOADS = ("cnn",)
@@ -217,8 +218,8 @@ class Runner:
 def _plain_progress(record: dict) -> None:
     sps = record.get("samples_per_s")
     rate = f"{sps:,.0f} samples/s" if sps else "-"
-    mark = "" if record.get("verdict") in (None, record.get("expected_verdict")) or \
-        record.get("expected_verdict") is None else f" (expected {record['expected_verdict']})"
+    expected = record.get("expected_verdict")
+    mark = "" if expected is None or verdict_matches(record.get("verdict"), expected) else f" (expected {expected})"
     print(f"{record['device']:4s} {record['workload']:<12s} {record['variant']:<38s} {record['status']:<8s} "
           f"{rate:>18s}  verdict={record.get('verdict')}{mark}", file=sys.stderr, flush=True)
 

@@ -153,6 +153,12 @@ def resolve_variant(name: str) -> Variant:
     return _compose(parts)
 
 
+def verdict_matches(measured: str | None, expected: str | None) -> bool:
+    """Whether a measured verdict meets the declared one. `equivalent` (equal within rounding) is also met
+    by `identical`: a float32 running mean can round to exactly the float64 value on a short run."""
+    return measured == expected or (expected == "equivalent" and measured == "identical")
+
+
 def evaluation(fn: Callable) -> Callable:
     """Mark a user's variant as an evaluation loop: `fn(run)` returns (mean loss, accuracy)."""
     fn.loopmark_kind = "eval"

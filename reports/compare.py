@@ -1,0 +1,347 @@
+"""Compare a candidate run against a baseline run, cell by cell: `loopmark compare BASELINE CANDIDATE`.
+
+Cells match on (workload, variant, device); only cells whose status is ok in both are compared.
+A matched cell regresses when any gate fails:
+
+- deterministic metrics change at all: syncs_per_step (beyond 1e-9), verdict, retains_graph, and
+  ops_per_step when both runs used the same torch version;
+- peak_memory_bytes grows by more than `memory_pct` percent;
+- memory_growth_bytes_per_step goes from about zero (<= 64 B/step) to a leak (> 1024 B/step);
+- step time: the candidate's raw step times are larger by a one-sided Mann-Whitney U test (p < alpha) AND
+  the bootstrap 95% CI of median(candidate) / median(baseline) lies entirely above 1 + max_slowdown_pct/100.
+  The time gate is skipped (with a note) without raw step times, or when the device or the torch version
+  differs between the runs (with a warning).
+
+Exit status of main(): 0 nothing regressed, 1 some cell regressed, 2 unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy.stats import mannwhitneyu
+
+from reports.load import load
+from reports.stats import median_ratio_ci
+from reports.units import human_bytes
+
+SYNCS_TOLERANCE = 1e-9
+OPS_TOLERANCE = 1e-9
+GROWTH_ZERO_BYTES_PER_STEP = 64  # at most this: the memory does not grow
+GROWTH_LEAK_BYTES_PER_STEP = 1024  # more than this, from about zero: a leak
+MIN_TIME_SAMPLES = 3  # fewer raw step times than this in either run: no time gate
+
+Key = tuple[str, str, str]
+
+
+@dataclass
+class CellResult:
+    key: Key  # (workload, variant, device)
+    regressions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    time_ratio: float | None = None  # median(candidate step times) / median(baseline step times)
+    time_ci: tuple[float, float] | None = None  # its bootstrap 95% CI
+    p_value: float | None = None  # one-sided Mann-Whitney U: candidate slower
+
+    @property
+    def regressed(self) -> bool:
+        return bool(self.regressions)
+
+
+@dataclass
+class Comparison:
+    baseline: str
+    candidate: str
+    cells: list[CellResult]  # matched cells with status ok in both
+    not_compared: list[tuple[Key, str, str]]  # matched, status not ok in one: (key, baseline, candidate status)
+    only_in_baseline: list[Key]
+    only_in_candidate: list[Key]
+    warnings: list[str]
+    max_slowdown_pct: float
+    alpha: float
+    memory_pct: float
+
+    @property
+    def regressions(self) -> list[CellResult]:
+        return [c for c in self.cells if c.regressed]
+
+    @property
+    def matched(self) -> int:
+        return len(self.cells) + len(self.not_compared)
+
+
+def compare(base_env: dict, base_df: pd.DataFrame, cand_env: dict, cand_df: pd.DataFrame,
+            max_slowdown_pct: float = 5.0, alpha: float = 0.01, memory_pct: float = 5.0,
+            seed: int = 0) -> Comparison:
+    """Compare every cell of the candidate with the same cell of the baseline (see the module docstring)."""
+    warnings: list[str] = []
+    base, cand = _by_key(base_df, "baseline", warnings), _by_key(cand_df, "candidate", warnings)
+    cells, not_compared = [], []
+    for key in [k for k in base if k in cand]:
+        b, c = base[key], cand[key]
+        if b.get("status") != "ok" or c.get("status") != "ok":
+            not_compared.append((key, b.get("status") or "unknown", c.get("status") or "unknown"))
+            continue
+        cells.append(_compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory_pct, seed,
+                                   warnings))
+    return Comparison(
+        baseline=str(base_env.get("source", "baseline")), candidate=str(cand_env.get("source", "candidate")),
+        cells=cells, not_compared=not_compared,
+        only_in_baseline=[k for k in base if k not in cand], only_in_candidate=[k for k in cand if k not in base],
+        warnings=list(dict.fromkeys(warnings)), max_slowdown_pct=max_slowdown_pct, alpha=alpha,
+        memory_pct=memory_pct)
+
+
+def time_gate(base_times, cand_times, max_slowdown_pct: float, alpha: float,
+              seed: int = 0) -> tuple[float, float, tuple[float, float], bool]:
+    """(p, median ratio, its 95% CI, regressed) for raw step times of the baseline and the candidate."""
+    base, cand = np.asarray(base_times, dtype=float), np.asarray(cand_times, dtype=float)
+    p = float(mannwhitneyu(cand, base, alternative="greater").pvalue)
+    ratio = float(np.median(cand) / np.median(base))
+    ci = median_ratio_ci(base, cand, seed=seed)
+    return p, ratio, ci, p < alpha and ci[0] > 1 + max_slowdown_pct / 100
+
+
+def format_text(c: Comparison) -> str:
+    """An aligned plain-text table, regressions first, then the lists and the verdict line."""
+    rows = [["cell", "result", "time cand/base [95% CI]", "p", "details"]]
+    rows += [[_cell_name(r.key), _result(r), _time(r), _p(r.p_value), "; ".join(r.regressions + r.notes)]
+             for r in _ordered(c.cells)]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [f"baseline:  {c.baseline}", f"candidate: {c.candidate}", _thresholds(c)]
+    lines += [f"warning: {w}" for w in c.warnings]
+    lines.append("")
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+    lines += [""] + _lists(c, lambda title, items: [f"{title}:"] + [f"  {item}" for item in items])
+    return "\n".join(line.rstrip() for line in lines + [verdict_line(c)]) + "\n"
+
+
+def format_md(c: Comparison) -> str:
+    """A Markdown table for a PR comment or $GITHUB_STEP_SUMMARY, regressions first, then the verdict line."""
+    lines = ["### loopmark compare", "", f"Baseline `{c.baseline}`, candidate `{c.candidate}`. {_thresholds(c)}", ""]
+    lines += [f"> **Warning:** {w}  " for w in c.warnings] + ([""] if c.warnings else [])
+    lines += ["| cell | result | time cand/base [95% CI] | p | details |", "|---|---|---|---|---|"]
+    lines += [f"| {_cell_name(r.key)} | {'**REGRESSION**' if r.regressed else 'ok'} | {_time(r)} | "
+              f"{_p(r.p_value)} | {_md('; '.join(r.regressions + r.notes))} |" for r in _ordered(c.cells)]
+    lines.append("")
+    lines += _lists(c, lambda title, items: [f"**{title}:** " + ", ".join(f"`{i}`" for i in items), ""])
+    lines.append(f"**{verdict_line(c)}**")
+    return "\n".join(lines) + "\n"
+
+
+def verdict_line(c: Comparison) -> str:
+    n = len(c.regressions)
+    line = f"{n} regression{'s' if n != 1 else ''} in {c.matched} matched cells"
+    extra = [f"{len(c.not_compared)} not compared: status not ok" if c.not_compared else "",
+             f"{len(c.only_in_baseline) + len(c.only_in_candidate)} in one file only"
+             if c.only_in_baseline or c.only_in_candidate else ""]
+    extra = [e for e in extra if e]
+    return line + (f" ({', '.join(extra)})" if extra else "")
+
+
+def main(argv=None) -> int:
+    """`loopmark compare BASELINE CANDIDATE [--max-slowdown PCT] [--alpha A] [--format text|md]
+    [--memory-threshold PCT]`: prints the comparison; returns 0, 1 (regression) or 2 (unusable input)."""
+    parser = argparse.ArgumentParser(
+        prog="loopmark compare", description="Compare a candidate loopmark run against a baseline run.",
+        epilog="exit status: 0 no regression, 1 regression, 2 unusable input")
+    parser.add_argument("baseline", help="results directory, results.json or pytest-benchmark JSON")
+    parser.add_argument("candidate", help="results directory, results.json or pytest-benchmark JSON")
+    parser.add_argument("--max-slowdown", type=_non_negative, default=5.0, metavar="PCT",
+                        help="smallest slowdown of the median step time that counts, in %% (default 5)")
+    parser.add_argument("--alpha", type=_probability, default=0.01, metavar="A",
+                        help="significance level of the Mann-Whitney U test (default 0.01)")
+    parser.add_argument("--format", choices=["text", "md"], default="text", help="output format (default text)")
+    parser.add_argument("--memory-threshold", type=_non_negative, default=5.0, metavar="PCT",
+                        help="largest allowed growth of peak memory, in %% (default 5)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        base_env, base_df = load(args.baseline)
+        cand_env, cand_df = load(args.candidate)
+    except ValueError as exc:
+        print(f"loopmark compare: {exc}", file=sys.stderr)
+        return 2
+    result = compare(base_env, base_df, cand_env, cand_df, max_slowdown_pct=args.max_slowdown, alpha=args.alpha,
+                     memory_pct=args.memory_threshold)
+    print(format_md(result) if args.format == "md" else format_text(result), end="")
+    return 1 if result.regressions else 0
+
+
+# -- one cell ---------------------------------------------------------------------------------------------
+
+def _compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory_pct, seed,
+                  warnings) -> CellResult:
+    result = CellResult(key)
+    base_torch, cand_torch = _torch(b, base_env), _torch(c, cand_env)
+    torch_differs = bool(base_torch and cand_torch and base_torch != cand_torch)
+    base_device, cand_device = _device_name(b, base_env), _device_name(c, cand_env)
+    device_differs = bool(base_device and cand_device and base_device != cand_device)
+    if torch_differs:
+        warnings.append(f"torch version differs ({base_torch} in the baseline, {cand_torch} in the candidate): "
+                        "time gate and ops/step gate skipped")
+    if device_differs:
+        warnings.append(f"{key[2]} device differs ({base_device} in the baseline, {cand_device} in the "
+                        "candidate): time gate skipped")
+
+    _deterministic(result, b, c, check_ops=not torch_differs)
+    _memory(result, b, c, memory_pct)
+    if torch_differs or device_differs:
+        result.notes.append("time not compared: " + ("torch version" if torch_differs else "device") + " differs")
+        return result
+    base_times, cand_times = _samples(b.get("step_times_s")), _samples(c.get("step_times_s"))
+    if base_times is None or cand_times is None:
+        which = " and ".join(w for w, t in [("baseline", base_times), ("candidate", cand_times)] if t is None)
+        result.notes.append(f"time not compared: no raw step times in the {which}")
+        return result
+    p, ratio, ci, slower = time_gate(base_times, cand_times, max_slowdown_pct, alpha, seed)
+    result.p_value, result.time_ratio, result.time_ci = p, ratio, ci
+    if slower:
+        result.regressions.append(f"slower: median step time x{ratio:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f} "
+                                  f"> {1 + max_slowdown_pct / 100:g}, p{_p(p, '=')})")
+    return result
+
+
+def _deterministic(result: CellResult, b: dict, c: dict, check_ops: bool) -> None:
+    metrics = [("syncs_per_step", "syncs/step", SYNCS_TOLERANCE), ("verdict", "verdict", None),
+               ("retains_graph", "retains_graph", None)]
+    if check_ops:
+        metrics.append(("ops_per_step", "ops/step", OPS_TOLERANCE))
+    for column, name, tolerance in metrics:
+        old, new = _value(b.get(column)), _value(c.get(column))
+        if old is None and new is None:
+            continue
+        if old is None or new is None:
+            result.notes.append(f"{name} missing in the {'baseline' if old is None else 'candidate'}")
+            continue
+        changed = abs(float(old) - float(new)) > tolerance if tolerance is not None else old != new
+        if changed:
+            result.regressions.append(f"{name} changed: {_show(old)} -> {_show(new)}")
+
+
+def _memory(result: CellResult, b: dict, c: dict, memory_pct: float) -> None:
+    old, new = _value(b.get("peak_memory_bytes")), _value(c.get("peak_memory_bytes"))
+    if old is not None and new is not None and old > 0 and new > old * (1 + memory_pct / 100):
+        result.regressions.append(f"peak memory +{(new / old - 1) * 100:.1f}% ({human_bytes(old)} -> "
+                                  f"{human_bytes(new)})")
+    old, new = _value(b.get("memory_growth_bytes_per_step")), _value(c.get("memory_growth_bytes_per_step"))
+    if old is not None and new is not None and old <= GROWTH_ZERO_BYTES_PER_STEP and new > GROWTH_LEAK_BYTES_PER_STEP:
+        result.regressions.append(f"memory now grows: {human_bytes(old)}/step -> {human_bytes(new)}/step")
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+def _by_key(df: pd.DataFrame, which: str, warnings: list[str]) -> dict[Key, dict]:
+    cells: dict[Key, dict] = {}
+    for record in df.to_dict("records"):
+        key = (record["workload"], record["variant"], record["device"])
+        if key in cells:
+            warnings.append(f"{_cell_name(key)} appears more than once in the {which}: the last one is used")
+        cells[key] = record
+    return cells
+
+
+def _torch(record: dict, env: dict) -> str | None:
+    return record.get("torch_version") or env.get("torch") or None
+
+
+def _device_name(record: dict, env: dict) -> str | None:
+    if record.get("device_name"):
+        return record["device_name"]
+    gpu = env.get("gpu") if isinstance(env.get("gpu"), dict) else {}
+    return (gpu.get("name") if record["device"] == "cuda" else env.get("cpu_model")) or None
+
+
+def _samples(v) -> np.ndarray | None:
+    """Finite raw step times, or None when there are too few to test."""
+    if not isinstance(v, (list, tuple, np.ndarray)):
+        return None
+    try:
+        x = np.asarray(v, dtype=float)
+    except (TypeError, ValueError):
+        return None
+    x = x[np.isfinite(x)] if x.ndim == 1 else np.array([])
+    return x if len(x) >= MIN_TIME_SAMPLES else None
+
+
+def _value(v):
+    """None for null/NaN, else the value."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return v
+
+
+def _show(v) -> str:
+    if isinstance(v, float) and not isinstance(v, bool):
+        return f"{v:g}"
+    return str(v)
+
+
+def _ordered(cells: list[CellResult]) -> list[CellResult]:
+    return sorted(cells, key=lambda r: not r.regressed)
+
+
+def _cell_name(key: Key) -> str:
+    return "/".join(key)
+
+
+def _result(r: CellResult) -> str:
+    return "REGRESSION" if r.regressed else "ok"
+
+
+def _time(r: CellResult) -> str:
+    if r.time_ratio is None:
+        return "-"
+    return f"{r.time_ratio:.3f}x [{r.time_ci[0]:.3f}, {r.time_ci[1]:.3f}]"
+
+
+def _p(p: float | None, equals: str = "") -> str:
+    if p is None:
+        return "-"
+    return "<1e-6" if p < 1e-6 else f"{equals}{p:.2g}"
+
+
+def _thresholds(c: Comparison) -> str:
+    return (f"Time regression: Mann-Whitney p < {c.alpha:g} and 95% CI of the median ratio above "
+            f"{1 + c.max_slowdown_pct / 100:g}; peak memory regression: > +{c.memory_pct:g}%.")
+
+
+def _lists(c: Comparison, render) -> list[str]:
+    lines: list[str] = []
+    if c.not_compared:
+        lines += render("not compared (status not ok)",
+                        [f"{_cell_name(k)} (baseline {b}, candidate {s})" for k, b, s in c.not_compared])
+    if c.only_in_baseline:
+        lines += render("only in the baseline", [_cell_name(k) for k in c.only_in_baseline])
+    if c.only_in_candidate:
+        lines += render("only in the candidate", [_cell_name(k) for k in c.only_in_candidate])
+    return lines
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a non-negative number")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""One function per figure: a DataFrame of cells (reports.load) in, a matplotlib Figure out.
+
+Figures are built with `matplotlib.figure.Figure` (no pyplot, no GUI backend): save them with `savefig`.
+Each figure has one panel per (workload, device) with variants on the y axis, so long variant names
+stay readable; its height grows with the number of variants. A function returns None when the
+DataFrame holds nothing it could plot (e.g. `cpu_vs_gpu` with one device).
+Cells with a broken verdict are red and hatched, their names red and bold.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
+
+from reports.load import by_workload_device, in_display_order
+
+MEMORY_GROWTH_MIN_BYTES_PER_STEP = 64  # above this a variant's memory counts as growing
+MAX_LABEL_CHARS = 56
+WIDTH_IN = 11.0
+ROW_IN = 0.26  # height per variant
+PANEL_IN = 1.1  # title, axis label and margins per panel
+DEVICE_COLORS = {"cpu": "#4c72b0", "cuda": "#55a868"}
+COLORS = {"baseline": "#8c8c8c", "variant": "#4c72b0", "different": "#dd8452", "broken": "#d62728"}
+LEGEND_LABELS = {
+    "baseline": "baseline", "variant": "variant (identical/equivalent)", "different": "verdict: different",
+    "broken": "verdict: BROKEN",
+}
+BROKEN_HATCH = "///"
+LINE_STYLES = ["-", "--", "-.", ":"]
+LINE_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#8172b3", "#937860"]  # no red: red is for broken
+MiB = 2**20
+KiB = 2**10
+
+
+def throughput(df: pd.DataFrame) -> Figure | None:
+    """Samples per second by variant, with the 95% CI of the median step time as whiskers."""
+    def draw(ax, cells):
+        sps, median = cells["samples_per_s"], cells["step_time_median_s"]
+        low = sps * median / cells["step_time_ci_high_s"]
+        high = sps * median / cells["step_time_ci_low_s"]
+        _bars(ax, cells, sps, low, high)
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        ax.set_xlabel("samples/s (higher is faster)")
+    return _panels(df, "Throughput", draw, metric="samples_per_s")
+
+
+def ratio_to_baseline(df: pd.DataFrame) -> Figure | None:
+    """Step time relative to the baseline (bars from 1.0; left of the line is faster), with its 95% CI."""
+    def draw(ax, cells):
+        ratio = cells["ratio_to_baseline"]
+        _bars(ax, cells, ratio, cells["ratio_ci_low"], cells["ratio_ci_high"], origin=1.0,
+              fmt=lambda v: f"{v:.2f}x")
+        ax.axvline(1.0, color="black", linewidth=1)
+        finite = ratio[ratio > 0]
+        if len(finite) and finite.max() / finite.min() > 4:
+            _log_x(ax)
+        ax.set_xlabel("step time / baseline step time (< 1 is faster)")
+    return _panels(df, "Step time relative to the baseline", draw, metric="ratio_to_baseline")
+
+
+def syncs_per_step(df: pd.DataFrame) -> Figure | None:
+    """Host-device synchronisations per training step."""
+    def draw(ax, cells):
+        _bars(ax, cells, cells["syncs_per_step"], fmt=_short)
+        ax.set_xlabel("host-device syncs per step")
+    return _panels(df, "Host-device synchronisations per step", draw, metric="syncs_per_step")
+
+
+def memory(df: pd.DataFrame) -> Figure | None:
+    """Peak memory (left) and memory growth per step (right)."""
+    def draw_peak(ax, cells):
+        _bars(ax, cells, cells["peak_memory_bytes"] / MiB, fmt=lambda v: f"{v:.1f}")
+        ax.set_xlabel("peak memory (MiB)")
+
+    def draw_growth(ax, cells):
+        _bars(ax, cells, cells["memory_growth_bytes_per_step"] / KiB, fmt=lambda v: f"{v:.2f}")
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlabel("memory growth (KiB/step)")
+    return _panels(df, "Memory", draw_peak, draw_growth,
+                   metric=("peak_memory_bytes", "memory_growth_bytes_per_step"))
+
+
+def step_time_distributions(df: pd.DataFrame) -> Figure | None:
+    """Box plots of the raw per-step times (all repeats), in milliseconds."""
+    def draw(ax, cells):
+        series = [np.asarray(t, dtype=float) * 1e3 if _has_samples(t) else np.array([]) for t in cells["step_times_s"]]
+        present = [i for i, s in enumerate(series) if len(s)]
+        boxes = ax.boxplot([series[i] for i in present], positions=present, orientation="horizontal",
+                           widths=0.6, patch_artist=True, showfliers=True,
+                           flierprops={"markersize": 2, "alpha": 0.4}, medianprops={"color": "black"})
+        styles = _styles(cells)
+        for patch, i in zip(boxes["boxes"], present):
+            patch.set_facecolor(styles[i][0])
+            patch.set_hatch(styles[i][1])
+        for i in set(range(len(cells))) - set(present):
+            _note(ax, i, _missing_text(cells.iloc[i], "no per-step times"))
+        lows = [s.min() for s in series if len(s) and s.min() > 0]
+        if lows and max(s.max() for s in series if len(s)) / min(lows) > 20:
+            _log_x(ax)
+        ax.set_xlabel("step time (ms)")
+    return _panels(df, "Per-step time distributions", draw, metric="step_times_s")
+
+
+def memory_over_steps(df: pd.DataFrame) -> Figure | None:
+    """Memory in use at each step boundary, for the variants whose memory grows (baseline dashed)."""
+    growing = df[(df["memory_growth_bytes_per_step"] > MEMORY_GROWTH_MIN_BYTES_PER_STEP)
+                 & df["memory_trace_bytes"].map(_has_samples)]
+    facets = [(key, cells) for key, cells in by_workload_device(df) if key in set(zip(growing["workload"], growing["device"]))]
+    if not facets:
+        return None
+    fig = Figure(figsize=(WIDTH_IN, 0.8 + 3.2 * len(facets)), layout="constrained")
+    axes = fig.subplots(len(facets), 1, squeeze=False)[:, 0]
+    for ax, ((workload, device), cells) in zip(axes, facets):
+        styles = iter(LINE_STYLES * len(cells))
+        others = iter(LINE_COLORS * len(cells))
+        for _, cell in cells.iterrows():
+            trace = cell["memory_trace_bytes"]
+            if not _has_samples(trace):
+                continue
+            values = np.asarray(trace, dtype=float) / MiB
+            if cell["variant"] in ("baseline", "eval_baseline"):
+                ax.plot(values, color=COLORS["baseline"], linestyle=next(styles), label=_label(cell["variant"]))
+            elif cell["memory_growth_bytes_per_step"] > MEMORY_GROWTH_MIN_BYTES_PER_STEP:
+                broken = cell["verdict"] == "broken"
+                ax.plot(values, linewidth=2.2 if broken else 1.5, linestyle=next(styles),
+                        color=COLORS["broken"] if broken else next(others),
+                        label=_label(cell["variant"]) + (" (BROKEN)" if broken else ""))
+        ax.set_title(_facet_title(workload, device, cells), loc="left", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("memory in use (MiB)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.suptitle("Memory over steps (variants whose memory grows)", fontsize=12)
+    return fig
+
+
+def cpu_vs_gpu(df: pd.DataFrame) -> Figure | None:
+    """Per workload run on both devices: samples/s (log scale) and ratio to baseline, CPU and GPU side by side."""
+    workloads = [w for w, cells in df.groupby("workload", sort=False)
+                 if {"cpu", "cuda"} <= set(cells["device"]) and cells["samples_per_s"].notna().any()]
+    if not workloads:
+        return None
+    panels = [df[df["workload"] == w] for w in workloads]
+    variants = [in_display_order(cells)["variant"].drop_duplicates().tolist() for cells in panels]
+    fig = Figure(figsize=(WIDTH_IN + 2, _height([len(v) * 1.6 for v in variants])), layout="constrained")
+    grid = fig.add_gridspec(len(panels), 2, height_ratios=[len(v) + 1.5 for v in variants])
+    for row, (workload, cells, names) in enumerate(zip(workloads, panels, variants)):
+        for col, (metric, xlabel) in enumerate([("samples_per_s", "samples/s (log scale)"),
+                                                ("ratio_to_baseline", "step time / baseline (< 1 is faster)")]):
+            ax = fig.add_subplot(grid[row, col])
+            for offset, device in [(-0.2, "cpu"), (0.2, "cuda")]:
+                on = cells[cells["device"] == device].set_index("variant").reindex(names)
+                y = np.arange(len(names)) + offset
+                broken = (on["verdict"] == "broken").to_numpy()
+                left = 1.0 if metric == "ratio_to_baseline" else 0.0
+                values = on[metric].to_numpy(dtype=float)
+                for i in np.flatnonzero(np.isnan(values)):
+                    status = on["status"].iloc[i]
+                    _note(ax, y[i], f"{device}: {status if isinstance(status, str) else 'not run'}")
+                ax.barh(y, np.nan_to_num(values - left, nan=0.0), left=left, height=0.4,
+                        color=DEVICE_COLORS[device],
+                        hatch=[BROKEN_HATCH if b else "" for b in broken],
+                        edgecolor=[COLORS["broken"] if b else "white" for b in broken])
+            if metric == "ratio_to_baseline":
+                ax.axvline(1.0, color="black", linewidth=1)
+            else:
+                _log_x(ax)
+            broken_names = set(cells.loc[cells["verdict"] == "broken", "variant"])
+            _variant_axis(ax, pd.DataFrame({"variant": names,
+                                            "verdict": ["broken" if n in broken_names else None for n in names]}),
+                          labels=col == 0)
+            ax.set_xlabel(xlabel)
+            ax.set_title(f"{workload}", loc="left", fontsize=10)
+    handles = [Patch(color=DEVICE_COLORS["cpu"], label="cpu"), Patch(color=DEVICE_COLORS["cuda"], label="cuda"),
+               Patch(facecolor="white", edgecolor=COLORS["broken"], hatch=BROKEN_HATCH, label="verdict: BROKEN")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
+    fig.suptitle("CPU vs GPU", fontsize=12)
+    return fig
+
+
+# -- layout shared by the per-panel figures ---------------------------------------------------------------
+
+def _panels(df: pd.DataFrame, title: str, *draws, metric) -> Figure | None:
+    """One row of panels per (workload, device), one column per `draws` function; None when `metric` is all null."""
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    if df.empty or all(not _column_has_data(df[m]) for m in metrics):
+        return None
+    facets = by_workload_device(df)
+    counts = [len(cells) for _, cells in facets]
+    fig = Figure(figsize=(WIDTH_IN, _height(counts)), layout="constrained")
+    grid = fig.add_gridspec(len(facets), len(draws), height_ratios=[n + 2.5 for n in counts])
+    for row, ((workload, device), cells) in enumerate(facets):
+        for col, draw in enumerate(draws):
+            ax = fig.add_subplot(grid[row, col])
+            draw(ax, cells)
+            _variant_axis(ax, cells, labels=col == 0)
+            ax.set_title(_facet_title(workload, device, cells) if col == 0 else "", loc="left", fontsize=10)
+    fig.suptitle(title, fontsize=12)
+    present = {_style_key(c) for _, c in df.iterrows()}
+    handles = [Patch(facecolor=COLORS[k], hatch=BROKEN_HATCH if k == "broken" else "", edgecolor="white",
+                     label=LEGEND_LABELS[k]) for k in COLORS if k in present]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    return fig
+
+
+def _bars(ax, cells, values, low=None, high=None, origin=0.0, fmt=None) -> None:
+    """Horizontal bars from `origin`, optional CI whiskers, optional value labels; a note for missing values."""
+    values = pd.Series(values).to_numpy(dtype=float)
+    y = np.arange(len(values))
+    styles = _styles(cells)
+    present = ~np.isnan(values)
+    ax.barh(y[present], values[present] - origin, left=origin, height=0.7,
+            color=[styles[i][0] for i in y[present]], hatch=[styles[i][1] for i in y[present]],
+            edgecolor="white", linewidth=0.5)
+    if low is not None:
+        low, high = pd.Series(low).to_numpy(dtype=float), pd.Series(high).to_numpy(dtype=float)
+        ok = present & ~np.isnan(low) & ~np.isnan(high)
+        err = np.clip([values[ok] - low[ok], high[ok] - values[ok]], 0, None)
+        ax.errorbar(values[ok], y[ok], xerr=err, fmt="none", ecolor="black", elinewidth=1, capsize=2.5)
+    for i in y[~present]:
+        _note(ax, i, _missing_text(cells.iloc[i], "no data"))
+    if fmt is not None:  # the value past the bar's end (and past its whisker), on the side the bar points to
+        for i in y[present]:
+            left = values[i] < origin
+            ends = [values[i]] + ([] if low is None or np.isnan(low[i]) else [low[i] if left else high[i]])
+            ax.annotate(fmt(values[i]), (min(ends) if left else max(ends), i), xytext=(-4 if left else 4, 0),
+                        textcoords="offset points", ha="right" if left else "left", va="center", fontsize=7,
+                        color="#333333")
+        ax.margins(x=0.12)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+
+
+def _variant_axis(ax, cells, labels: bool = True) -> None:
+    """Variant names on the y axis, top to bottom; broken ones red and bold; a line between train and eval."""
+    ax.set_yticks(np.arange(len(cells)))
+    ax.set_ylim(len(cells) - 0.5, -0.5)
+    if "kind" in cells:
+        kinds = cells["kind"].tolist()
+        for i in range(1, len(kinds)):
+            if kinds[i] != kinds[i - 1]:
+                ax.axhline(i - 0.5, color="#999999", linewidth=0.8, linestyle=":")
+    if not labels:
+        ax.set_yticklabels([])
+        return
+    ax.set_yticklabels([_label(v) for v in cells["variant"]], fontsize=9)
+    for tick, verdict in zip(ax.get_yticklabels(), cells["verdict"]):
+        if verdict == "broken":
+            tick.set_color(COLORS["broken"])
+            tick.set_fontweight("bold")
+
+
+def _log_x(ax) -> None:
+    """Log x axis labelled at its major ticks only (minor labels overlap)."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _note(ax, y, text: str) -> None:
+    """A grey note in place of a missing bar (x in axes coordinates: safe on log scales)."""
+    ax.text(0.01, y, text, transform=ax.get_yaxis_transform(), va="center", fontsize=7, color="#777777",
+            style="italic")
+
+
+def _missing_text(cell, default: str) -> str:
+    status = cell.get("status")
+    return f"{status}: not measured" if status and status != "ok" else default
+
+
+def _styles(cells) -> list[tuple[str, str]]:
+    """(colour, hatch) per cell."""
+    return [(COLORS[k], BROKEN_HATCH if k == "broken" else "") for k in map(_style_key, (c for _, c in cells.iterrows()))]
+
+
+def _style_key(cell) -> str:
+    if cell["verdict"] == "broken":
+        return "broken"
+    if cell["variant"] in ("baseline", "eval_baseline"):
+        return "baseline"
+    return "different" if cell["verdict"] == "different" else "variant"
+
+
+def _facet_title(workload: str, device: str, cells: pd.DataFrame) -> str:
+    names = [n for n in dict.fromkeys(cells["device_name"]) if n]
+    return f"{workload} on {device}" + (f" ({names[0]})" if names else "")
+
+
+def _height(counts) -> float:
+    return 0.9 + sum(ROW_IN * n + PANEL_IN for n in counts)
+
+
+def _label(name: str) -> str:
+    return name if len(name) <= MAX_LABEL_CHARS else name[: MAX_LABEL_CHARS - 1] + "…"
+
+
+def _short(v: float) -> str:
+    return f"{v:.0f}" if float(v).is_integer() else f"{v:.2f}"
+
+
+def _has_samples(v) -> bool:
+    return isinstance(v, (list, tuple, np.ndarray)) and len(v) > 0
+
+
+def _column_has_data(column: pd.Series) -> bool:
+    if column.dtype == object:
+        return column.map(lambda v: _has_samples(v) or (isinstance(v, (int, float)) and not math.isnan(v))).any()
+    return column.notna().any()

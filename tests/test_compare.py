@@ -1,0 +1,272 @@
+"""`loopmark compare`: the gates, the statistics, the output formats and the exit status."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from conftest_reports_data import ENVIRONMENT, make_record, pytest_benchmark_doc, step_times, write_results_json
+
+from reports.compare import compare, format_md, format_text, main, time_gate
+from reports.load import load
+from reports.stats import median_ci, median_ratio_ci
+
+
+def _records(**changes) -> list[dict]:
+    """Three cells of one run; `changes` maps a variant to the fields its cell gets."""
+    records = [make_record("mlp", v, "cpu", seed=i) for i, v in enumerate(["baseline", "tensor_sum", "graph_sum"])]
+    for r in records:
+        r.update(changes.get(r["variant"], {}))
+    return records
+
+
+def _compare(tmp_path, capsys, base, cand, *args, base_env=None, cand_env=None):
+    """Run the CLI on two written results; returns (exit status, stdout, stderr)."""
+    b = write_results_json(tmp_path / "base", base, base_env)
+    c = write_results_json(tmp_path / "cand", cand, cand_env)
+    rc = main([str(b), str(c), *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_identical_runs_compare_clean(tmp_path, capsys):
+    rc, out, err = _compare(tmp_path, capsys, _records(), _records())
+    assert rc == 0
+    assert "REGRESSION" not in out
+    assert out.strip().endswith("0 regressions in 3 matched cells")
+    assert err == ""
+
+
+def test_one_more_sync_per_step_is_a_regression_naming_the_cell(tmp_path, capsys):
+    rc, out, _ = _compare(tmp_path, capsys, _records(), _records(tensor_sum={"syncs_per_step": 1.0}))
+    assert rc == 1
+    line = next(line for line in out.splitlines() if "REGRESSION" in line)
+    assert "mlp/tensor_sum/cpu" in line and "syncs/step changed: 0 -> 1" in line
+    assert "1 regression in 3 matched cells" in out
+
+
+def test_sync_change_below_tolerance_is_not_a_regression(tmp_path, capsys):
+    rc, _, _ = _compare(tmp_path, capsys, _records(), _records(tensor_sum={"syncs_per_step": 1e-12}))
+    assert rc == 0
+
+
+@pytest.mark.parametrize("field, value", [("verdict", "broken"), ("retains_graph", True)])
+def test_verdict_or_retains_graph_change_is_a_regression(tmp_path, capsys, field, value):
+    rc, out, _ = _compare(tmp_path, capsys, _records(), _records(baseline={field: value}))
+    assert rc == 1
+    assert f"{field} changed" in out
+
+
+def test_thirty_percent_slower_with_many_samples_is_a_regression(tmp_path, capsys):
+    slow = step_times(2e-3 * 1.3, n=400, seed=7)
+    rc, out, _ = _compare(tmp_path, capsys, _records(), _records(baseline={"step_times_s": slow}))
+    assert rc == 1
+    line = next(line for line in out.splitlines() if "REGRESSION" in line)
+    assert line.startswith("mlp/baseline/cpu")
+    assert re.search(r"slower: median step time x1\.(29|30|31)\d \(95% CI 1\.\d+-1\.\d+ > 1\.05, p<1e-6\)", line)
+
+
+def test_one_percent_slower_is_below_the_threshold(tmp_path, capsys):
+    base = _records(baseline={"step_times_s": step_times(2e-3, n=2000, spread=0.01, seed=1)})
+    cand = _records(baseline={"step_times_s": step_times(2e-3 * 1.01, n=2000, spread=0.01, seed=2)})
+    rc, _, _ = _compare(tmp_path, capsys, base, cand)
+    assert rc == 0
+    # significant, but the CI of the ratio (around 1.01) is not above 1.05
+    p, ratio, (low, high), regressed = time_gate(base[0]["step_times_s"], cand[0]["step_times_s"], 5.0, 0.01)
+    assert p < 0.01 and 1.0 < low < ratio < high < 1.05 and not regressed
+
+
+def test_high_variance_few_samples_is_not_significant(tmp_path, capsys):
+    base = _records(baseline={"step_times_s": step_times(2e-3, n=5, spread=0.6, seed=3)})
+    cand = _records(baseline={"step_times_s": step_times(2e-3 * 1.3, n=5, spread=0.6, seed=4)})
+    rc, _, _ = _compare(tmp_path, capsys, base, cand)
+    assert rc == 0
+    p, _, _, regressed = time_gate(base[0]["step_times_s"], cand[0]["step_times_s"], 5.0, 0.01)
+    assert p >= 0.01 and not regressed
+
+
+def test_max_slowdown_option_raises_the_bar(tmp_path, capsys):
+    slow = step_times(2e-3 * 1.3, n=400, seed=7)
+    rc, _, _ = _compare(tmp_path, capsys, _records(), _records(baseline={"step_times_s": slow}),
+                        "--max-slowdown", "50")
+    assert rc == 0
+
+
+def test_different_torch_version_warns_and_skips_the_time_and_ops_gates(tmp_path, capsys):
+    slow = step_times(2e-3 * 2, n=400, seed=7)
+    cand = _records(baseline={"step_times_s": slow, "torch_version": "2.6.0", "ops_per_step": 99.0})
+    rc, out, _ = _compare(tmp_path, capsys, _records(), cand)
+    assert rc == 0
+    assert "warning: torch version differs (2.5.1 in the baseline, 2.6.0 in the candidate)" in out
+    assert "time not compared: torch version differs" in out
+
+
+def test_different_torch_version_keeps_the_deterministic_gates(tmp_path, capsys):
+    cand = _records(baseline={"torch_version": "2.6.0", "syncs_per_step": 3.0})
+    rc, out, _ = _compare(tmp_path, capsys, _records(), cand)
+    assert rc == 1 and "syncs/step changed: 1 -> 3" in out
+
+
+def test_ops_per_step_change_with_the_same_torch_is_a_regression(tmp_path, capsys):
+    rc, out, _ = _compare(tmp_path, capsys, _records(), _records(tensor_sum={"ops_per_step": 121.0}))
+    assert rc == 1 and "ops/step changed: 120 -> 121" in out
+
+
+def test_different_device_name_warns_and_skips_the_time_gate(tmp_path, capsys):
+    cand = _records(baseline={"device_name": "Intel Xeon", "step_times_s": step_times(4e-3, n=400)})
+    rc, out, _ = _compare(tmp_path, capsys, _records(), cand)
+    assert rc == 0
+    assert "warning: cpu device differs (AMD EPYC 7763 in the baseline, Intel Xeon in the candidate)" in out
+
+
+def test_environment_torch_is_used_when_cells_do_not_say(tmp_path, capsys):
+    base = _records(baseline={"torch_version": None})
+    cand = _records(baseline={"torch_version": None, "step_times_s": step_times(4e-3, n=400)})
+    rc, out, _ = _compare(tmp_path, capsys, base, cand, cand_env={**ENVIRONMENT, "torch": "2.7.0"})
+    assert rc == 0 and "torch version differs (2.5.1 in the baseline, 2.7.0 in the candidate)" in out
+
+
+def test_cells_in_one_file_only_are_listed_not_regressions(tmp_path, capsys):
+    base = _records()
+    cand = _records()[:2] + [make_record("mlp", "new_idea", "cpu")]
+    rc, out, _ = _compare(tmp_path, capsys, base, cand)
+    assert rc == 0
+    assert "only in the baseline:\n  mlp/graph_sum/cpu" in out
+    assert "only in the candidate:\n  mlp/new_idea/cpu" in out
+    assert "2 in one file only" in out
+
+
+def test_cells_not_ok_are_listed_not_compared(tmp_path, capsys):
+    cand = _records(tensor_sum={"status": "error", "error": "boom", "syncs_per_step": 5.0})
+    rc, out, _ = _compare(tmp_path, capsys, _records(), cand)
+    assert rc == 0
+    assert "mlp/tensor_sum/cpu (baseline ok, candidate error)" in out
+
+
+def test_missing_raw_times_skip_the_time_gate_with_a_note(tmp_path, capsys):
+    rc, out, _ = _compare(tmp_path, capsys, _records(), _records(baseline={"step_times_s": None}))
+    assert rc == 0 and "time not compared: no raw step times in the candidate" in out
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"peak_memory_bytes": 120 * 2**20 * 1.10}, 1),  # +10% > 5%
+    ({"peak_memory_bytes": 120 * 2**20 * 1.03}, 0),
+    ({"memory_growth_bytes_per_step": 5000.0}, 1),  # 0 -> 5000 B/step: a leak
+    ({"memory_growth_bytes_per_step": 500.0}, 0),  # below 1024 B/step
+])
+def test_memory_gates(tmp_path, capsys, changes, expected):
+    rc, _, _ = _compare(tmp_path, capsys, _records(), _records(baseline=changes))
+    assert rc == expected
+
+
+def test_memory_threshold_option(tmp_path, capsys):
+    cand = _records(baseline={"peak_memory_bytes": 120 * 2**20 * 1.10})
+    rc, _, _ = _compare(tmp_path, capsys, _records(), cand, "--memory-threshold", "20")
+    assert rc == 0
+
+
+def test_markdown_has_a_table_and_the_verdict(tmp_path, capsys):
+    rc, out, _ = _compare(tmp_path, capsys, _records(), _records(tensor_sum={"verdict": "different"}),
+                          "--format", "md")
+    assert rc == 1
+    assert "| cell | result | time cand/base [95% CI] | p | details |" in out
+    assert "|---|---|---|---|---|" in out
+    assert "| mlp/tensor_sum/cpu | **REGRESSION** |" in out
+    assert out.strip().endswith("**1 regression in 3 matched cells**")
+
+
+def test_text_table_columns_are_aligned(tmp_path, capsys):
+    _, out, _ = _compare(tmp_path, capsys, _records(), _records())
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("cell "))
+    starts = {line.index(" ok ") for line in lines[header + 1:header + 4]}
+    assert starts == {lines[header].index(" result")}
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("{not json", "not readable JSON"),
+    (json.dumps({"hello": "world"}), "not a loopmark results file nor a pytest-benchmark JSON"),
+    (json.dumps({"format": "loopmark-results", "version": 1, "cells": [{"variant": "x"}]}), "cell 0 has no"),
+])
+def test_unusable_input_exits_2_with_one_line(tmp_path, capsys, content, message):
+    base = write_results_json(tmp_path / "base", _records())
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    rc = main([str(base), str(bad)])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert str(bad) in err and message in err
+    assert "Traceback" not in err
+
+
+def test_bad_option_exits_2(capsys):
+    assert main(["a.json", "b.json", "--alpha", "3"]) == 2
+    assert "--alpha" in capsys.readouterr().err
+
+
+def test_pytest_benchmark_json_is_accepted(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(pytest_benchmark_doc(_records())))
+    base = write_results_json(tmp_path / "base", _records())
+    assert main([str(base), str(path)]) == 0
+    assert "0 regressions in 3 matched cells" in capsys.readouterr().out
+
+
+def test_comparison_object():
+    base_env, cand_env = {"torch": "2.5.1"}, {"torch": "2.5.1"}
+    from reports.load import to_frame
+    base = to_frame(_records())
+    cand = to_frame(_records(graph_sum={"syncs_per_step": 2.0}))
+    c = compare(base_env, base, cand_env, cand)
+    assert [r.key for r in c.regressions] == [("mlp", "graph_sum", "cpu")]
+    assert c.matched == 3 and not c.only_in_baseline and not c.warnings
+    assert "mlp/graph_sum/cpu" in format_text(c) and "mlp/graph_sum/cpu" in format_md(c)
+
+
+# -- the statistics, against numbers worked out by hand ---------------------------------------------------
+
+def test_time_gate_small_exact_case():
+    # every candidate time is above every baseline time: U = 25, and with 5 + 5 samples and no ties the exact
+    # one-sided p is 1 / C(10, 5) = 1/252; the medians are 3 and 8
+    p, ratio, (low, high), regressed = time_gate([1, 2, 3, 4, 5], [6, 7, 8, 9, 10], 5.0, 0.01)
+    assert p == pytest.approx(1 / 252)
+    assert ratio == pytest.approx(8 / 3)
+    assert 6 / 5 <= low <= ratio <= high <= 10 / 1  # bounded by the extreme resampled medians
+    assert regressed
+
+
+def test_time_gate_not_significant_in_the_other_direction():
+    p, ratio, _, regressed = time_gate([6, 7, 8, 9, 10], [1, 2, 3, 4, 5], 5.0, 0.01)
+    assert p == pytest.approx(1.0) and ratio == pytest.approx(3 / 8) and not regressed
+
+
+def test_bootstrap_of_constant_samples_is_exact():
+    assert median_ci([2.0] * 50) == (2.0, 2.0)
+    assert median_ratio_ci([2.0] * 50, [3.0] * 60) == pytest.approx((1.5, 1.5))
+
+
+def test_bootstrap_median_ci_matches_the_normal_approximation():
+    # the median of n normal samples has standard error sqrt(pi/2) * sigma / sqrt(n): 0.0627 for n=400,
+    # sigma=1, so the 95% CI is about median +- 1.96 * 0.0627 = +-0.123
+    x = np.random.default_rng(5).normal(10.0, 1.0, 400)
+    low, high = median_ci(x)
+    half_width = 1.96 * np.sqrt(np.pi / 2) / np.sqrt(400)
+    assert (high - low) / 2 == pytest.approx(half_width, rel=0.3)
+    assert low < np.median(x) < high
+
+
+def test_bootstrap_is_seeded():
+    x, y = step_times(1.0, n=100, seed=1), step_times(1.1, n=100, seed=2)
+    assert median_ratio_ci(x, y) == median_ratio_ci(x, y)
+
+
+def test_load_round_trip_keeps_raw_times(tmp_path):
+    records = _records()
+    _, df = load(write_results_json(tmp_path, records))
+    assert df.loc[0, "step_times_s"] == records[0]["step_times_s"]
