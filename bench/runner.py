@@ -69,7 +69,7 @@ def plan(devices: list[str], workloads: list[str] | None, variants: list[str] | 
     return groups
 
 
-def _base_record(workload: Workload, variant: Variant, device: torch.device, s: Settings) -> dict:
+def base_record(workload: Workload, variant: Variant, device: torch.device, s: Settings) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else environment([])["cpu_model"]
     return {"workload": workload.name, "variant": variant.name, "kind": variant.kind, "idiom": variant.idiom,
             "description": variant.description, "device": device.type, "device_name": name,
@@ -93,7 +93,7 @@ def _warm(cell, batches: list, warmup: int) -> None:
         cell.epoch(batches[:warmup])
 
 
-def _untimed_passes(workload, variant, device, s: Settings, staged: list, cache: dict) -> dict:
+def untimed_passes(workload, variant, device, s: Settings, staged: list, cache: dict) -> dict:
     record = correctness.check(workload, variant, device, s.check_epochs, s.check_steps, s.seed, cache)
     cell = build_cell(workload, variant, device, s.seed)
     _warm(cell, staged, s.warmup)
@@ -150,13 +150,13 @@ class Runner:
         cache: dict = {}
         pending: dict[str, dict] = {}
         for variant in variants:
-            record = _base_record(workload, variant, device, s)
+            record = base_record(workload, variant, device, s)
             if variant.requires == "cuda" and device.type != "cuda":
                 record.update(status="skipped", error="needs a CUDA GPU")
                 self.save(record)
                 continue
             try:
-                record.update(_untimed_passes(workload, variant, device, s, staged, cache))
+                record.update(untimed_passes(workload, variant, device, s, staged, cache))
             except (Exception, torch.cuda.OutOfMemoryError) as exc:
                 _fault(record, exc)
                 self.save(record)
