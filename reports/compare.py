@@ -58,7 +58,7 @@ class Comparison:
     baseline: str
     candidate: str
     cells: list[CellResult]  # matched cells with status ok in both
-    not_compared: list[tuple[Key, str, str]]  # matched, status not ok in one: (key, baseline, candidate status)
+    not_compared: list[tuple[Key, str, str]]  # status not ok in one: (key, baseline status, candidate status)
     only_in_baseline: list[Key]
     only_in_candidate: list[Key]
     warnings: list[str]
@@ -92,7 +92,8 @@ def compare(base_env: dict, base_df: pd.DataFrame, cand_env: dict, cand_df: pd.D
     return Comparison(
         baseline=str(base_env.get("source", "baseline")), candidate=str(cand_env.get("source", "candidate")),
         cells=cells, not_compared=not_compared,
-        only_in_baseline=[k for k in base if k not in cand], only_in_candidate=[k for k in cand if k not in base],
+        only_in_baseline=[k for k in base if k not in cand],
+        only_in_candidate=[k for k in cand if k not in base],
         warnings=list(dict.fromkeys(warnings)), max_slowdown_pct=max_slowdown_pct, alpha=alpha,
         memory_pct=memory_pct)
 
@@ -123,7 +124,8 @@ def format_text(c: Comparison) -> str:
 
 def format_md(c: Comparison) -> str:
     """A Markdown table for a PR comment or $GITHUB_STEP_SUMMARY, regressions first, then the verdict line."""
-    lines = ["### loopmark compare", "", f"Baseline `{c.baseline}`, candidate `{c.candidate}`. {_thresholds(c)}", ""]
+    lines = ["### loopmark compare", "",
+             f"Baseline `{c.baseline}`, candidate `{c.candidate}`. {_thresholds(c)}", ""]
     lines += [f"> **Warning:** {w}  " for w in c.warnings] + ([""] if c.warnings else [])
     lines += ["| cell | result | time cand/base [95% CI] | p | details |", "|---|---|---|---|---|"]
     lines += [f"| {_cell_name(r.key)} | {'**REGRESSION**' if r.regressed else 'ok'} | {_time(r)} | "
@@ -156,7 +158,8 @@ def main(argv=None) -> int:
                         help="smallest slowdown of the median step time that counts, in %% (default 5)")
     parser.add_argument("--alpha", type=_probability, default=0.01, metavar="A",
                         help="significance level of the Mann-Whitney U test (default 0.01)")
-    parser.add_argument("--format", choices=["text", "md"], default="text", help="output format (default text)")
+    parser.add_argument("--format", choices=["text", "md"], default="text",
+                        help="output format (default text)")
     parser.add_argument("--memory-threshold", type=_non_negative, default=5.0, metavar="PCT",
                         help="largest allowed growth of peak memory, in %% (default 5)")
     try:
@@ -169,8 +172,8 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"loopmark compare: {exc}", file=sys.stderr)
         return 2
-    result = compare(base_env, base_df, cand_env, cand_df, max_slowdown_pct=args.max_slowdown, alpha=args.alpha,
-                     memory_pct=args.memory_threshold)
+    result = compare(base_env, base_df, cand_env, cand_df, max_slowdown_pct=args.max_slowdown,
+                     alpha=args.alpha, memory_pct=args.memory_threshold)
     print(format_md(result) if args.format == "md" else format_text(result), end="")
     return 1 if result.regressions else 0
 
@@ -185,8 +188,8 @@ def _compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory
     base_device, cand_device = _device_name(b, base_env), _device_name(c, cand_env)
     device_differs = bool(base_device and cand_device and base_device != cand_device)
     if torch_differs:
-        warnings.append(f"torch version differs ({base_torch} in the baseline, {cand_torch} in the candidate): "
-                        "time gate and ops/step gate skipped")
+        warnings.append(f"torch version differs ({base_torch} in the baseline, {cand_torch} in the "
+                        "candidate): time gate and ops/step gate skipped")
     if device_differs:
         warnings.append(f"{key[2]} device differs ({base_device} in the baseline, {cand_device} in the "
                         "candidate): time gate skipped")
@@ -194,7 +197,8 @@ def _compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory
     _deterministic(result, b, c, check_ops=not torch_differs)
     _memory(result, b, c, memory_pct)
     if torch_differs or device_differs:
-        result.notes.append("time not compared: " + ("torch version" if torch_differs else "device") + " differs")
+        what = "torch version" if torch_differs else "device"
+        result.notes.append(f"time not compared: {what} differs")
         return result
     base_times, cand_times = _samples(b.get("step_times_s")), _samples(c.get("step_times_s"))
     if base_times is None or cand_times is None:
@@ -232,7 +236,9 @@ def _memory(result: CellResult, b: dict, c: dict, memory_pct: float) -> None:
         result.regressions.append(f"peak memory +{(new / old - 1) * 100:.1f}% ({human_bytes(old)} -> "
                                   f"{human_bytes(new)})")
     old, new = _value(b.get("memory_growth_bytes_per_step")), _value(c.get("memory_growth_bytes_per_step"))
-    if old is not None and new is not None and old <= GROWTH_ZERO_BYTES_PER_STEP and new > GROWTH_LEAK_BYTES_PER_STEP:
+    if old is None or new is None:
+        return
+    if old <= GROWTH_ZERO_BYTES_PER_STEP and new > GROWTH_LEAK_BYTES_PER_STEP:
         result.regressions.append(f"memory now grows: {human_bytes(old)}/step -> {human_bytes(new)}/step")
 
 

@@ -1,4 +1,4 @@
-"""Read results into (environment, DataFrame): a results directory, a results.json, or a pytest-benchmark JSON.
+"""Read results into (environment, DataFrame): a results directory, a results.json or a pytest-benchmark JSON.
 
 The DataFrame has one row per cell and a column for every field of a cell record (bench.results):
 numeric fields as float (NaN where null), `retains_graph`/`noisy` as True/False/None, raw data
@@ -73,7 +73,7 @@ def _objects(values: list, index) -> pd.Series:
 
 
 def by_workload_device(df: pd.DataFrame) -> list[tuple[tuple[str, str], pd.DataFrame]]:
-    """((workload, device), cells) groups: workloads in file order, cpu before cuda, cells in display order."""
+    """((workload, device), cells): workloads in file order, cpu before cuda, cells in display order."""
     workloads = list(dict.fromkeys(df["workload"]))
     keys = sorted(dict.fromkeys(zip(df["workload"], df["device"])),
                   key=lambda k: (workloads.index(k[0]), DEVICE_ORDER.get(k[1], len(DEVICE_ORDER)), k[1]))
@@ -89,7 +89,7 @@ def in_display_order(cells: pd.DataFrame) -> pd.DataFrame:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -104,7 +104,7 @@ def _from_results(doc: dict) -> tuple[dict, list[dict]]:
                          f"(expected {FORMAT_VERSION})")
     cells = doc.get("cells")
     if not isinstance(cells, list):
-        raise ValueError("loopmark results file without a list of cells")
+        raise ValueError("loopmark results file without a list of cells")  # noqa: TRY004 (unusable input)
     for i, cell in enumerate(cells):
         _check_record(cell, f"cell {i}")
     return dict(doc.get("environment") or {}), [dict(c) for c in cells]
@@ -126,7 +126,7 @@ def _from_pytest_benchmark(doc: dict) -> tuple[dict, list[dict]]:
 
 def _check_record(record, what: str) -> None:
     if not isinstance(record, dict):
-        raise ValueError(f"{what} is not an object")
+        raise ValueError(f"{what} is not an object")  # noqa: TRY004 (unusable input: ValueError)
     missing = [k for k in ("workload", "variant", "device") if not record.get(k)]
     if missing:
         raise ValueError(f"{what} has no {', '.join(missing)}")
@@ -156,20 +156,23 @@ def _timed_record(info: dict, stats: dict) -> dict:
         samples_per_s=batch_size / median if batch_size and median > 0 else None,
         iqr_over_median=iqr / median if iqr is not None and median > 0 else None,
     )
-    record["noisy"] = record["iqr_over_median"] is not None and record["iqr_over_median"] > NOISY_IQR_OVER_MEDIAN
+    spread = record["iqr_over_median"]
+    record["noisy"] = spread is not None and spread > NOISY_IQR_OVER_MEDIAN
     if record.get("steps") is None and stats.get("rounds"):
         record["steps"] = int(stats["rounds"] * steps_per_round)
     return record
 
 
 def _set_ratios(records: list[dict]) -> None:
-    """ratio_to_baseline (and its bootstrap CI when both have raw times) against the same workload+device+kind."""
+    """ratio_to_baseline (and its bootstrap CI when both have raw times) against the baseline of the same
+    workload, device and kind."""
     baselines = {(r["workload"], r["device"], _kind(r["variant"], r.get("kind"))): r
                  for r in records if r["variant"] in BASELINES.values()}
     for r in records:
         base = baselines.get((r["workload"], r["device"], _kind(r["variant"], r.get("kind"))))
         r["ratio_to_baseline"] = r["ratio_ci_low"] = r["ratio_ci_high"] = None
-        if base is None or not _positive(base.get("step_time_median_s")) or not _positive(r.get("step_time_median_s")):
+        medians = [base.get("step_time_median_s"), r.get("step_time_median_s")] if base else []
+        if not medians or not all(map(_positive, medians)):
             continue
         r["ratio_to_baseline"] = r["step_time_median_s"] / base["step_time_median_s"]
         if r is base:

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
-from reports.load import by_workload_device, in_display_order
+from reports.load import BASELINES, by_workload_device, in_display_order
 
 MEMORY_GROWTH_MIN_BYTES_PER_STEP = 64  # above this a variant's memory counts as growing
 MAX_LABEL_CHARS = 56
@@ -33,6 +33,8 @@ LEGEND_LABELS = {
 BROKEN_HATCH = "///"
 LINE_STYLES = ["-", "--", "-.", ":"]
 LINE_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#8172b3", "#937860"]  # no red: red is for broken
+CPU_VS_GPU_METRICS = [("samples_per_s", "samples/s (log scale)"),
+                      ("ratio_to_baseline", "step time / baseline (< 1 is faster)")]
 MiB = 2**20
 KiB = 2**10
 
@@ -56,8 +58,7 @@ def ratio_to_baseline(df: pd.DataFrame) -> Figure | None:
         _bars(ax, cells, ratio, cells["ratio_ci_low"], cells["ratio_ci_high"], origin=1.0,
               fmt=lambda v: f"{v:.2f}x")
         ax.axvline(1.0, color="black", linewidth=1)
-        finite = ratio[ratio > 0]
-        if len(finite) and finite.max() / finite.min() > 4:
+        if _wide(ratio):
             _log_x(ax)
         ax.set_xlabel("step time / baseline step time (< 1 is faster)")
     return _panels(df, "Step time relative to the baseline", draw, metric="ratio_to_baseline")
@@ -88,7 +89,8 @@ def memory(df: pd.DataFrame) -> Figure | None:
 def step_time_distributions(df: pd.DataFrame) -> Figure | None:
     """Box plots of the raw per-step times (all repeats), in milliseconds."""
     def draw(ax, cells):
-        series = [np.asarray(t, dtype=float) * 1e3 if _has_samples(t) else np.array([]) for t in cells["step_times_s"]]
+        series = [np.asarray(t, dtype=float) * 1e3 if _has_samples(t) else np.array([])
+                  for t in cells["step_times_s"]]
         present = [i for i, s in enumerate(series) if len(s)]
         boxes = ax.boxplot([series[i] for i in present], positions=present, orientation="horizontal",
                            widths=0.6, patch_artist=True, showfliers=True,
@@ -98,7 +100,7 @@ def step_time_distributions(df: pd.DataFrame) -> Figure | None:
             patch.set_facecolor(styles[i][0])
             patch.set_hatch(styles[i][1])
         for i in set(range(len(cells))) - set(present):
-            _note(ax, i, _missing_text(cells.iloc[i], "no per-step times"))
+            _note(ax, i, _missing_text(cells["status"].iloc[i], "no per-step times"))
         lows = [s.min() for s in series if len(s) and s.min() > 0]
         if lows and max(s.max() for s in series if len(s)) / min(lows) > 20:
             _log_x(ax)
@@ -107,29 +109,32 @@ def step_time_distributions(df: pd.DataFrame) -> Figure | None:
 
 
 def memory_over_steps(df: pd.DataFrame) -> Figure | None:
-    """Memory in use at each step boundary, for the variants whose memory grows (baseline dashed)."""
+    """Memory in use at each step boundary for the variants whose memory grows; baselines in grey."""
     growing = df[(df["memory_growth_bytes_per_step"] > MEMORY_GROWTH_MIN_BYTES_PER_STEP)
                  & df["memory_trace_bytes"].map(_has_samples)]
-    facets = [(key, cells) for key, cells in by_workload_device(df) if key in set(zip(growing["workload"], growing["device"]))]
+    keys = set(zip(growing["workload"], growing["device"]))
+    facets = [(key, cells) for key, cells in by_workload_device(df) if key in keys]
     if not facets:
         return None
-    fig = Figure(figsize=(WIDTH_IN, 0.8 + 3.2 * len(facets)), layout="constrained")
+    fig = _figure(WIDTH_IN, 0.8 + 3.2 * len(facets))
     axes = fig.subplots(len(facets), 1, squeeze=False)[:, 0]
     for ax, ((workload, device), cells) in zip(axes, facets):
-        styles = iter(LINE_STYLES * len(cells))
-        others = iter(LINE_COLORS * len(cells))
-        for _, cell in cells.iterrows():
+        broken_styles, colors = iter(LINE_STYLES * len(cells)), iter(LINE_COLORS * len(cells))
+        for cell in cells.to_dict("records"):
             trace = cell["memory_trace_bytes"]
             if not _has_samples(trace):
                 continue
             values = np.asarray(trace, dtype=float) / MiB
-            if cell["variant"] in ("baseline", "eval_baseline"):
-                ax.plot(values, color=COLORS["baseline"], linestyle=next(styles), label=_label(cell["variant"]))
-            elif cell["memory_growth_bytes_per_step"] > MEMORY_GROWTH_MIN_BYTES_PER_STEP:
-                broken = cell["verdict"] == "broken"
-                ax.plot(values, linewidth=2.2 if broken else 1.5, linestyle=next(styles),
-                        color=COLORS["broken"] if broken else next(others),
-                        label=_label(cell["variant"]) + (" (BROKEN)" if broken else ""))
+            if cell["variant"] in BASELINES.values():  # grey: train solid, eval dashed
+                style = "-" if cell["variant"] == "baseline" else "--"
+                ax.plot(values, color=COLORS["baseline"], linestyle=style, label=_label(cell["variant"]))
+            elif cell["memory_growth_bytes_per_step"] <= MEMORY_GROWTH_MIN_BYTES_PER_STEP:
+                continue
+            elif cell["verdict"] == "broken":  # red, told apart by line style
+                ax.plot(values, color=COLORS["broken"], linewidth=2.2, linestyle=next(broken_styles),
+                        label=_label(cell["variant"]) + " (BROKEN)")
+            else:
+                ax.plot(values, color=next(colors), linewidth=1.5, label=_label(cell["variant"]))
         ax.set_title(_facet_title(workload, device, cells), loc="left", fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("memory in use (MiB)")
@@ -140,18 +145,17 @@ def memory_over_steps(df: pd.DataFrame) -> Figure | None:
 
 
 def cpu_vs_gpu(df: pd.DataFrame) -> Figure | None:
-    """Per workload run on both devices: samples/s (log scale) and ratio to baseline, CPU and GPU side by side."""
+    """Each workload run on both devices: samples/s (log scale) and ratio to baseline, CPU beside GPU."""
     workloads = [w for w, cells in df.groupby("workload", sort=False)
                  if {"cpu", "cuda"} <= set(cells["device"]) and cells["samples_per_s"].notna().any()]
     if not workloads:
         return None
     panels = [df[df["workload"] == w] for w in workloads]
     variants = [in_display_order(cells)["variant"].drop_duplicates().tolist() for cells in panels]
-    fig = Figure(figsize=(WIDTH_IN + 2, _height([len(v) * 1.6 for v in variants])), layout="constrained")
+    fig = _figure(WIDTH_IN + 2, _height([len(v) * 1.6 for v in variants]))
     grid = fig.add_gridspec(len(panels), 2, height_ratios=[len(v) + 1.5 for v in variants])
     for row, (workload, cells, names) in enumerate(zip(workloads, panels, variants)):
-        for col, (metric, xlabel) in enumerate([("samples_per_s", "samples/s (log scale)"),
-                                                ("ratio_to_baseline", "step time / baseline (< 1 is faster)")]):
+        for col, (metric, xlabel) in enumerate(CPU_VS_GPU_METRICS):
             ax = fig.add_subplot(grid[row, col])
             for offset, device in [(-0.2, "cpu"), (0.2, "cuda")]:
                 on = cells[cells["device"] == device].set_index("variant").reindex(names)
@@ -168,16 +172,18 @@ def cpu_vs_gpu(df: pd.DataFrame) -> Figure | None:
                         edgecolor=[COLORS["broken"] if b else "white" for b in broken])
             if metric == "ratio_to_baseline":
                 ax.axvline(1.0, color="black", linewidth=1)
+                if _wide(cells[metric]):
+                    _log_x(ax)
             else:
-                _log_x(ax)
+                _log_x(ax, engineering=True)
             broken_names = set(cells.loc[cells["verdict"] == "broken", "variant"])
-            _variant_axis(ax, pd.DataFrame({"variant": names,
-                                            "verdict": ["broken" if n in broken_names else None for n in names]}),
-                          labels=col == 0)
+            verdicts = ["broken" if n in broken_names else None for n in names]
+            _variant_axis(ax, pd.DataFrame({"variant": names, "verdict": verdicts}), labels=col == 0)
             ax.set_xlabel(xlabel)
             ax.set_title(f"{workload}", loc="left", fontsize=10)
-    handles = [Patch(color=DEVICE_COLORS["cpu"], label="cpu"), Patch(color=DEVICE_COLORS["cuda"], label="cuda"),
-               Patch(facecolor="white", edgecolor=COLORS["broken"], hatch=BROKEN_HATCH, label="verdict: BROKEN")]
+    handles = [Patch(color=color, label=device) for device, color in DEVICE_COLORS.items()]
+    handles.append(Patch(facecolor="white", edgecolor=COLORS["broken"], hatch=BROKEN_HATCH,
+                         label="verdict: BROKEN"))
     fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
     fig.suptitle("CPU vs GPU", fontsize=12)
     return fig
@@ -186,13 +192,13 @@ def cpu_vs_gpu(df: pd.DataFrame) -> Figure | None:
 # -- layout shared by the per-panel figures ---------------------------------------------------------------
 
 def _panels(df: pd.DataFrame, title: str, *draws, metric) -> Figure | None:
-    """One row of panels per (workload, device), one column per `draws` function; None when `metric` is all null."""
+    """A row of panels per (workload, device), a column per `draws` function; None if `metric` is all null."""
     metrics = [metric] if isinstance(metric, str) else list(metric)
     if df.empty or all(not _column_has_data(df[m]) for m in metrics):
         return None
     facets = by_workload_device(df)
     counts = [len(cells) for _, cells in facets]
-    fig = Figure(figsize=(WIDTH_IN, _height(counts)), layout="constrained")
+    fig = _figure(WIDTH_IN, _height(counts))
     grid = fig.add_gridspec(len(facets), len(draws), height_ratios=[n + 2.5 for n in counts])
     for row, ((workload, device), cells) in enumerate(facets):
         for col, draw in enumerate(draws):
@@ -201,7 +207,7 @@ def _panels(df: pd.DataFrame, title: str, *draws, metric) -> Figure | None:
             _variant_axis(ax, cells, labels=col == 0)
             ax.set_title(_facet_title(workload, device, cells) if col == 0 else "", loc="left", fontsize=10)
     fig.suptitle(title, fontsize=12)
-    present = {_style_key(c) for _, c in df.iterrows()}
+    present = {_style_key(c) for c in df.to_dict("records")}
     handles = [Patch(facecolor=COLORS[k], hatch=BROKEN_HATCH if k == "broken" else "", edgecolor="white",
                      label=LEGEND_LABELS[k]) for k in COLORS if k in present]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
@@ -209,7 +215,7 @@ def _panels(df: pd.DataFrame, title: str, *draws, metric) -> Figure | None:
 
 
 def _bars(ax, cells, values, low=None, high=None, origin=0.0, fmt=None) -> None:
-    """Horizontal bars from `origin`, optional CI whiskers, optional value labels; a note for missing values."""
+    """Horizontal bars from `origin`, optional CI whiskers and value labels; a note for missing values."""
     values = pd.Series(values).to_numpy(dtype=float)
     y = np.arange(len(values))
     styles = _styles(cells)
@@ -223,7 +229,7 @@ def _bars(ax, cells, values, low=None, high=None, origin=0.0, fmt=None) -> None:
         err = np.clip([values[ok] - low[ok], high[ok] - values[ok]], 0, None)
         ax.errorbar(values[ok], y[ok], xerr=err, fmt="none", ecolor="black", elinewidth=1, capsize=2.5)
     for i in y[~present]:
-        _note(ax, i, _missing_text(cells.iloc[i], "no data"))
+        _note(ax, i, _missing_text(cells["status"].iloc[i], "no data"))
     if fmt is not None:  # the value past the bar's end (and past its whisker), on the side the bar points to
         for i in y[present]:
             left = values[i] < origin
@@ -231,7 +237,7 @@ def _bars(ax, cells, values, low=None, high=None, origin=0.0, fmt=None) -> None:
             ax.annotate(fmt(values[i]), (min(ends) if left else max(ends), i), xytext=(-4 if left else 4, 0),
                         textcoords="offset points", ha="right" if left else "left", va="center", fontsize=7,
                         color="#333333")
-        ax.margins(x=0.12)
+        ax.margins(x=0.18)  # room for the value labels
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
 
@@ -255,11 +261,12 @@ def _variant_axis(ax, cells, labels: bool = True) -> None:
             tick.set_fontweight("bold")
 
 
-def _log_x(ax) -> None:
-    """Log x axis labelled at its major ticks only (minor labels overlap)."""
+def _log_x(ax, engineering: bool = False) -> None:
+    """Log x axis labelled at 1, 2 and 5 times powers of ten only (minor labels overlap), as 0.5 or 20k."""
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(EngFormatter(sep="") if engineering else plain)
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
@@ -269,20 +276,20 @@ def _note(ax, y, text: str) -> None:
             style="italic")
 
 
-def _missing_text(cell, default: str) -> str:
-    status = cell.get("status")
+def _missing_text(status, default: str) -> str:
     return f"{status}: not measured" if status and status != "ok" else default
 
 
 def _styles(cells) -> list[tuple[str, str]]:
     """(colour, hatch) per cell."""
-    return [(COLORS[k], BROKEN_HATCH if k == "broken" else "") for k in map(_style_key, (c for _, c in cells.iterrows()))]
+    keys = [_style_key(cell) for cell in cells.to_dict("records")]
+    return [(COLORS[k], BROKEN_HATCH if k == "broken" else "") for k in keys]
 
 
-def _style_key(cell) -> str:
+def _style_key(cell: dict) -> str:
     if cell["verdict"] == "broken":
         return "broken"
-    if cell["variant"] in ("baseline", "eval_baseline"):
+    if cell["variant"] in BASELINES.values():
         return "baseline"
     return "different" if cell["verdict"] == "different" else "variant"
 
@@ -290,6 +297,18 @@ def _style_key(cell) -> str:
 def _facet_title(workload: str, device: str, cells: pd.DataFrame) -> str:
     names = [n for n in dict.fromkeys(cells["device_name"]) if n]
     return f"{workload} on {device}" + (f" ({names[0]})" if names else "")
+
+
+def _figure(width_in: float, height_in: float) -> Figure:
+    fig = Figure(figsize=(width_in, height_in), layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.1, h_pad=0.08)  # inches kept clear around every panel
+    return fig
+
+
+def _wide(ratios: pd.Series) -> bool:
+    """Whether ratios span more than 4x, so that a log axis shows them better."""
+    positive = ratios[ratios > 0]
+    return len(positive) > 0 and positive.max() / positive.min() > 4
 
 
 def _height(counts) -> float:
@@ -310,5 +329,5 @@ def _has_samples(v) -> bool:
 
 def _column_has_data(column: pd.Series) -> bool:
     if column.dtype == object:
-        return column.map(lambda v: _has_samples(v) or (isinstance(v, (int, float)) and not math.isnan(v))).any()
+        return column.map(lambda v: _has_samples(v) or (isinstance(v, float) and not math.isnan(v))).any()
     return column.notna().any()

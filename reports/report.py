@@ -6,14 +6,12 @@ use `**strong**` and `` `code` ``, which both renderers understand.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import html
 import io
 import math
 import re
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -34,8 +32,9 @@ FIGURES = {  # plot_<name>.png -> (title, figure function)
 }
 DPI = 110
 COUNT_COLUMNS = {"batch_size", "steps", "repeats", "warmup_steps", "param_tensors", "peak_memory_bytes"}
-TABLE_HEADER = ["variant", "samples/s", "ratio to baseline (95% CI)", "syncs/step", "peak memory", "growth/step",
-                "verdict", "reason"]
+TABLE_HEADER = ["variant", "samples/s", "ratio to baseline (95% CI)", "syncs/step", "peak memory",
+                "growth/step", "verdict", "reason"]
+TABLE_NUMERIC = {1, 2, 3, 4, 5}  # right-aligned columns
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1250px;
        padding: 0 1em; color: #222; line-height: 1.45; }
@@ -83,24 +82,24 @@ def write_report(paths: list, out_dir=None) -> list[Path]:
 
     blocks = document(envs, df, images)
     md_path, html_path = out / "report.md", out / "report.html"
-    md_path.write_text(to_markdown(blocks))
-    html_path.write_text(to_html(blocks))
+    md_path.write_text(to_markdown(blocks), encoding="utf-8")
+    html_path.write_text(to_html(blocks), encoding="utf-8")
     return [md_path, html_path, *written]
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
     """results.csv with bench.results.CSV_COLUMNS (nulls as empty fields)."""
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
-        for _, cell in df.iterrows():
+        for cell in df.to_dict("records"):
             writer.writerow([_csv_value(c, cell.get(c)) for c in CSV_COLUMNS])
     return path
 
 
 def document(envs: list[dict], df: pd.DataFrame, images: dict) -> list[tuple]:
-    """The report as blocks: ("h1"|"h2"|"h3"|"p", text), ("list", items), ("table", header, rows, row_classes),
-    ("image", title, file name, png bytes)."""
+    """The report as blocks: ("h1"|"h2"|"h3"|"p", text), ("list", items),
+    ("table", header, rows, row_classes, numeric column indices), ("image", title, file name, png bytes)."""
     blocks: list[tuple] = [("h1", "loopmark report")]
     for env in envs:
         blocks += [("list", _environment_lines(env))]
@@ -108,8 +107,8 @@ def document(envs: list[dict], df: pd.DataFrame, images: dict) -> list[tuple]:
     for (workload, device), cells in by_workload_device(df):
         names = [n for n in dict.fromkeys(cells["device_name"]) if n]
         blocks.append(("h2", f"{workload} on {device}" + (f" ({names[0]})" if names else "")))
-        rows, classes = zip(*(_row(cell) for _, cell in cells.iterrows()))
-        blocks.append(("table", TABLE_HEADER, list(rows), list(classes)))
+        rows, classes = zip(*(_row(cell) for cell in cells.to_dict("records")))
+        blocks.append(("table", TABLE_HEADER, list(rows), list(classes), TABLE_NUMERIC))
         if cells["noisy"].eq(True).any():
             blocks.append(("p", "(noisy): the step time's IQR is more than 10% of its median."))
     if images:
@@ -130,8 +129,9 @@ def to_markdown(blocks: list[tuple]) -> str:
         elif kind == "list":
             out.append("\n".join(f"- {item}" for item in block[1]) + "\n")
         elif kind == "table":
-            header, rows = block[1], block[2]
-            lines = [_md_row(header), "|" + "|".join("---" for _ in header) + "|"]
+            header, rows, numeric = block[1], block[2], block[4]
+            rule = ["---:" if i in numeric else "---" for i in range(len(header))]
+            lines = [_md_row(header), "|" + "|".join(rule) + "|"]
             out.append("\n".join(lines + [_md_row(r) for r in rows]) + "\n")
         elif kind == "image":
             out.append(f"![{block[1]}]({block[2]})\n")
@@ -148,11 +148,11 @@ def to_html(blocks: list[tuple]) -> str:
         elif kind == "list":
             body.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in block[1]) + "</ul>")
         elif kind == "table":
-            header, rows, classes = block[1], block[2], block[3]
+            header, rows, classes, numeric = block[1:]
             head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
             body_rows = "".join(
-                f'<tr class="{cls}">' + "".join(
-                    f'<td class="num">{_inline(c)}</td>' if 0 < i < 6 else f"<td>{_inline(c)}</td>"
+                (f'<tr class="{cls}">' if cls else "<tr>") + "".join(
+                    f'<td class="num">{_inline(c)}</td>' if i in numeric else f"<td>{_inline(c)}</td>"
                     for i, c in enumerate(row)) + "</tr>"
                 for row, cls in zip(rows, classes))
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body_rows}</tbody></table>")
@@ -163,25 +163,6 @@ def to_html(blocks: list[tuple]) -> str:
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>loopmark report</title><style>{CSS}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
-
-
-def main(argv=None) -> int:
-    """`loopmark report RESULTS... [--out DIR]`: 0 when written, 2 on unusable input."""
-    parser = argparse.ArgumentParser(prog="loopmark report", description=__doc__.split("\n")[0])
-    parser.add_argument("results", nargs="+", help="results directories, results.json or pytest-benchmark JSON")
-    parser.add_argument("--out", help="directory for the report (default: next to the first results)")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        written = write_report(args.results, args.out)
-    except ValueError as exc:
-        print(f"loopmark report: {exc}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(path)
-    return 0
 
 
 # -- content --------------------------------------------------------------------------------------------
@@ -198,8 +179,8 @@ def _environment_lines(env: dict) -> list[str]:
     if env.get("commit"):
         lines.append(f"commit {env['commit']}" + (f" on {env['branch']}" if env.get("branch") else "")
                      + (" (dirty)" if env.get("dirty") else ""))
-    software = [f"{name} {env[key]}" for name, key in
-                [("Python", "python"), ("torch", "torch"), ("CUDA", "cuda"), ("cuDNN", "cudnn")] if env.get(key)]
+    names = {"python": "Python", "torch": "torch", "cuda": "CUDA", "cudnn": "cuDNN"}
+    software = [f"{name} {env[key]}" for key, name in names.items() if env.get(key)]
     if software:
         lines.append(", ".join(software))
     if env.get("cpu_model") or env.get("cpu_cores"):
@@ -226,15 +207,15 @@ def _summary(df: pd.DataFrame) -> list[tuple]:
             where = ", ".join(f"{w}/{d}" for w, d in zip(cells["workload"], cells["device"]))
             reason = next((r for r in cells["verdict_reason"] if r), "")
             items.append(f"**{variant}** ({where})" + (f": {reason}" if reason else ""))
-        blocks += [("p", f"**Broken** variants ({len(broken)} cells): their results are wrong, whatever "
-                         "their speed."), ("list", items)]
+        blocks += [("p", f"**Broken** variants ({len(broken)} cells): wrong results, however fast."),
+                   ("list", items)]
     else:
         blocks.append(("p", "No variant is broken."))
     mismatched = df[_mismatch(df)]
     if len(mismatched):
         blocks += [("p", f"**Verdict differs from the expected one** ({len(mismatched)} cells):"),
-                   ("list", [f"{c.variant} on {c.workload}/{c.device}: {c.verdict}, expected {c.expected_verdict}"
-                             + (f" ({c.verdict_reason})" if c.verdict_reason else "")
+                   ("list", [f"{c.variant} on {c.workload}/{c.device}: {c.verdict}, expected "
+                             f"{c.expected_verdict}" + (f" ({c.verdict_reason})" if c.verdict_reason else "")
                              for c in mismatched.itertuples()])]
     if (~ok).any():
         blocks += [("p", "**Cells that did not finish ok:**"),
@@ -243,7 +224,7 @@ def _summary(df: pd.DataFrame) -> list[tuple]:
     return blocks
 
 
-def _row(cell) -> tuple[list[str], str]:
+def _row(cell: dict) -> tuple[list[str], str]:
     """A table row and its class: broken, mismatch, notok or empty."""
     status, verdict = cell["status"], cell["verdict"]
     sps = _number(cell["samples_per_s"]) + (" (noisy)" if cell["noisy"] is True else "")
@@ -253,18 +234,19 @@ def _row(cell) -> tuple[list[str], str]:
         ratio = _ratio(cell["ratio_to_baseline"], cell["ratio_ci_low"], cell["ratio_ci_high"])
     growth = cell["memory_growth_bytes_per_step"]
     growth_text = f"{'+' if growth > 0 else ''}{human_bytes(growth)}/step" if _finite(growth) else "–"
-    if status != "ok":
-        verdict_text, reason, cls = f"not run: {status}", cell["error"] or "", "notok"
-    else:
-        verdict_text, reason, cls = verdict or "–", cell["verdict_reason"] or "", ""
-        if verdict == "broken":
-            verdict_text, cls = "**broken**", "broken"
-        if _mismatch_one(verdict, cell["expected_verdict"]):
-            verdict_text += f" (expected {cell['expected_verdict']}) **MISMATCH**"
-            cls = cls or "mismatch"
+    verdict_text, reason, cls = verdict or "", cell["verdict_reason"] or "", ""
+    if verdict == "broken":
+        verdict_text, cls = "**broken**", "broken"
+    if status == "ok" and _mismatch_one(verdict, cell["expected_verdict"]):
+        verdict_text += f" (expected {cell['expected_verdict']}) **MISMATCH**"
+        cls = cls or "mismatch"
+    if status != "ok":  # skipped, error, oom, diverged: the status first, the error as the reason
+        verdict_text = f"{status}; {verdict_text}" if verdict_text else str(status)
+        reason, cls = cell["error"] or reason, cls or "notok"
     variant = f"**{cell['variant']}**" if verdict == "broken" else cell["variant"]
     peak = human_bytes(cell["peak_memory_bytes"]) if _finite(cell["peak_memory_bytes"]) else "–"
-    return [variant, sps, ratio, _number(cell["syncs_per_step"]), peak, growth_text, verdict_text, reason], cls
+    syncs = _number(cell["syncs_per_step"])
+    return [variant, sps, ratio, syncs, peak, growth_text, verdict_text, reason], cls
 
 
 def _mismatch(df: pd.DataFrame) -> pd.Series:
@@ -315,6 +297,3 @@ def _inline(text: str) -> str:
     text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

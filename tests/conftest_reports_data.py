@@ -1,4 +1,4 @@
-"""Synthetic loopmark results for the report and compare tests: cell records, results.json, pytest-benchmark JSON."""
+"""Synthetic loopmark results for the report and compare tests: records, results.json, pytest-benchmark."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 from bench.results import FORMAT, FORMAT_VERSION
 
 ENVIRONMENT = {
-    "loopmark_version": "0.1.0", "command": "loopmark run --workloads mlp,cnn", "timestamp": "2025-01-01T12:00:00",
+    "loopmark_version": "0.1.0", "command": "loopmark run --workload mlp --workload cnn",
+    "timestamp": "2025-01-01T12:00:00",
     "python": "3.11.7", "torch": "2.5.1", "cuda": "12.4", "cudnn": 90100, "cpu_model": "AMD EPYC 7763",
     "cpu_cores": 16, "torch_threads": 8,
     "gpu": {"name": "NVIDIA H100 80GB HBM3", "driver": "550.54", "memory_total_bytes": 85_000_000_000},
@@ -22,7 +23,8 @@ VARIANTS = {
     "tensor_sum": ("train", "loss tracking", "equivalent", "equivalent", 0.8, 0.0, 0.0),
     "item_list_mean": ("train", "loss tracking", "equivalent", "equivalent", 1.02, 1.0, 8.0),
     "graph_sum": ("train", "loss tracking", "broken", "broken", 1.6, 0.0, 60_000.0),
-    "zero_grad_between_backward_and_step": ("train", "zero_grad placement", "broken", "broken", 0.95, 1.0, 0.0),
+    "zero_grad_between_backward_and_step": ("train", "zero_grad placement", "broken", "broken", 0.95, 1.0,
+                                            0.0),
     "set_to_none_false": ("train", "zeroing style", "different", "identical", 1.05, 1.0, 0.0),
     "eval_baseline": ("eval", "evaluation", "identical", "identical", 0.4, 2.0, 0.0),
     "eval_inference_mode": ("eval", "evaluation", "identical", "identical", 0.38, 2.0, 0.0),
@@ -56,7 +58,8 @@ def make_record(workload: str = "mlp", variant: str = "baseline", device: str = 
         "warmup_steps": 5, "samples_per_s": batch / median, "step_time_median_s": median,
         "step_time_iqr_s": float(q3 - q1), "step_time_ci_low_s": median * 0.99,
         "step_time_ci_high_s": median * 1.01, "iqr_over_median": float((q3 - q1) / median),
-        "ratio_to_baseline": rel / (0.4 if kind == "eval" else 1.0), "ratio_ci_low": None, "ratio_ci_high": None,
+        "ratio_to_baseline": rel / (0.4 if kind == "eval" else 1.0),  # eval_baseline is 0.4 of baseline
+        "ratio_ci_low": None, "ratio_ci_high": None,
         "syncs_per_step": syncs, "syncs_per_step_cuda_debug": syncs if device == "cuda" else None,
         "ops_per_step": 120.0, "peak_memory_bytes": peak + (growth * steps if growth else 0),
         "memory_growth_bytes_per_step": growth, "tensor_growth_bytes_per_step": growth,

@@ -7,16 +7,23 @@ import re
 
 import numpy as np
 import pytest
-from conftest_reports_data import ENVIRONMENT, make_record, pytest_benchmark_doc, step_times, write_results_json
+from conftest_reports_data import (
+    ENVIRONMENT,
+    make_record,
+    pytest_benchmark_doc,
+    step_times,
+    write_results_json,
+)
 
 from reports.compare import compare, format_md, format_text, main, time_gate
-from reports.load import load
+from reports.load import load, to_frame
 from reports.stats import median_ci, median_ratio_ci
 
 
 def _records(**changes) -> list[dict]:
     """Three cells of one run; `changes` maps a variant to the fields its cell gets."""
-    records = [make_record("mlp", v, "cpu", seed=i) for i, v in enumerate(["baseline", "tensor_sum", "graph_sum"])]
+    variants = ["baseline", "tensor_sum", "graph_sum"]
+    records = [make_record("mlp", v, "cpu", seed=i) for i, v in enumerate(variants)]
     for r in records:
         r.update(changes.get(r["variant"], {}))
     return records
@@ -65,7 +72,8 @@ def test_thirty_percent_slower_with_many_samples_is_a_regression(tmp_path, capsy
     assert rc == 1
     line = next(line for line in out.splitlines() if "REGRESSION" in line)
     assert line.startswith("mlp/baseline/cpu")
-    assert re.search(r"slower: median step time x1\.(29|30|31)\d \(95% CI 1\.\d+-1\.\d+ > 1\.05, p<1e-6\)", line)
+    assert re.search(r"slower: median step time x1\.(29|30|31)\d \(95% CI 1\.\d+-1\.\d+ > 1\.05, p<1e-6\)",
+                     line)
 
 
 def test_one_percent_slower_is_below_the_threshold(tmp_path, capsys):
@@ -220,7 +228,6 @@ def test_pytest_benchmark_json_is_accepted(tmp_path, capsys):
 
 def test_comparison_object():
     base_env, cand_env = {"torch": "2.5.1"}, {"torch": "2.5.1"}
-    from reports.load import to_frame
     base = to_frame(_records())
     cand = to_frame(_records(graph_sum={"syncs_per_step": 2.0}))
     c = compare(base_env, base, cand_env, cand)
