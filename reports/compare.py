@@ -1,16 +1,21 @@
 """Compare a candidate run against a baseline run, cell by cell: `loopmark compare BASELINE CANDIDATE`.
 
-Cells match on (workload, variant, device); only cells whose status is ok in both are compared.
-A matched cell regresses when any gate fails:
+Cells match on (workload, variant, device). A cell that was ok in the baseline and is not in the candidate
+(error, oom, diverged, skipped) regresses; otherwise only cells ok in both are compared, and a matched cell
+regresses when any gate fails:
 
 - deterministic metrics change at all: syncs_per_step (beyond 1e-9), verdict, retains_graph, and
   ops_per_step when both runs used the same torch version;
 - peak_memory_bytes grows by more than `memory_pct` percent;
-- memory_growth_bytes_per_step goes from about zero (<= 64 B/step) to a leak (> 1024 B/step);
+- memory_growth_bytes_per_step goes from about zero (<= 1 KiB/step: the CPU heap slope's noise stays
+  under it) to a leak (> 4 KiB/step: one step of a retained autograd graph on the smallest workload);
 - step time: the candidate's raw step times are larger by a one-sided Mann-Whitney U test (p < alpha) AND
   the bootstrap 95% CI of median(candidate) / median(baseline) lies entirely above 1 + max_slowdown_pct/100.
   The time gate is skipped (with a note) without raw step times, or when the device or the torch version
   differs between the runs (with a warning).
+
+`--only-deterministic` applies the status and deterministic gates alone: the gate to use against a
+baseline recorded on another machine, where time and memory figures are not comparable.
 
 Exit status of main(): 0 nothing regressed, 1 some cell regressed, 2 unusable input.
 """
@@ -32,8 +37,8 @@ from reports.units import human_bytes
 
 SYNCS_TOLERANCE = 1e-9
 OPS_TOLERANCE = 1e-9
-GROWTH_ZERO_BYTES_PER_STEP = 64  # at most this: the memory does not grow
-GROWTH_LEAK_BYTES_PER_STEP = 1024  # more than this, from about zero: a leak
+GROWTH_ZERO_BYTES_PER_STEP = 1024  # at most this: the memory does not grow
+GROWTH_LEAK_BYTES_PER_STEP = 4096  # more than this, from about zero: a leak
 MIN_TIME_SAMPLES = 3  # fewer raw step times than this in either run: no time gate
 
 Key = tuple[str, str, str]
@@ -77,18 +82,22 @@ class Comparison:
 
 def compare(base_env: dict, base_df: pd.DataFrame, cand_env: dict, cand_df: pd.DataFrame,
             max_slowdown_pct: float = 5.0, alpha: float = 0.01, memory_pct: float = 5.0,
-            seed: int = 0) -> Comparison:
+            seed: int = 0, only_deterministic: bool = False) -> Comparison:
     """Compare every cell of the candidate with the same cell of the baseline (see the module docstring)."""
     warnings: list[str] = []
     base, cand = _by_key(base_df, "baseline", warnings), _by_key(cand_df, "candidate", warnings)
     cells, not_compared = [], []
     for key in [k for k in base if k in cand]:
         b, c = base[key], cand[key]
+        if b.get("status") == "ok" and c.get("status") != "ok":
+            error = f": {c.get('error')}" if c.get("error") else ""
+            cells.append(CellResult(key, regressions=[f"status ok -> {c.get('status')}{error}"]))
+            continue
         if b.get("status") != "ok" or c.get("status") != "ok":
             not_compared.append((key, b.get("status") or "unknown", c.get("status") or "unknown"))
             continue
         cells.append(_compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory_pct, seed,
-                                   warnings))
+                                   warnings, only_deterministic))
     return Comparison(
         baseline=str(base_env.get("source", "baseline")), candidate=str(cand_env.get("source", "candidate")),
         cells=cells, not_compared=not_compared,
@@ -160,6 +169,8 @@ def main(argv=None) -> int:
                         help="significance level of the Mann-Whitney U test (default 0.01)")
     parser.add_argument("--format", choices=["text", "md"], default="text",
                         help="output format (default text)")
+    parser.add_argument("--only-deterministic", action="store_true",
+                        help="status, syncs/step, ops/step, verdict and retains_graph only (no time, no memory)")
     parser.add_argument("--memory-threshold", type=_non_negative, default=5.0, metavar="PCT",
                         help="largest allowed growth of peak memory, in %% (default 5)")
     try:
@@ -173,7 +184,8 @@ def main(argv=None) -> int:
         print(f"loopmark compare: {exc}", file=sys.stderr)
         return 2
     result = compare(base_env, base_df, cand_env, cand_df, max_slowdown_pct=args.max_slowdown,
-                     alpha=args.alpha, memory_pct=args.memory_threshold)
+                     alpha=args.alpha, memory_pct=args.memory_threshold,
+                     only_deterministic=args.only_deterministic)
     print(format_md(result) if args.format == "md" else format_text(result), end="")
     return 1 if result.regressions else 0
 
@@ -181,7 +193,7 @@ def main(argv=None) -> int:
 # -- one cell ---------------------------------------------------------------------------------------------
 
 def _compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory_pct, seed,
-                  warnings) -> CellResult:
+                  warnings, only_deterministic=False) -> CellResult:
     result = CellResult(key)
     base_torch, cand_torch = _torch(b, base_env), _torch(c, cand_env)
     torch_differs = bool(base_torch and cand_torch and base_torch != cand_torch)
@@ -195,6 +207,8 @@ def _compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory
                         "candidate): time gate skipped")
 
     _deterministic(result, b, c, check_ops=not torch_differs)
+    if only_deterministic:
+        return result
     _memory(result, b, c, memory_pct)
     if torch_differs or device_differs:
         what = "torch version" if torch_differs else "device"

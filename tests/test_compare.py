@@ -146,11 +146,29 @@ def test_cells_in_one_file_only_are_listed_not_regressions(tmp_path, capsys):
     assert "2 in one file only" in out
 
 
-def test_cells_not_ok_are_listed_not_compared(tmp_path, capsys):
+def test_a_cell_that_stops_working_is_a_regression(tmp_path, capsys):
     cand = _records(tensor_sum={"status": "error", "error": "boom", "syncs_per_step": 5.0})
     rc, out, _ = _compare(tmp_path, capsys, _records(), cand)
+    assert rc == 1
+    assert "status ok -> error: boom" in out
+
+
+def test_cells_not_ok_in_the_baseline_are_listed_not_compared(tmp_path, capsys):
+    base = _records(tensor_sum={"status": "error", "error": "boom"})
+    rc, out, _ = _compare(tmp_path, capsys, base, _records())
     assert rc == 0
-    assert "mlp/tensor_sum/cpu (baseline ok, candidate error)" in out
+    assert "mlp/tensor_sum/cpu (baseline error, candidate ok)" in out
+
+
+def test_only_deterministic_ignores_time_and_memory(tmp_path, capsys):
+    slow = _records(baseline={"peak_memory_bytes": 10 * 120 * 2**20})
+    for r in slow:
+        if r.get("step_times_s"):
+            r["step_times_s"] = [t * 2 for t in r["step_times_s"]]
+    assert _compare(tmp_path, capsys, _records(), slow)[0] == 1
+    assert _compare(tmp_path, capsys, _records(), slow, "--only-deterministic")[0] == 0
+    more_syncs = _records(tensor_sum={"syncs_per_step": 1.0625})
+    assert _compare(tmp_path, capsys, _records(), more_syncs, "--only-deterministic")[0] == 1
 
 
 def test_missing_raw_times_skip_the_time_gate_with_a_note(tmp_path, capsys):
