@@ -128,16 +128,17 @@ def _summary(records: list[dict]) -> None:
 
     print(f"\n{'device':6s} {'workload':12s} {'variant':38s} {'samples/s':>11s} {'ratio':>6s} {'syncs':>6s} "
           f"{'growth B/st':>11s} {'verdict':10s} status")
+    def fmt(r, key, spec):
+        v = r.get(key)
+        return format(v, spec) if isinstance(v, (int, float)) else "-"
+
     for r in records:
-        def fmt(key, spec):
-            v = r.get(key)
-            return format(v, spec) if isinstance(v, (int, float)) else "-"
         verdict = r.get("verdict") or "-"
         if r.get("expected_verdict") and not verdict_matches(r.get("verdict"), r["expected_verdict"]):
             verdict += "!"
-        print(f"{r['device']:6s} {r['workload']:12s} {r['variant']:38s} {fmt('samples_per_s', ',.0f'):>11s} "
-              f"{fmt('ratio_to_baseline', '.3f'):>6s} {fmt('syncs_per_step', '.2f'):>6s} "
-              f"{fmt('memory_growth_bytes_per_step', ',.0f'):>11s} {verdict:10s} {r['status']}")
+        print(f"{r['device']:6s} {r['workload']:12s} {r['variant']:38s} {fmt(r, 'samples_per_s', ',.0f'):>11s} "
+              f"{fmt(r, 'ratio_to_baseline', '.3f'):>6s} {fmt(r, 'syncs_per_step', '.2f'):>6s} "
+              f"{fmt(r, 'memory_growth_bytes_per_step', ',.0f'):>11s} {verdict:10s} {r['status']}")
 
 
 def _report(paths) -> None:

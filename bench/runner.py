@@ -25,8 +25,15 @@ from bench.env import EnergyMeter, environment
 from bench.memory import measure_memory
 from bench.syncs import measure_syncs
 from bench.timing import time_block
-from loops import (BASELINES, Variant, Workload, builtin_names, resolve_variant, resolve_workload,
-                   verdict_matches)
+from loops import (
+    BASELINES,
+    Variant,
+    Workload,
+    builtin_names,
+    resolve_variant,
+    resolve_workload,
+    verdict_matches,
+)
 
 DEFAULT_TRAIN_WORKLOADS = ("mlp", "cnn")
 DEFAULT_EVAL_WORKLOADS = ("cnn",)
@@ -43,7 +50,7 @@ class Settings:
     memory_steps: int = 32  # memory pass: enough step boundaries for a slope
 
 
-QUICK = Settings(steps=16, repeats=3, warmup=3, check_steps=3)
+QUICK = Settings(steps=16, repeats=3, warmup=2, check_steps=3, memory_steps=16)
 
 
 @dataclass

@@ -83,7 +83,7 @@ class _Tracker:
 
 
 class _Dispatch(TorchDispatchMode):
-    def __init__(self, counter: "SyncCounter"):
+    def __init__(self, counter: SyncCounter):
         super().__init__()
         self.c = counter
 
@@ -116,7 +116,7 @@ class _Dispatch(TorchDispatchMode):
 
 
 class _Function(TorchFunctionMode):
-    def __init__(self, counter: "SyncCounter"):
+    def __init__(self, counter: SyncCounter):
         super().__init__()
         self.c = counter
 

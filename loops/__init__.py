@@ -2,12 +2,34 @@
 
 from loops.canonical import EvalIdioms, Idioms, Run, eval_epoch, train_epoch
 from loops.resolve import BadName
-from loops.variants import (BASELINES, BUILTINS, VERDICTS, Variant, builtin_names, evaluation, resolve_variant,
-                            verdict_matches)
+from loops.variants import (
+                            BASELINES,
+                            BUILTINS,
+                            VERDICTS,
+                            Variant,
+                            builtin_names,
+                            evaluation,
+                            resolve_variant,
+                            verdict_matches,
+)
 from loops.workloads import WORKLOADS, Workload, resolve_workload
 
 __all__ = [
-    "BASELINES", "BUILTINS", "BadName", "EvalIdioms", "Idioms", "Run", "VERDICTS", "Variant", "WORKLOADS",
-    "Workload", "builtin_names", "eval_epoch", "evaluation", "resolve_variant", "resolve_workload",
-    "train_epoch", "verdict_matches",
+                            "BASELINES",
+                            "BUILTINS",
+                            "VERDICTS",
+                            "WORKLOADS",
+                            "BadName",
+                            "EvalIdioms",
+                            "Idioms",
+                            "Run",
+                            "Variant",
+                            "Workload",
+                            "builtin_names",
+                            "eval_epoch",
+                            "evaluation",
+                            "resolve_variant",
+                            "resolve_workload",
+                            "train_epoch",
+                            "verdict_matches",
 ]

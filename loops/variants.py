@@ -11,8 +11,9 @@ plain function `fn(run: loops.Run)` named `package.module:function`; see README.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from loops import canonical
 from loops.canonical import EvalIdioms, Idioms, Run

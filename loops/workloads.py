@@ -6,8 +6,8 @@ A user's workload is a function with no arguments that returns a `Workload`, nam
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import nn

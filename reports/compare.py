@@ -9,10 +9,15 @@ regresses when any gate fails:
 - peak_memory_bytes grows by more than `memory_pct` percent;
 - memory_growth_bytes_per_step goes from about zero (<= 1 KiB/step: the CPU heap slope's noise stays
   under it) to a leak (> 4 KiB/step: one step of a retained autograd graph on the smallest workload);
-- step time: the candidate's raw step times are larger by a one-sided Mann-Whitney U test (p < alpha) AND
-  the bootstrap 95% CI of median(candidate) / median(baseline) lies entirely above 1 + max_slowdown_pct/100.
-  The time gate is skipped (with a note) without raw step times, or when the device or the torch version
-  differs between the runs (with a warning).
+- step time, relative to the run's own baseline: each raw step time is divided by the median of the
+  block of the kind's baseline variant (`baseline` / `eval_baseline`) timed in the same round. Variants are
+  interleaved with their baseline round by round, so whatever slows the whole machine between or within
+  runs divides out; what remains is the variant's own cost. A cell regresses when its normalised step
+  times are larger by a one-sided Mann-Whitney U test (p < alpha) AND the bootstrap 95% CI of the ratio of
+  their medians lies entirely above 1 + max_slowdown_pct/100. The test takes the normalised step times as
+  independent draws. The baseline variant itself is the yardstick and gets no time gate; neither does a
+  cell without raw step times and block medians (a note says so), or any cell when the device or the
+  torch version differs between the runs (a warning says so).
 
 `--only-deterministic` applies the status and deterministic gates alone: the gate to use against a
 baseline recorded on another machine, where time and memory figures are not comparable.
@@ -96,8 +101,9 @@ def compare(base_env: dict, base_df: pd.DataFrame, cand_env: dict, cand_df: pd.D
         if b.get("status") != "ok" or c.get("status") != "ok":
             not_compared.append((key, b.get("status") or "unknown", c.get("status") or "unknown"))
             continue
+        b_ref, c_ref = base.get(_reference_key(b, key)), cand.get(_reference_key(c, key))
         cells.append(_compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory_pct, seed,
-                                   warnings, only_deterministic))
+                                   warnings, only_deterministic, (b_ref, c_ref)))
     return Comparison(
         baseline=str(base_env.get("source", "baseline")), candidate=str(cand_env.get("source", "candidate")),
         cells=cells, not_compared=not_compared,
@@ -193,7 +199,7 @@ def main(argv=None) -> int:
 # -- one cell ---------------------------------------------------------------------------------------------
 
 def _compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory_pct, seed,
-                  warnings, only_deterministic=False) -> CellResult:
+                  warnings, only_deterministic=False, references=(None, None)) -> CellResult:
     result = CellResult(key)
     base_torch, cand_torch = _torch(b, base_env), _torch(c, cand_env)
     torch_differs = bool(base_torch and cand_torch and base_torch != cand_torch)
@@ -214,10 +220,13 @@ def _compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory
         what = "torch version" if torch_differs else "device"
         result.notes.append(f"time not compared: {what} differs")
         return result
-    base_times, cand_times = _samples(b.get("step_times_s")), _samples(c.get("step_times_s"))
+    if key == _reference_key(b, key):
+        result.notes.append("time not gated: the baseline variant is the yardstick of the others")
+        return result
+    base_times, cand_times = _normalised(b, references[0]), _normalised(c, references[1])
     if base_times is None or cand_times is None:
         which = " and ".join(w for w, t in [("baseline", base_times), ("candidate", cand_times)] if t is None)
-        result.notes.append(f"time not compared: no raw step times in the {which}")
+        result.notes.append(f"time not compared: no raw step times or baseline blocks in the {which}")
         return result
     p, ratio, ci, slower = time_gate(base_times, cand_times, max_slowdown_pct, alpha, seed)
     result.p_value, result.time_ratio, result.time_ci = p, ratio, ci
@@ -279,7 +288,22 @@ def _device_name(record: dict, env: dict) -> str | None:
     return (gpu.get("name") if record["device"] == "cuda" else env.get("cpu_model")) or None
 
 
-def _samples(v) -> np.ndarray | None:
+def _reference_key(record: dict, key: Key) -> Key:
+    reference = "eval_baseline" if record.get("kind") == "eval" or key[1].startswith("eval_") else "baseline"
+    return (key[0], reference, key[2])
+
+
+def _normalised(record: dict, reference: dict | None) -> np.ndarray | None:
+    """Step times divided by the median of the reference's block of the same round (None if unavailable)."""
+    times = _samples(record.get("step_times_s"))
+    medians = _samples((reference or {}).get("block_medians_s"), minimum=1)
+    steps = _value(record.get("steps"))
+    if times is None or medians is None or not steps or len(times) != int(steps) * len(medians):
+        return None
+    return times / np.repeat(medians, int(steps))
+
+
+def _samples(v, minimum: int = MIN_TIME_SAMPLES) -> np.ndarray | None:
     """Finite raw step times, or None when there are too few to test."""
     if not isinstance(v, (list, tuple, np.ndarray)):
         return None
@@ -288,7 +312,7 @@ def _samples(v) -> np.ndarray | None:
     except (TypeError, ValueError):
         return None
     x = x[np.isfinite(x)] if x.ndim == 1 else np.array([])
-    return x if len(x) >= MIN_TIME_SAMPLES else None
+    return x if len(x) >= minimum else None
 
 
 def _value(v):

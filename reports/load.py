@@ -104,7 +104,7 @@ def _from_results(doc: dict) -> tuple[dict, list[dict]]:
                          f"(expected {FORMAT_VERSION})")
     cells = doc.get("cells")
     if not isinstance(cells, list):
-        raise ValueError("loopmark results file without a list of cells")  # noqa: TRY004 (unusable input)
+        raise ValueError("loopmark results file without a list of cells")
     for i, cell in enumerate(cells):
         _check_record(cell, f"cell {i}")
     return dict(doc.get("environment") or {}), [dict(c) for c in cells]
@@ -126,7 +126,7 @@ def _from_pytest_benchmark(doc: dict) -> tuple[dict, list[dict]]:
 
 def _check_record(record, what: str) -> None:
     if not isinstance(record, dict):
-        raise ValueError(f"{what} is not an object")  # noqa: TRY004 (unusable input: ValueError)
+        raise ValueError(f"{what} is not an object")
     missing = [k for k in ("workload", "variant", "device") if not record.get(k)]
     if missing:
         raise ValueError(f"{what} has no {', '.join(missing)}")

@@ -83,7 +83,8 @@ def test_a_failing_user_variant_does_not_lose_the_other_cells(tmp_path, monkeypa
     argv = ["run", "--device", "cpu", "--workload", "mlp", "--variant", "failing_loop:explode",
             "--variant", "tensor_sum", "--steps", "4", "--repeats", "1", "--warmup", "1", "--out", str(out)]
     assert main(argv) == 0
-    rows = {r["variant"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    with open(out / "results.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
     assert rows["failing_loop:explode"]["status"] == "error" and "boom" in rows["failing_loop:explode"]["error"]
     assert rows["tensor_sum"]["status"] == "ok" and rows["baseline"]["status"] == "ok"
 
@@ -115,10 +116,11 @@ def test_sigint_leaves_valid_files_with_every_finished_cell(tmp_path):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     cells = json.loads((out / "results.json").read_text())["cells"]
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
     assert 2 <= len(cells) < 4 and len(rows) == len(cells)
     assert all(c["status"] == "ok" and c["step_times_s"] for c in cells)

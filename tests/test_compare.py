@@ -11,6 +11,7 @@ from conftest_reports_data import (
     ENVIRONMENT,
     make_record,
     pytest_benchmark_doc,
+    refresh_blocks,
     step_times,
     write_results_json,
 )
@@ -26,6 +27,7 @@ def _records(**changes) -> list[dict]:
     records = [make_record("mlp", v, "cpu", seed=i) for i, v in enumerate(variants)]
     for r in records:
         r.update(changes.get(r["variant"], {}))
+        refresh_blocks(r)
     return records
 
 
@@ -67,44 +69,44 @@ def test_verdict_or_retains_graph_change_is_a_regression(tmp_path, capsys, field
 
 
 def test_thirty_percent_slower_with_many_samples_is_a_regression(tmp_path, capsys):
-    slow = step_times(2e-3 * 1.3, n=400, seed=7)
-    rc, out, _ = _compare(tmp_path, capsys, _records(), _records(baseline={"step_times_s": slow}))
+    slow = [1.3 * t for t in _records()[1]["step_times_s"]]
+    rc, out, _ = _compare(tmp_path, capsys, _records(), _records(tensor_sum={"step_times_s": slow}))
     assert rc == 1
     line = next(line for line in out.splitlines() if "REGRESSION" in line)
-    assert line.startswith("mlp/baseline/cpu")
+    assert line.startswith("mlp/tensor_sum/cpu")
     assert re.search(r"slower: median step time x1\.(29|30|31)\d \(95% CI 1\.\d+-1\.\d+ > 1\.05, p<1e-6\)",
                      line)
 
 
 def test_one_percent_slower_is_below_the_threshold(tmp_path, capsys):
-    base = _records(baseline={"step_times_s": step_times(2e-3, n=2000, spread=0.01, seed=1)})
-    cand = _records(baseline={"step_times_s": step_times(2e-3 * 1.01, n=2000, spread=0.01, seed=2)})
+    base = _records(tensor_sum={"step_times_s": step_times(2e-3, n=2000, spread=0.01, seed=1)})
+    cand = _records(tensor_sum={"step_times_s": step_times(2e-3 * 1.01, n=2000, spread=0.01, seed=2)})
     rc, _, _ = _compare(tmp_path, capsys, base, cand)
     assert rc == 0
     # significant, but the CI of the ratio (around 1.01) is not above 1.05
-    p, ratio, (low, high), regressed = time_gate(base[0]["step_times_s"], cand[0]["step_times_s"], 5.0, 0.01)
+    p, ratio, (low, high), regressed = time_gate(base[1]["step_times_s"], cand[1]["step_times_s"], 5.0, 0.01)
     assert p < 0.01 and 1.0 < low < ratio < high < 1.05 and not regressed
 
 
 def test_high_variance_few_samples_is_not_significant(tmp_path, capsys):
-    base = _records(baseline={"step_times_s": step_times(2e-3, n=5, spread=0.6, seed=3)})
-    cand = _records(baseline={"step_times_s": step_times(2e-3 * 1.3, n=5, spread=0.6, seed=4)})
+    base = _records(tensor_sum={"step_times_s": step_times(2e-3, n=5, spread=0.6, seed=3)})
+    cand = _records(tensor_sum={"step_times_s": step_times(2e-3 * 1.3, n=5, spread=0.6, seed=4)})
     rc, _, _ = _compare(tmp_path, capsys, base, cand)
     assert rc == 0
-    p, _, _, regressed = time_gate(base[0]["step_times_s"], cand[0]["step_times_s"], 5.0, 0.01)
+    p, _, _, regressed = time_gate(base[1]["step_times_s"], cand[1]["step_times_s"], 5.0, 0.01)
     assert p >= 0.01 and not regressed
 
 
 def test_max_slowdown_option_raises_the_bar(tmp_path, capsys):
-    slow = step_times(2e-3 * 1.3, n=400, seed=7)
-    rc, _, _ = _compare(tmp_path, capsys, _records(), _records(baseline={"step_times_s": slow}),
+    slow = [1.3 * t for t in _records()[1]["step_times_s"]]
+    rc, _, _ = _compare(tmp_path, capsys, _records(), _records(tensor_sum={"step_times_s": slow}),
                         "--max-slowdown", "50")
     assert rc == 0
 
 
 def test_different_torch_version_warns_and_skips_the_time_and_ops_gates(tmp_path, capsys):
     slow = step_times(2e-3 * 2, n=400, seed=7)
-    cand = _records(baseline={"step_times_s": slow, "torch_version": "2.6.0", "ops_per_step": 99.0})
+    cand = _records(tensor_sum={"step_times_s": slow, "torch_version": "2.6.0", "ops_per_step": 99.0})
     rc, out, _ = _compare(tmp_path, capsys, _records(), cand)
     assert rc == 0
     assert "warning: torch version differs (2.5.1 in the baseline, 2.6.0 in the candidate)" in out
@@ -123,15 +125,15 @@ def test_ops_per_step_change_with_the_same_torch_is_a_regression(tmp_path, capsy
 
 
 def test_different_device_name_warns_and_skips_the_time_gate(tmp_path, capsys):
-    cand = _records(baseline={"device_name": "Intel Xeon", "step_times_s": step_times(4e-3, n=400)})
+    cand = _records(tensor_sum={"device_name": "Intel Xeon", "step_times_s": step_times(4e-3, n=400)})
     rc, out, _ = _compare(tmp_path, capsys, _records(), cand)
     assert rc == 0
     assert "warning: cpu device differs (AMD EPYC 7763 in the baseline, Intel Xeon in the candidate)" in out
 
 
 def test_environment_torch_is_used_when_cells_do_not_say(tmp_path, capsys):
-    base = _records(baseline={"torch_version": None})
-    cand = _records(baseline={"torch_version": None, "step_times_s": step_times(4e-3, n=400)})
+    base = _records(tensor_sum={"torch_version": None})
+    cand = _records(tensor_sum={"torch_version": None, "step_times_s": step_times(4e-3, n=400)})
     rc, out, _ = _compare(tmp_path, capsys, base, cand, cand_env={**ENVIRONMENT, "torch": "2.7.0"})
     assert rc == 0 and "torch version differs (2.5.1 in the baseline, 2.7.0 in the candidate)" in out
 
@@ -172,8 +174,8 @@ def test_only_deterministic_ignores_time_and_memory(tmp_path, capsys):
 
 
 def test_missing_raw_times_skip_the_time_gate_with_a_note(tmp_path, capsys):
-    rc, out, _ = _compare(tmp_path, capsys, _records(), _records(baseline={"step_times_s": None}))
-    assert rc == 0 and "time not compared: no raw step times in the candidate" in out
+    rc, out, _ = _compare(tmp_path, capsys, _records(), _records(tensor_sum={"step_times_s": None}))
+    assert rc == 0 and "time not compared: no raw step times or baseline blocks in the candidate" in out
 
 
 @pytest.mark.parametrize("changes, expected", [
@@ -295,3 +297,13 @@ def test_load_round_trip_keeps_raw_times(tmp_path):
     records = _records()
     _, df = load(write_results_json(tmp_path, records))
     assert df.loc[0, "step_times_s"] == records[0]["step_times_s"]
+
+
+def test_a_machine_wide_slowdown_divides_out(tmp_path, capsys):
+    """Every cell 30 % slower, the baseline too: a slower machine, not a slower loop."""
+    slower = _records()
+    for r in slower:
+        r["step_times_s"] = [1.3 * t for t in r["step_times_s"]]
+        refresh_blocks(r)
+    rc, out, _ = _compare(tmp_path, capsys, _records(), slower)
+    assert rc == 0 and "time not gated: the baseline variant is the yardstick" in out
