@@ -30,6 +30,51 @@ class Cell:
         """Run the variant's loop once over `batches`; returns what the loop reports."""
         return self.variant.fn(self.run(batches))
 
+    def batches(self, staged: list):
+        """What this cell's loop reads: the staged batches, or a live DataLoader for input-pipeline variants."""
+        if not self.variant.input_loader:
+            return staged
+        if getattr(self, "_live", None) is None:
+            self._live = LiveBatches(self.workload, self.variant.input_loader)
+        return self._live.take(len(staged))
+
+
+class LiveBatches:
+    """A real DataLoader (workers, pinned memory as the variant asks) read block by block, its workers kept."""
+
+    def __init__(self, workload: Workload, options: dict):
+        generator = torch.Generator().manual_seed(workload.seed)
+        workers = options.get("num_workers", 0)
+        self.loader = torch.utils.data.DataLoader(
+            workload.train_data, batch_size=workload.batch_size, shuffle=True, drop_last=True,
+            generator=generator, num_workers=workers, persistent_workers=workers > 0,
+            pin_memory=options.get("pin_memory", False) and torch.cuda.is_available())
+        self.iterator = iter(self.loader)
+
+    def _next(self):
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            self.iterator = iter(self.loader)
+            return next(self.iterator)
+
+    def take(self, count: int) -> _Block:
+        return _Block(self, count)
+
+
+class _Block:
+    """`count` batches from a LiveBatches, drawn as the loop asks for them."""
+
+    def __init__(self, source: LiveBatches, count: int):
+        self.source, self.count = source, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        for _ in range(self.count):
+            yield self.source._next()
+
 
 def build_cell(workload: Workload, variant: Variant, device: torch.device, seed: int = 0) -> Cell:
     torch.manual_seed(workload.seed + seed)

@@ -72,7 +72,12 @@ def cmd_check(args) -> int:
                 r = {"verdict": "error", "expected_verdict": variant.expected_for(workload.name),
                      "verdict_reason": f"{type(exc).__name__}: {exc}".split("\n")[0]}
             expected = r["expected_verdict"]
-            bad = not verdict_matches(r["verdict"], expected) if expected else r["verdict"] in ("broken", "error")
+            if r["verdict"] == "skipped":
+                bad = False
+            elif expected:
+                bad = not verdict_matches(r["verdict"], expected)
+            else:
+                bad = r["verdict"] in ("broken", "error")
             failures += bad
             flag = "  <-- FAIL" if bad else ""
             print(f"{workload.name:12s} {variant.name:38s} {r['verdict']:10s} {expected or '-':10s} "
@@ -92,7 +97,7 @@ def cmd_run(args) -> int:
     if settings.steps < 3 or settings.repeats < 1:
         raise UsageError("--steps must be >= 3 and --repeats >= 1")
     out = Path(args.out)
-    groups = runner.plan(devices, args.workload, args.variant)
+    groups = runner.plan(devices, args.workload, args.variant, args.extended)
     run = runner.Runner(out, settings, resume=args.resume, progress=_progress_printer(groups))
     try:
         records = run.run(groups)
@@ -134,7 +139,8 @@ def _summary(records: list[dict]) -> None:
 
     for r in records:
         verdict = r.get("verdict") or "-"
-        if r.get("expected_verdict") and not verdict_matches(r.get("verdict"), r["expected_verdict"]):
+        if r.get("expected_verdict") and r["status"] != "skipped" and \
+                not verdict_matches(r.get("verdict"), r["expected_verdict"]):
             verdict += "!"
         print(f"{r['device']:6s} {r['workload']:12s} {r['variant']:38s} {fmt(r, 'samples_per_s', ',.0f'):>11s} "
               f"{fmt(r, 'ratio_to_baseline', '.3f'):>6s} {fmt(r, 'syncs_per_step', '.2f'):>6s} "
@@ -190,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workload", action="append", help="name or package.module:function (repeatable)")
     r.add_argument("--variant", action="append", help="name, a+b, or package.module:function (repeatable)")
     r.add_argument("--quick", action="store_true", help="fewer steps and repeats: a first look")
+    r.add_argument("--extended", action="store_true",
+                   help="also the idioms beyond the seed (mixed precision, optimizer kernels, input pipeline, "
+                        "gradient accumulation, accuracy counting)")
     r.add_argument("--steps", type=int, help="timed steps per block")
     r.add_argument("--repeats", type=int, help="timed blocks per cell")
     r.add_argument("--warmup", type=int, help="untimed steps before a cell's first block")

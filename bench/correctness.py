@@ -4,8 +4,10 @@ The variant and its kind's baseline run from the same seeded weights over the sa
 Three things are watched from outside the loop:
 
 * the gradient each `optimizer.step()` consumes (an optimizer step pre-hook), against the fresh gradient
-  of the batch that step belongs to, computed separately with `torch.func.functional_call` at the
-  parameters the step started from. A `None` and a zero gradient count as the same value here.
+  of the mean loss over the (input, target) pairs the model saw since the previous step (a forward
+  pre-hook and the wrapped criterion record them: one batch for the seed's loop, K micro-batches under
+  gradient accumulation), computed separately with `torch.func.functional_call` at the parameters the
+  step started from. A `None` and a zero gradient count as the same value here.
 * every loss the loop computes (the criterion is wrapped), whose exact float64 mean the reported epoch
   loss must equal;
 * whether the value the loop reports still holds an autograd graph.
@@ -19,6 +21,7 @@ under Adam a broken loop can still move its parameters as far as a correct one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -26,9 +29,11 @@ import torch
 from torch.func import functional_call
 
 from bench.cell import build_cell
+from bench.syncs import STAND_IN, SyncCounter, device_state
 from loops import BASELINES, Variant, Workload, resolve_variant
 
 GRAD_RTOL = 1e-4  # a fresh recomputation of a float32 gradient agrees to ~1e-7; a wrong one is off by O(1)
+FP16_GRAD_RTOL = 1e-2
 LOSS_RTOL = 1e-5  # float32 accumulation of a few losses: ~1e-7
 EQUIV_RTOL = 1e-5
 
@@ -42,17 +47,22 @@ class Trajectory:
     hits: list = field(default_factory=list)  # per epoch, exact correct count (evaluation)
     totals: list = field(default_factory=list)
     grad_error: str | None = None
+    unsynced_reads: int = 0
+    unsynced_site: str | None = None
+    optimizer_steps: int = 0
+    batches: int = 0
     retains_graph: bool = False
     buffers_changed: bool = False
     params: dict = field(default_factory=dict)
 
 
 class _RecordingCriterion(torch.nn.Module):
-    def __init__(self, criterion, sink: list, hits: list, totals: list):
+    def __init__(self, criterion, sink: list, hits: list, totals: list, seen: _Seen):
         super().__init__()
-        self.criterion, self.sink, self.hits, self.totals = criterion, sink, hits, totals
+        self.criterion, self.sink, self.hits, self.totals, self.seen = criterion, sink, hits, totals, seen
 
     def forward(self, output, target):
+        self.seen.target(target)
         loss = self.criterion(output, target)
         self.sink.append(float(loss.detach().double()))
         self.hits.append(int(output.detach().argmax(1).eq(target).sum()))
@@ -60,16 +70,25 @@ class _RecordingCriterion(torch.nn.Module):
         return loss
 
 
-class _BatchLog:
-    """Yields the batches and remembers those not yet consumed by an optimizer step."""
+class _Seen:
+    """The (input, target) pairs the model has seen since the last optimizer step."""
 
-    def __init__(self, batches):
-        self.batches, self.pending = batches, []
+    def __init__(self):
+        self.inputs, self.pending, self.paused = [], [], False
 
-    def __iter__(self):
-        for batch in self.batches:
-            self.pending.append(batch)
-            yield batch
+    def forward_pre_hook(self, module, args):
+        if not self.paused:
+            x = args[0].detach()
+            self.inputs.append((x, _autocast_state(x.device.type)))
+
+    def target(self, target):
+        if not self.paused and self.inputs:
+            x, autocast = self.inputs.pop(0)
+            self.pending.append((x, target.detach(), autocast))
+
+    def take(self) -> list:
+        pending, self.pending, self.inputs = self.pending, [], []
+        return pending
 
 
 def _flat_grads(params: list) -> torch.Tensor:
@@ -77,15 +96,37 @@ def _flat_grads(params: list) -> torch.Tensor:
                       for p in params])
 
 
+def _autocast_state(device_type: str):
+    """(enabled, dtype) of autocast on `device_type`, so that the fresh gradient is computed as the loop's was."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _loss_as_seen(model, state, criterion, x, y, autocast_dtype):
+    ctx = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with ctx:
+        return criterion(functional_call(model, state, (x,)), y)
+
+
 def _fresh_grad(model, criterion, batches: list) -> torch.Tensor:
     """Gradient of the mean loss of `batches` at the model's current parameters, the model left untouched."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters() if p.requires_grad}
+    if not batches:
+        return torch.cat([torch.zeros_like(p).double().flatten() for p in params.values()])
     state = {**{n: b.clone() for n, b in model.named_buffers()}, **params}
-    losses = [criterion(functional_call(model, state, (x,)), y) for x, y in batches]
+    losses = [_loss_as_seen(model, state, criterion, x, y, dtype) for x, y, dtype in batches]
     grads = torch.autograd.grad(torch.stack(losses).mean(), [params[n] for n in names], allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(params[n])).double().flatten()
                       for n, g in zip(names, grads)])
+
+
+def _grad_rtol(pending: list) -> float:
+    """float16 autocast with a GradScaler backpropagates a scaled loss: its rounding differs from the fresh
+    unscaled recomputation by ~1e-4."""
+    return FP16_GRAD_RTOL if any(dtype == torch.float16 for _, _, dtype in pending) else GRAD_RTOL
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,6 +141,9 @@ def _describe_wrong_grad(step: int, consumed, fresh_history: list) -> str:
     for m in range(2, len(fresh_history) + 1):
         if _rel(consumed, sum(fresh_history[-m:])) <= GRAD_RTOL:
             return f"step {step} consumed the sum of {m} batch gradients"
+    for k in range(2, 65):
+        if _rel(consumed, k * fresh_history[-1]) <= GRAD_RTOL:
+            return f"step {step} consumed {k} times its batch gradient"
     ratio = float(consumed.norm() / fresh_history[-1].norm())
     return (f"step {step} consumed a gradient {_rel(consumed, fresh_history[-1]):.2g} (relative) away from "
             f"its batch gradient (norm ratio {ratio:.3g})")
@@ -112,35 +156,59 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
     steps_per_epoch = len(staged) // epochs
     fresh_history: list = []
     step_count = 0
-    log = None
+    seen = _Seen()
 
     def check_step(optimizer, args, kwargs):
         nonlocal step_count
         step_count += 1
+        pending = seen.take()
         if traj.grad_error is not None:
             return
-        fresh = _fresh_grad(cell.model, cell.criterion, log.pending)
+        seen.paused = True
+        try:
+            fresh = _fresh_grad(cell.model, cell.criterion, pending)
+            consumed = _flat_grads(params)
+            # a skipped step (GradScaler calibrating) leaves its batch in `pending`: the next step consumes
+            # the gradient of the batches after it
+            rtol = _grad_rtol(pending)
+            for skip in range(1, len(pending)):
+                if _rel(consumed, fresh) <= rtol:
+                    break
+                later = _fresh_grad(cell.model, cell.criterion, pending[skip:])
+                if _rel(consumed, later) <= rtol:
+                    fresh = later
+        finally:
+            seen.paused = False
         fresh_history.append(fresh)
-        log.pending = []
-        consumed = _flat_grads(params)
-        if _rel(consumed, fresh) > GRAD_RTOL:
+        if _rel(consumed, fresh) > _grad_rtol(pending):
             traj.grad_error = _describe_wrong_grad(step_count, consumed, fresh_history)
 
-    hook = cell.optimizer.register_step_pre_hook(check_step)
+    hooks = [cell.optimizer.register_step_pre_hook(check_step),
+             cell.model.register_forward_pre_hook(seen.forward_pre_hook)]
     buffers_before = {n: b.clone() for n, b in cell.model.named_buffers()}
+    # the sync counter watches for reads of non-blocking device-to-host copies made before any sync
+    watch = SyncCounter(device)
+    watch.track(device_state(cell.model, cell.optimizer, staged))
+    run_device = STAND_IN if device.type == "cpu" else device
     try:
-        for e in range(epochs):
-            losses, hits, totals = [], [], []
-            log = _BatchLog(staged[e * steps_per_epoch:(e + 1) * steps_per_epoch])
-            run = cell.run(log)
-            run.criterion = _RecordingCriterion(cell.criterion, losses, hits, totals)
-            out = variant.fn(run)
-            traj.reported.append(out)
-            traj.batch_losses.append(losses)
-            traj.hits.append(sum(hits))
-            traj.totals.append(sum(totals))
+        with watch:
+            for e in range(epochs):
+                losses, hits, totals = [], [], []
+                run = cell.run(staged[e * steps_per_epoch:(e + 1) * steps_per_epoch])
+                run.device = run_device
+                run.criterion = _RecordingCriterion(cell.criterion, losses, hits, totals, seen)
+                out = variant.fn(run)
+                traj.reported.append(out)
+                traj.batch_losses.append(losses)
+                traj.hits.append(sum(hits))
+                traj.totals.append(sum(totals))
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
+    traj.unsynced_reads = watch.hazards
+    traj.unsynced_site = next(iter(watch.hazard_sites), None)
+    traj.optimizer_steps = step_count
+    traj.batches = epochs * steps_per_epoch
     traj.retains_graph = any(_holds_graph(v) for v in traj.reported)
     if variant.kind == "eval":
         traj.buffers_changed = any(not torch.equal(b, buffers_before[n]) for n, b in cell.model.named_buffers())
@@ -161,7 +229,7 @@ def _as_float(value) -> float:
 
 
 def _loss_of(reported, kind: str) -> float:
-    return _as_float(reported[0] if kind == "eval" else reported)
+    return _as_float(reported[0] if isinstance(reported, (tuple, list)) else reported)
 
 
 def param_max_rel_diff(a: dict, b: dict) -> float:
@@ -180,13 +248,18 @@ def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory) -> dict:
     loss_err = max(abs(r - x) / max(abs(x), 1e-30) for r, x in zip(reported, exact))
     diff = param_max_rel_diff(traj.params, base.params)
     figures = {"reported_loss": reported[-1], "exact_loss": exact[-1], "loss_rel_error": loss_err,
-               "param_max_rel_diff": diff, "retains_graph": traj.retains_graph}
+               "param_max_rel_diff": diff, "retains_graph": traj.retains_graph,
+               "skipped_steps": traj.batches - traj.optimizer_steps if kind == "train" else None}
 
     def result(verdict, reason):
         return {"verdict": verdict, "verdict_reason": reason, **figures}
 
     if traj.grad_error:
         return result("broken", traj.grad_error)
+    if traj.unsynced_reads:
+        return result("broken", f"reads a non-blocking device-to-host copy before any sync "
+                                f"({traj.unsynced_reads}x, {traj.unsynced_site}): on a GPU the value may not "
+                                "have landed")
     if traj.retains_graph:
         return result("broken", "the reported loss still holds an autograd graph (no detach / no no_grad)")
     if not all(math.isfinite(r) for r in reported):
@@ -197,6 +270,11 @@ def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory) -> dict:
                                 f"losses {exact[e]:.6g}")
     if kind == "eval":
         return _eval_verdict(traj, base, result)
+    if isinstance(traj.reported[0], (tuple, list)):
+        acc = [_as_float(r[1]) for r in traj.reported]
+        exact_acc = [h / t for h, t in zip(traj.hits, traj.totals)]
+        if acc != exact_acc:
+            return result("broken", f"reported accuracy {acc[-1]:.6g} is not the exact {exact_acc[-1]:.6g}")
     base_reported = [_loss_of(r, kind) for r in base.reported]
     loss_diff = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(reported, base_reported))
     if diff == 0.0 and loss_diff == 0.0:
@@ -228,6 +306,9 @@ def _eval_verdict(traj: Trajectory, base: Trajectory, result) -> dict:
 def check(workload: Workload, variant: Variant, device, epochs: int = 2, steps: int = 6, seed: int = 0,
           _cache: dict | None = None) -> dict:
     """The correctness record of one cell; `_cache` keeps the baseline's trajectory between variants."""
+    if variant.requires == "cuda" and torch.device(device).type != "cuda":
+        return {"verdict": "skipped", "verdict_reason": "needs a CUDA GPU",
+                "expected_verdict": variant.expected_for(workload.name)}
     from bench.cell import stage_batches
 
     split = "test" if variant.kind == "eval" else "train"

@@ -117,7 +117,7 @@ def measure_memory(cell, batches: list) -> dict:
     state = [*cell.model.parameters(), *cell.model.buffers(), batches,
              [p.grad for p in cell.model.parameters()], list(cell.optimizer.state.values())]
     tracker = LiveTensorBytes(state)
-    tensors = _Sampler(batches, lambda: (tracker.live(), heap_bytes(), rss_bytes()))
+    tensors = _Sampler(cell.batches(batches), lambda: (tracker.live(), heap_bytes(), rss_bytes()))
     with tracker:
         cell.epoch(tensors)
     live, heap, rss = (list(x) for x in zip(*tensors.trace))
@@ -130,7 +130,7 @@ def measure_memory(cell, batches: list) -> dict:
 def _measure_cuda(cell, batches: list) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    sampler = _Sampler(batches, torch.cuda.memory_allocated)
+    sampler = _Sampler(cell.batches(batches), torch.cuda.memory_allocated)
     cell.epoch(sampler)
     torch.cuda.synchronize()
     return {"peak_memory_bytes": torch.cuda.max_memory_allocated(),

@@ -60,13 +60,15 @@ class Group:
     variants: list[str]
 
 
-def plan(devices: list[str], workloads: list[str] | None, variants: list[str] | None) -> list[Group]:
-    """The groups to run; each holds its kind's baseline first (the ratios need it)."""
+def plan(devices: list[str], workloads: list[str] | None, variants: list[str] | None,
+         extended: bool = False) -> list[Group]:
+    """The groups to run; each holds its kind's baseline first (the ratios need it). Without `variants`:
+    the seed's idioms, and with `extended` the idioms beyond the seed too."""
     groups = []
     for device in devices:
         for kind in ("train", "eval"):
-            names = builtin_names(kind) if variants is None else [v for v in variants
-                                                                   if resolve_variant(v).kind == kind]
+            names = builtin_names(kind, extended) if variants is None else [v for v in variants
+                                                                             if resolve_variant(v).kind == kind]
             if not names:
                 continue
             default = DEFAULT_TRAIN_WORKLOADS if kind == "train" else DEFAULT_EVAL_WORKLOADS
@@ -97,7 +99,7 @@ def _fault(record: dict, exc: BaseException) -> None:
 
 def _warm(cell, batches: list, warmup: int) -> None:
     if warmup:
-        cell.epoch(batches[:warmup])
+        cell.epoch(cell.batches(batches[:warmup]))
 
 
 def untimed_passes(workload, variant, device, s: Settings, staged: list, cache: dict) -> dict:
@@ -226,7 +228,8 @@ def _plain_progress(record: dict) -> None:
     sps = record.get("samples_per_s")
     rate = f"{sps:,.0f} samples/s" if sps else "-"
     expected = record.get("expected_verdict")
-    mark = "" if expected is None or verdict_matches(record.get("verdict"), expected) else f" (expected {expected})"
+    matches = expected is None or record["status"] == "skipped" or verdict_matches(record.get("verdict"), expected)
+    mark = "" if matches else f" (expected {expected})"
     print(f"{record['device']:4s} {record['workload']:<12s} {record['variant']:<38s} {record['status']:<8s} "
           f"{rate:>18s}  verdict={record.get('verdict')}{mark}", file=sys.stderr, flush=True)
 

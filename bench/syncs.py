@@ -41,7 +41,9 @@ SYNC_OPS = {
     "aten::repeat_interleave", "aten::allclose", "aten::histc", "aten::bincount",
 }
 # Tensor methods that copy to the host; counted at the Python level because on CPU they dispatch nothing
-READBACK_METHODS = {"tolist", "numpy", "cpu"}
+READBACK_METHODS = {"tolist", "numpy"}
+# operators that read a host tensor's value: reading a non-blocking copy before a sync is a race
+READ_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal"}
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _HARNESS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -81,6 +83,10 @@ class _Tracker:
         if isinstance(t, torch.Tensor) and not self.cuda:
             self.tracked[t] = True
 
+    def unmark(self, t) -> None:
+        if isinstance(t, torch.Tensor) and t in self.tracked:
+            del self.tracked[t]
+
 
 class _Dispatch(TorchDispatchMode):
     def __init__(self, counter: SyncCounter):
@@ -95,6 +101,8 @@ class _Dispatch(TorchDispatchMode):
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         from_device = any(tr.on_device(t) for t in inputs)
         target = kwargs.get("device")
+        if name in READ_OPS and any(t in c.pending for t in inputs):
+            c.hazard()
         if name in SYNC_OPS and from_device:
             c.hit(name)
         elif name == "aten::index" and from_device and any(
@@ -127,17 +135,35 @@ class _Function(TorchFunctionMode):
         if args and tr.on_device(args[0]):
             if name in READBACK_METHODS:
                 c.hit(f"Tensor.{name}")
-            elif name == "to":
-                device = torch._C._nn._parse_to(*args[1:], **kwargs)[0]
+            elif name == "cpu" or name == "to":
+                device, _, non_blocking, _ = (torch._C._nn._parse_to(*args[1:], **kwargs) if name == "to"
+                                              else (torch.device("cpu"), None, kwargs.get("non_blocking", False),
+                                                    None))
                 if device is not None and not _is_device(device, tr.cuda):
-                    c.hit("Tensor.to(host)")
-                elif not tr.cuda and device is not None and _stays(args[1:], kwargs, args[0]):
+                    return self._to_host(func, args, kwargs, non_blocking)
+                if not tr.cuda and device is not None and _stays(args[1:], kwargs, args[0]):
                     return args[0]  # already "on the device": a no-op, as on CUDA
+        elif args and name in READBACK_METHODS and args[0] in c.pending:
+            c.hazard()
         if name in ("tensor", "as_tensor") and func in (torch.tensor, torch.as_tensor) and args:
             for t in tree_flatten(args[0])[0]:
                 if tr.on_device(t):
                     c.hit("torch.tensor(device tensors)")
         return func(*args, **kwargs)
+
+    def _to_host(self, func, args, kwargs, non_blocking: bool):
+        """A device-to-host copy: a sync when blocking; a pending copy (not to be read yet) when not."""
+        c, tr = self.c, self.c.tracker
+        if not non_blocking:
+            c.hit("device-to-host copy")
+        out = func(*args, **kwargs)
+        if not tr.cuda:
+            if out is args[0]:
+                out = out.clone()  # on an accelerator this is a new host tensor
+            tr.unmark(out)
+        if non_blocking:
+            c.pending[out] = True
+        return out
 
 
 def _is_device(device, cuda: bool) -> bool:
@@ -162,6 +188,9 @@ class SyncCounter:
         self.syncs = 0
         self.sites: Counter = Counter()
         self.kinds: Counter = Counter()
+        self.pending = WeakTensorKeyDictionary()  # non-blocking device-to-host copies not yet synchronised
+        self.hazards = 0
+        self.hazard_sites: Counter = Counter()
         self._modes = [_Function(self), _Dispatch(self)]
 
     def track(self, *objs) -> None:
@@ -173,6 +202,12 @@ class SyncCounter:
         self.syncs += 1
         self.kinds[kind] += 1
         self.sites[_site()] += 1
+        self.pending = WeakTensorKeyDictionary()  # a sync completes every copy queued before it
+
+    def hazard(self) -> None:
+        """A read of a non-blocking device-to-host copy with no sync since: on CUDA, maybe stale data."""
+        self.hazards += 1
+        self.hazard_sites[_site()] += 1
 
     def __enter__(self):
         for m in self._modes:
@@ -221,12 +256,13 @@ def measure_syncs(cell, batches: list) -> dict:
         cell.device = STAND_IN
     try:
         with counter:
-            cell.epoch(batches)
+            cell.epoch(cell.batches(batches))
     finally:
         cell.device = device
     steps = len(batches)
     record = {"syncs_per_step": counter.syncs / steps, "ops_per_step": counter.ops / steps,
-              "sync_sites": dict(counter.sites), "sync_kinds": dict(counter.kinds)}
+              "sync_sites": dict(counter.sites), "sync_kinds": dict(counter.kinds),
+              "unsynced_reads_per_step": counter.hazards / steps}
     if device.type == "cuda":
-        record["syncs_per_step_cuda_debug"] = count_cuda_debug_syncs(lambda: cell.epoch(batches)) / steps
+        record["syncs_per_step_cuda_debug"] = count_cuda_debug_syncs(lambda: cell.epoch(cell.batches(batches))) / steps
     return record

@@ -55,7 +55,7 @@ class StepClock:
 
 def time_block(cell, batches: list) -> tuple[list[float], object]:
     """Run one block; returns (per-step seconds, what the loop reported)."""
-    clock = StepClock(batches, cell.device)
+    clock = StepClock(cell.batches(batches), cell.device)
     reported = cell.epoch(clock)
     clock.mark()
     return clock.step_times_s(), reported

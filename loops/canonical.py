@@ -12,6 +12,8 @@ iterable it passes as `run.batches`.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +118,19 @@ class GraphSum:
         return self.running / batches  # still a tensor with a grad_fn
 
 
+class NonBlockingReadback:
+    """`train_loss += float(loss.to("cpu", non_blocking=True))`: reads the copy before it has landed (bug)."""
+
+    def __init__(self, device: torch.device):
+        self.total = 0.0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += float(loss.detach().to("cpu", non_blocking=True))  # no sync: on CUDA, garbage
+
+    def result(self, batches: int) -> Any:
+        return self.total / batches
+
+
 LOSS_TRACKING = {
     "item": ItemSum,
     "item_list": ItemListMean,
@@ -123,7 +138,81 @@ LOSS_TRACKING = {
     "tensor_list_stack": TensorListStack,
     "tensor_list_totensor": TensorListToTensor,
     "graph_sum": GraphSum,
+    "nonblocking_readback": NonBlockingReadback,
 }
+
+
+# ---------------------------------------------------------------- accuracy counting (training)
+class NoAccuracy:
+    def __init__(self, device: torch.device):
+        pass
+
+    def add(self, output: torch.Tensor, labels: torch.Tensor) -> None:
+        pass
+
+
+class AccuracyItem:
+    """`correct += pred.eq(y).sum().item()` every step: one more sync per step."""
+
+    def __init__(self, device: torch.device):
+        self.correct = self.total = 0
+
+    def add(self, output: torch.Tensor, labels: torch.Tensor) -> None:
+        self.correct += output.argmax(1).eq(labels).sum().item()  # sync point
+        self.total += labels.numel()
+
+    def result(self) -> float:
+        return self.correct / self.total
+
+
+class AccuracyTensor:
+    """An int64 correct-count on the device, read once per epoch."""
+
+    def __init__(self, device: torch.device):
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.total = 0
+
+    def add(self, output: torch.Tensor, labels: torch.Tensor) -> None:
+        self.correct += output.argmax(1).eq(labels).sum()
+        self.total += labels.numel()
+
+    def result(self) -> float:
+        return self.correct.item() / self.total  # the epoch's one sync for accuracy
+
+
+ACCURACY = {"none": NoAccuracy, "item": AccuracyItem, "tensor": AccuracyTensor}
+
+
+# ---------------------------------------------------------------- precision
+PRECISION = ("fp32", "bf16_autocast", "fp16_grad_scaler")
+_SCALERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16_autocast" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(optimizer: torch.optim.Optimizer, device: torch.device):
+    """One GradScaler per optimizer, so that its scale carries over from epoch to epoch."""
+    if optimizer not in _SCALERS:
+        _SCALERS[optimizer] = torch.amp.GradScaler(device.type)
+    return _SCALERS[optimizer]
+
+
+# ---------------------------------------------------------------- optimizer implementation
+OPTIMIZER_IMPL = ("default", "for_loop", "foreach", "fused")
+
+
+def use_implementation(optimizer: torch.optim.Optimizer, impl: str) -> None:
+    """Select the optimizer's for-loop, foreach (multi-tensor) or fused kernels (its param-group flags)."""
+    if impl == "default":
+        return
+    for group in optimizer.param_groups:
+        group["foreach"] = impl == "foreach"
+        group["fused"] = impl == "fused"
 
 
 # ---------------------------------------------------------------- zeroing style
@@ -162,38 +251,67 @@ class Idioms:
     loss_tracking: str = "item"
     zero_grad_at: str = "before_forward"
     zeroing: str = "optimizer"
+    accuracy: str = "none"
+    precision: str = "fp32"
+    optimizer_impl: str = "default"
+    non_blocking: bool = False  # host-to-device copies of the batch
+    accumulate: int = 1  # micro-batches per optimizer step
+    divide_by_accumulate: bool = True  # loss / accumulate before backward()
 
     def __post_init__(self) -> None:
         _check_choice("loss_tracking", self.loss_tracking, LOSS_TRACKING)
         _check_choice("zero_grad_at", self.zero_grad_at, ZERO_GRAD_AT)
         _check_choice("zeroing", self.zeroing, ZEROING)
+        _check_choice("accuracy", self.accuracy, ACCURACY)
+        _check_choice("precision", self.precision, PRECISION)
+        _check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPL)
+        if self.accumulate < 1:
+            raise ValueError(f"accumulate={self.accumulate}: must be >= 1")
 
 
 def train_epoch(run: Run, idioms: Idioms = Idioms()) -> Any:
-    """One epoch over `run.batches`; returns the epoch loss as the loop reports it."""
+    """One epoch over `run.batches`; returns the epoch loss as the loop reports it (and the accuracy,
+    when the loop counts it)."""
     model, optimizer, criterion, device = run.model, run.optimizer, run.criterion, run.device
     tracker = LOSS_TRACKING[idioms.loss_tracking](device)
+    accuracy = ACCURACY[idioms.accuracy](device)
     zero_grad = ZEROING[idioms.zeroing]
-    at = idioms.zero_grad_at
+    at, k = idioms.zero_grad_at, idioms.accumulate
+    scaler = grad_scaler(optimizer, device) if idioms.precision == "fp16_grad_scaler" else None
+    use_implementation(optimizer, idioms.optimizer_impl)
     model.train()
-    batches = 0
+    tracked = 0
     for data, labels in run.batches:
-        data, labels = data.to(device), labels.to(device)
+        data = data.to(device, non_blocking=idioms.non_blocking)
+        labels = labels.to(device, non_blocking=idioms.non_blocking)
         if at == "before_forward":
             zero_grad(model, optimizer)
-        target = model(data)
-        loss = criterion(target, labels)
-        if at == "before_backward":
-            zero_grad(model, optimizer)
-        loss.backward()
+        micro_batches = zip(data.chunk(k), labels.chunk(k)) if k > 1 else ((data, labels),)
+        seen = []
+        for x, y in micro_batches:
+            with autocast(idioms.precision, device):
+                target = model(x)
+                loss = criterion(target, y)
+            if at == "before_backward":
+                zero_grad(model, optimizer)
+            to_backward = loss / k if k > 1 and idioms.divide_by_accumulate else loss
+            (scaler.scale(to_backward) if scaler else to_backward).backward()
+            seen.append((loss, target, y))
         if at == "between_backward_and_step":
             zero_grad(model, optimizer)
-        optimizer.step()
+        if scaler:
+            scaler.step(optimizer)  # skips optimizer.step() while the scale calibrates
+            scaler.update()
+        else:
+            optimizer.step()
         if at == "after_step":
             zero_grad(model, optimizer)
-        tracker.add(loss)
-        batches += 1
-    return tracker.result(batches)
+        for loss, target, y in seen:
+            tracker.add(loss)
+            accuracy.add(target, y)
+            tracked += 1
+    epoch_loss = tracker.result(tracked)
+    return epoch_loss if idioms.accuracy == "none" else (epoch_loss, accuracy.result())
 
 
 # ---------------------------------------------------------------- evaluation

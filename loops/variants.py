@@ -31,6 +31,7 @@ class Variant:
     fn: Callable[[Run], Any] = field(compare=False)
     expected: dict[str, str] | None = None  # workload -> verdict; "*" for any other workload
     requires: str | None = None  # "cuda" for a GPU-only variant
+    input_loader: dict | None = None  # DataLoader options when the variant reads a live loader
 
     def expected_for(self, workload: str) -> str | None:
         if self.expected is None:
@@ -45,10 +46,11 @@ class _Builtin:
     changes: dict
     expected: dict
     kind: str = "train"
+    input_loader: dict | None = None  # DataLoader options: the variant reads a live loader, not staged batches
 
 
-def _train(idiom, description, expected="identical", **changes):
-    return _Builtin(idiom, description, changes, _as_dict(expected))
+def _train(idiom, description, expected="identical", input_loader=None, **changes):
+    return _Builtin(idiom, description, changes, _as_dict(expected), input_loader=input_loader)
 
 
 def _eval(idiom, description, expected="identical", **changes):
@@ -91,6 +93,44 @@ BUILTINS: dict[str, _Builtin] = {
                               zeroing="model"),
     "grad_none_manual": _train("zeroing style", "p.grad = None by hand for every parameter",
                                zeroing="manual_none"),
+    # beyond the seed: mixed precision
+    "bf16_autocast": _train("mixed precision", "forward and loss under torch.autocast(bfloat16), CPU and CUDA",
+                            "different", precision="bf16_autocast"),
+    "fp16_grad_scaler": _train("mixed precision", "autocast(float16) + GradScaler: scaled backward, "
+                               "scaler.step/update (CUDA)", "different", precision="fp16_grad_scaler"),
+    # optimizer implementation
+    "optimizer_for_loop": _train("optimizer implementation", "the optimizer's per-parameter for-loop kernels",
+                                 "equivalent", optimizer_impl="for_loop"),
+    "optimizer_foreach": _train("optimizer implementation", "the optimizer's foreach (multi-tensor) kernels",
+                                "equivalent", optimizer_impl="foreach"),
+    "optimizer_fused": _train("optimizer implementation", "the optimizer's fused kernels", "equivalent",
+                              optimizer_impl="fused"),
+    # host-to-device input
+    "input_pageable_w0": _train("host-to-device input", "a live DataLoader (num_workers=0), plain .to(device)",
+                                input_loader={"num_workers": 0, "pin_memory": False}),
+    "input_pageable_w2": _train("host-to-device input", "a live DataLoader (num_workers=2), plain .to(device)",
+                                input_loader={"num_workers": 2, "pin_memory": False}),
+    "input_pinned_w0": _train("host-to-device input", "a live DataLoader (num_workers=0, pin_memory=True), "
+                              ".to(device, non_blocking=True)", non_blocking=True,
+                              input_loader={"num_workers": 0, "pin_memory": True}),
+    "input_pinned_w2": _train("host-to-device input", "a live DataLoader (num_workers=2, pin_memory=True), "
+                              ".to(device, non_blocking=True)", non_blocking=True,
+                              input_loader={"num_workers": 2, "pin_memory": True}),
+    "d2h_nonblocking_unsynced": _train("host-to-device input", "loss.to('cpu', non_blocking=True) read without "
+                                       "a sync: on CUDA the value may not have landed (bug)", "broken",
+                                       loss_tracking="nonblocking_readback"),
+    # gradient accumulation
+    # BatchNorm normalises each micro-batch with its own statistics: not the full batch's gradient
+    "grad_accum_2": _train("gradient accumulation", "each batch as 2 micro-batches, (loss / 2).backward(), "
+                           "one step", {"*": "equivalent", "cnn": "different", "resnet18": "different"},
+                           accumulate=2),
+    "grad_accum_2_no_divide": _train("gradient accumulation", "2 micro-batches without / 2: the gradient is "
+                                     "twice too large (bug)", "broken", accumulate=2, divide_by_accumulate=False),
+    # accuracy counting in training
+    "train_acc_item": _train("accuracy counting", "correct += pred.eq(y).sum().item() every step",
+                             accuracy="item"),
+    "train_acc_tensor": _train("accuracy counting", "an int64 correct-count on the device, one read per epoch",
+                               accuracy="tensor"),
     # evaluation
     "eval_baseline": _eval("evaluation", "the seed's test(): model.eval(), no_grad, loss.item() and "
                            "correct.sum().item() per batch"),
@@ -114,8 +154,13 @@ def _loop(kind: str, changes: dict) -> Callable[[Run], Any]:
     return functools.partial(canonical.eval_epoch, idioms=EvalIdioms(**changes))
 
 
-def builtin_names(kind: str | None = None) -> list[str]:
-    return [n for n, b in BUILTINS.items() if kind is None or b.kind == kind]
+# the idioms of the seed article; the others ("beyond the seed") join a default run with --extended
+SEED_IDIOMS = ("baseline", "loss tracking", "zero_grad placement", "zeroing style", "evaluation")
+
+
+def builtin_names(kind: str | None = None, extended: bool = True) -> list[str]:
+    return [n for n, b in BUILTINS.items()
+            if (kind is None or b.kind == kind) and (extended or b.idiom in SEED_IDIOMS)]
 
 
 def _compose(names: list[str]) -> Variant:
@@ -136,7 +181,12 @@ def _compose(names: list[str]) -> Variant:
     idiom = parts[0].idiom if len(parts) == 1 else " + ".join(dict.fromkeys(p.idiom for p in parts))
     description = parts[0].description if len(parts) == 1 else "; ".join(p.description for p in parts)
     kind = parts[0].kind
-    return Variant(name, idiom, description, kind, _loop(kind, changes), expected)
+    loaders = [p.input_loader for p in parts if p.input_loader]
+    if len(loaders) > 1:
+        raise BadName(f"{'+'.join(names)}: two input pipelines")
+    requires = "cuda" if changes.get("precision") == "fp16_grad_scaler" else None
+    return Variant(name, idiom, description, kind, _loop(kind, changes), expected, requires,
+                   loaders[0] if loaders else None)
 
 
 def resolve_variant(name: str) -> Variant:

@@ -1,11 +1,11 @@
 """Every registered cell as a pytest-benchmark benchmark.
 
 Parametrized over the registry (the default matrix of `loopmark run`: training variants on mlp and cnn,
-evaluation variants on cnn), so a new variant is benchmarked without touching this file. One round is one
-block of STEPS_PER_ROUND steps of the variant's own loop; on CUDA the target ends with one synchronize, so
-the benchmark's timer never stops before the device is done. The untimed passes (correctness, syncs,
-memory) run before timing and travel in `extra_info["loopmark"]`, so `--benchmark-json` holds every
-metric and `loopmark report out.json` renders it.
+evaluation variants on cnn; the idioms beyond the seed on mlp), so a new variant is benchmarked without
+touching this file. One round is one block of STEPS_PER_ROUND steps of the variant's own loop; on CUDA the
+target ends with one synchronize, so the benchmark's timer never stops before the device is done. The
+untimed passes (correctness, syncs, memory) run before timing and travel in `extra_info["loopmark"]`, so
+`--benchmark-json` holds every metric and `loopmark report out.json` renders it.
 
     pytest tests/test_benchmarks.py --benchmark-only --benchmark-json out.json && loopmark report out.json
 """
@@ -20,7 +20,8 @@ from loops import builtin_names, resolve_variant, resolve_workload, verdict_matc
 STEPS_PER_ROUND = 4
 CELLS = [(w, v) for kind, workloads in (("train", runner.DEFAULT_TRAIN_WORKLOADS),
                                         ("eval", runner.DEFAULT_EVAL_WORKLOADS))
-         for w in workloads for v in builtin_names(kind)]
+         for w in workloads for v in builtin_names(kind, extended=False)]
+CELLS += [("mlp", v) for v in builtin_names("train") if v not in builtin_names("train", extended=False)]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _workloads: dict = {}
 _caches: dict = {}
@@ -33,6 +34,8 @@ def test_cell(benchmark, request, workload, variant):
                                memory_steps=16)
     wl = _workloads.setdefault(workload, resolve_workload(workload))
     v = resolve_variant(variant)
+    if v.requires == "cuda" and DEVICE.type != "cuda":
+        pytest.skip("needs a CUDA GPU")
     staged = stage_batches(wl, "test" if v.kind == "eval" else "train", STEPS_PER_ROUND, DEVICE)
     record = runner.base_record(wl, v, DEVICE, settings)
     record.update(runner.untimed_passes(wl, v, DEVICE, settings, staged, _caches.setdefault(workload, {})))

@@ -20,6 +20,8 @@ _caches: dict = {}
 def test_measured_verdict_is_the_declared_one(workload, variant):
     wl = _workloads.setdefault(workload, resolve_workload(workload))
     v = resolve_variant(variant)
+    if v.requires == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     record = correctness.check(wl, v, torch.device("cpu"), epochs=2, steps=STEPS.get(workload, 3),
                                _cache=_caches.setdefault(workload, {}))
     assert verdict_matches(record["verdict"], v.expected_for(workload)), record["verdict_reason"]

@@ -35,6 +35,16 @@ def _cell(workload, variant, steps=STEPS):
     ("cnn", "eval_inference_mode", 2.0),
     ("cnn", "eval_tensor_accum", 1 / STEPS),
     ("mlp", "tensor_sum+set_to_none_false", 1 / STEPS),
+    # beyond the seed
+    ("mlp", "train_acc_item", 2.0),
+    ("mlp", "train_acc_tensor", 1 + 1 / STEPS),
+    ("mlp", "input_pageable_w0", 3.0),  # two blocking host-to-device copies per step, then the .item()
+    ("mlp", "input_pinned_w0", 1.0),  # non_blocking copies: no sync
+    ("mlp", "d2h_nonblocking_unsynced", 0.0),  # no sync at all: that is the bug
+    ("mlp", "grad_accum_2", 2.0),  # one .item() per micro-batch
+    ("digits", "bf16_autocast", 1.0),
+    ("digits", "optimizer_foreach", 1.0),
+    ("digits", "optimizer_fused", 1.0),
 ])
 def test_syncs_per_step(workload, variant, expected):
     cell, staged = _cell(workload, variant)
@@ -80,3 +90,11 @@ def test_correct_loops_do_not_grow(workload, variant):
     record = measure_memory(cell, staged)
     assert abs(record["memory_growth_bytes_per_step"]) < GROWING
     assert record["peak_memory_bytes"] > sum(p.numel() * 4 for p in cell.model.parameters())
+
+
+def test_a_non_blocking_copy_read_before_a_sync_is_flagged():
+    cell, staged = _cell("mlp", "d2h_nonblocking_unsynced")
+    record = measure_syncs(cell, staged)
+    assert record["unsynced_reads_per_step"] == 1.0
+    cell, staged = _cell("mlp", "baseline")
+    assert measure_syncs(cell, staged)["unsynced_reads_per_step"] == 0.0
