@@ -7,6 +7,7 @@ same initial weights, and `stage_batches` gives every variant the same batches i
 from __future__ import annotations
 
 import itertools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,23 @@ class _Block:
     def __iter__(self):
         for _ in range(self.count):
             yield self.source._next()
+
+
+def reset_compiled() -> None:
+    """Forget torch.compile's compiled code (if torch.compile was used at all in this process).
+
+    Every pass builds new models; compiled code is cached per model and dynamo stops compiling a
+    function after a few models (its recompile limit), silently running it eagerly after that.
+    """
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+
+
+def graph_breaks() -> int:
+    """Graph breaks dynamo has counted in this process so far."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return sum(dynamo.utils.counters["graph_break"].values()) if dynamo is not None else 0
 
 
 def build_cell(workload: Workload, variant: Variant, device: torch.device, seed: int = 0) -> Cell:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import functional_call
 
-from bench.cell import build_cell
+from bench.cell import build_cell, reset_compiled
 from bench.syncs import STAND_IN, SyncCounter, device_state
 from loops import BASELINES, Variant, Workload, resolve_variant
 
@@ -150,6 +150,7 @@ def _describe_wrong_grad(step: int, consumed, fresh_history: list) -> str:
 
 
 def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged: list, seed: int = 0):
+    reset_compiled()
     cell = build_cell(workload, variant, device, seed)
     traj = Trajectory()
     params = [p for p in cell.model.parameters() if p.requires_grad]
@@ -186,27 +187,20 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
     hooks = [cell.optimizer.register_step_pre_hook(check_step),
              cell.model.register_forward_pre_hook(seen.forward_pre_hook)]
     buffers_before = {n: b.clone() for n, b in cell.model.named_buffers()}
-    # the sync counter watches for reads of non-blocking device-to-host copies made before any sync
-    watch = SyncCounter(device)
-    watch.track(device_state(cell.model, cell.optimizer, staged))
-    run_device = STAND_IN if device.type == "cpu" else device
     try:
-        with watch:
-            for e in range(epochs):
-                losses, hits, totals = [], [], []
-                run = cell.run(staged[e * steps_per_epoch:(e + 1) * steps_per_epoch])
-                run.device = run_device
-                run.criterion = _RecordingCriterion(cell.criterion, losses, hits, totals, seen)
-                out = variant.fn(run)
-                traj.reported.append(out)
-                traj.batch_losses.append(losses)
-                traj.hits.append(sum(hits))
-                traj.totals.append(sum(totals))
+        for e in range(epochs):
+            losses, hits, totals = [], [], []
+            run = cell.run(staged[e * steps_per_epoch:(e + 1) * steps_per_epoch])
+            run.criterion = _RecordingCriterion(cell.criterion, losses, hits, totals, seen)
+            out = variant.fn(run)
+            traj.reported.append(out)
+            traj.batch_losses.append(losses)
+            traj.hits.append(sum(hits))
+            traj.totals.append(sum(totals))
     finally:
         for hook in hooks:
             hook.remove()
-    traj.unsynced_reads = watch.hazards
-    traj.unsynced_site = next(iter(watch.hazard_sites), None)
+    traj.unsynced_reads, traj.unsynced_site = _unsynced_reads(workload, variant, device, staged, seed)
     traj.optimizer_steps = step_count
     traj.batches = epochs * steps_per_epoch
     traj.retains_graph = any(_holds_graph(v) for v in traj.reported)
@@ -214,6 +208,22 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
         traj.buffers_changed = any(not torch.equal(b, buffers_before[n]) for n, b in cell.model.named_buffers())
     traj.params = {n: p.detach().clone() for n, p in cell.model.named_parameters()}
     return traj
+
+
+def _unsynced_reads(workload, variant, device, staged: list, seed: int) -> tuple[int, str | None]:
+    """Reads of non-blocking device-to-host copies made before any sync, over one epoch of a fresh cell.
+
+    A separate run, because the sync counter's dispatch modes would keep torch.compile'd code from running
+    compiled in the trajectory above."""
+    reset_compiled()
+    cell = build_cell(workload, variant, device, seed)
+    watch = SyncCounter(device)
+    watch.track(device_state(cell.model, cell.optimizer, staged))
+    if device.type == "cpu":
+        cell.device = STAND_IN
+    with watch:
+        cell.epoch(staged)
+    return watch.hazards, next(iter(watch.hazard_sites), None)
 
 
 def _holds_graph(value) -> bool:

@@ -27,7 +27,8 @@ CSV_COLUMNS = [
     # more than the required set
     "kind", "idiom", "verdict_reason", "ratio_ci_low", "ratio_ci_high", "noisy", "iqr_over_median",
     "syncs_per_step_cuda_debug", "tensor_growth_bytes_per_step", "rss_growth_bytes_per_step",
-    "param_tensors", "warmup_steps",
+    "param_tensors", "warmup_steps", "warmup_time_s", "graph_breaks", "skipped_steps",
+    "unsynced_reads_per_step",
 ]
 
 # what only results.json keeps, per cell

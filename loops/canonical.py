@@ -13,6 +13,7 @@ iterable it passes as `run.batches`.
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -202,6 +203,36 @@ def grad_scaler(optimizer: torch.optim.Optimizer, device: torch.device):
     return _SCALERS[optimizer]
 
 
+# ---------------------------------------------------------------- compilation
+COMPILE = ("none", "default", "reduce_overhead", "with_item_check")
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def forward_loss(model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    target = model(x)
+    return target, criterion(target, y)
+
+
+def forward_loss_checked(model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """forward_loss with a NaN guard that reads the loss back: inside a compiled region, a graph break."""
+    target = model(x)
+    loss = criterion(target, y)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError("loss is not finite")
+    return target, loss
+
+
+def compiled(model: nn.Module, mode: str):
+    """The forward-and-loss function the loop calls: eager, or torch.compile'd once per model."""
+    if mode == "none":
+        return forward_loss
+    if model not in _COMPILED:
+        fn = forward_loss_checked if mode == "with_item_check" else forward_loss
+        options = {"mode": "reduce-overhead"} if mode == "reduce_overhead" else {}
+        _COMPILED[model] = torch.compile(fn, **options)
+    return _COMPILED[model]
+
+
 # ---------------------------------------------------------------- optimizer implementation
 OPTIMIZER_IMPL = ("default", "for_loop", "foreach", "fused")
 
@@ -255,6 +286,7 @@ class Idioms:
     precision: str = "fp32"
     optimizer_impl: str = "default"
     non_blocking: bool = False  # host-to-device copies of the batch
+    compile: str = "none"  # torch.compile of forward + loss
     accumulate: int = 1  # micro-batches per optimizer step
     divide_by_accumulate: bool = True  # loss / accumulate before backward()
 
@@ -265,6 +297,7 @@ class Idioms:
         _check_choice("accuracy", self.accuracy, ACCURACY)
         _check_choice("precision", self.precision, PRECISION)
         _check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPL)
+        _check_choice("compile", self.compile, COMPILE)
         if self.accumulate < 1:
             raise ValueError(f"accumulate={self.accumulate}: must be >= 1")
 
@@ -279,6 +312,7 @@ def train_epoch(run: Run, idioms: Idioms = Idioms()) -> Any:
     at, k = idioms.zero_grad_at, idioms.accumulate
     scaler = grad_scaler(optimizer, device) if idioms.precision == "fp16_grad_scaler" else None
     use_implementation(optimizer, idioms.optimizer_impl)
+    forward = compiled(model, idioms.compile)
     model.train()
     tracked = 0
     for data, labels in run.batches:
@@ -290,8 +324,7 @@ def train_epoch(run: Run, idioms: Idioms = Idioms()) -> Any:
         seen = []
         for x, y in micro_batches:
             with autocast(idioms.precision, device):
-                target = model(x)
-                loss = criterion(target, y)
+                target, loss = forward(model, criterion, x, y)
             if at == "before_backward":
                 zero_grad(model, optimizer)
             to_backward = loss / k if k > 1 and idioms.divide_by_accumulate else loss

@@ -98,6 +98,16 @@ BUILTINS: dict[str, _Builtin] = {
                             "different", precision="bf16_autocast"),
     "fp16_grad_scaler": _train("mixed precision", "autocast(float16) + GradScaler: scaled backward, "
                                "scaler.step/update (CUDA)", "different", precision="fp16_grad_scaler"),
+    # compilation
+    # inductor's fused kernels round differently; through BatchNorm the difference outgrows rounding
+    "compile_default": _train("compilation", "forward + loss through torch.compile (default mode)",
+                              {"*": "equivalent", "cnn": "different", "resnet18": "different"}, compile="default"),
+    "compile_reduce_overhead": _train("compilation", "forward + loss through torch.compile(mode='reduce-overhead')"
+                                      " (CUDA graphs)", "equivalent", compile="reduce_overhead"),
+    "compile_item_graph_break": _train("compilation", "a NaN guard calling loss.item() inside the compiled "
+                                       "region: a graph break",
+                                       {"*": "equivalent", "cnn": "different", "resnet18": "different"},
+                                       compile="with_item_check"),
     # optimizer implementation
     "optimizer_for_loop": _train("optimizer implementation", "the optimizer's per-parameter for-loop kernels",
                                  "equivalent", optimizer_impl="for_loop"),
@@ -184,7 +194,8 @@ def _compose(names: list[str]) -> Variant:
     loaders = [p.input_loader for p in parts if p.input_loader]
     if len(loaders) > 1:
         raise BadName(f"{'+'.join(names)}: two input pipelines")
-    requires = "cuda" if changes.get("precision") == "fp16_grad_scaler" else None
+    cuda_only = changes.get("precision") == "fp16_grad_scaler" or changes.get("compile") == "reduce_overhead"
+    requires = "cuda" if cuda_only else None
     return Variant(name, idiom, description, kind, _loop(kind, changes), expected, requires,
                    loaders[0] if loaders else None)
 
