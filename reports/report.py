@@ -33,8 +33,8 @@ FIGURES = {  # plot_<name>.png -> (title, figure function)
 DPI = 110
 COUNT_COLUMNS = {"batch_size", "steps", "repeats", "warmup_steps", "param_tensors", "peak_memory_bytes"}
 TABLE_HEADER = ["variant", "samples/s", "ratio to baseline (95% CI)", "syncs/step", "peak memory",
-                "growth/step", "verdict", "reason"]
-TABLE_NUMERIC = {1, 2, 3, 4, 5}  # right-aligned columns
+                "growth/step", "param tensors", "verdict", "reason"]
+TABLE_NUMERIC = {1, 2, 3, 4, 5, 6}  # right-aligned columns
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1250px;
        padding: 0 1em; color: #222; line-height: 1.45; }
@@ -246,7 +246,23 @@ def _row(cell: dict) -> tuple[list[str], str]:
     variant = f"**{cell['variant']}**" if verdict == "broken" else cell["variant"]
     peak = human_bytes(cell["peak_memory_bytes"]) if _finite(cell["peak_memory_bytes"]) else "–"
     syncs = _number(cell["syncs_per_step"])
-    return [variant, sps, ratio, syncs, peak, growth_text, verdict_text, reason], cls
+    tensors = _number(cell.get("param_tensors"))
+    reason = "; ".join([reason, *_notes(cell)]) if reason else "; ".join(_notes(cell))
+    return [variant, sps, ratio, syncs, peak, growth_text, tensors, verdict_text, reason], cls
+
+
+def _notes(cell: dict) -> list[str]:
+    """What a few variants add to their row: graph breaks, compile time, skipped or unsynchronised steps."""
+    notes = []
+    if _finite(cell.get("graph_breaks")) and cell["graph_breaks"] > 0:
+        notes.append(f"{int(cell['graph_breaks'])} graph break(s)")
+    if cell.get("idiom") == "compilation" and _finite(cell.get("warmup_time_s")):
+        notes.append(f"compile + warm-up {cell['warmup_time_s']:.1f} s (not timed)")
+    if _finite(cell.get("skipped_steps")) and cell["skipped_steps"] > 0:
+        notes.append(f"{int(cell['skipped_steps'])} optimizer step(s) skipped")
+    if _finite(cell.get("unsynced_reads_per_step")) and cell["unsynced_reads_per_step"] > 0:
+        notes.append(f"{cell['unsynced_reads_per_step']:g} unsynchronised read(s) of a non-blocking copy/step")
+    return notes
 
 
 def _mismatch(df: pd.DataFrame) -> pd.Series:
@@ -255,7 +271,9 @@ def _mismatch(df: pd.DataFrame) -> pd.Series:
 
 
 def _mismatch_one(verdict, expected) -> bool:
-    return bool(verdict) and bool(expected) and verdict != expected
+    """A declared `equivalent` (equal within rounding) is also met by `identical`."""
+    met = verdict == expected or (expected == "equivalent" and verdict == "identical")
+    return bool(verdict) and bool(expected) and not met
 
 
 # -- formatting -----------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_report_from_results_json(tmp_path):
     tensor_sum_row = next(line for line in md.splitlines() if line.startswith("| tensor_sum |"))
     assert "| 0.80x [0.78, 0.82] |" in tensor_sum_row
     assert "MISMATCH" in next(line for line in md.splitlines() if line.startswith("| set_to_none_false |"))
-    assert "| cuda_graphs | – | – | – | – | – | skipped | needs a CUDA device |" in md
+    assert "| cuda_graphs | – | – | – | – | – | – | skipped | needs a CUDA device |" in md
     assert not re.search(r"\bnan\b", md, re.IGNORECASE)  # nulls are shown as –, never as nan
 
     html = (out / "report.html").read_text()
