@@ -307,3 +307,10 @@ def test_a_machine_wide_slowdown_divides_out(tmp_path, capsys):
         refresh_blocks(r)
     rc, out, _ = _compare(tmp_path, capsys, _records(), slower)
     assert rc == 0 and "time not gated: the baseline variant is the yardstick" in out
+
+
+def test_different_steps_per_block_skip_the_count_gates_with_a_warning(tmp_path, capsys):
+    longer = _records()[1]["step_times_s"] * 2  # twice the steps per block
+    cand = _records(tensor_sum={"step_times_s": longer, "syncs_per_step": 0.001})
+    rc, out, _ = _compare(tmp_path, capsys, _records(), cand, "--only-deterministic")
+    assert rc == 0 and "steps per block differ" in out
