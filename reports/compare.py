@@ -9,15 +9,17 @@ regresses when any gate fails:
 - peak_memory_bytes grows by more than `memory_pct` percent;
 - memory_growth_bytes_per_step goes from about zero (<= 1 KiB/step: the CPU heap slope's noise stays
   under it) to a leak (> 4 KiB/step: one step of a retained autograd graph on the smallest workload);
-- step time, relative to the run's own baseline: each raw step time is divided by the median of the
-  block of the kind's baseline variant (`baseline` / `eval_baseline`) timed in the same round. Variants are
-  interleaved with their baseline round by round, so whatever slows the whole machine between or within
-  runs divides out; what remains is the variant's own cost. A cell regresses when its normalised step
-  times are larger by a one-sided Mann-Whitney U test (p < alpha) AND the bootstrap 95% CI of the ratio of
-  their medians lies entirely above 1 + max_slowdown_pct/100. The test takes the normalised step times as
-  independent draws. The baseline variant itself is the yardstick and gets no time gate; neither does a
-  cell without raw step times and block medians (a note says so), or any cell when the device or the
-  torch version differs between the runs (a warning says so).
+- step time, relative to the run's own baseline, one sample per timed block: the block's median step time
+  divided by the median of the block of the kind's baseline variant (`baseline` / `eval_baseline`) timed
+  in the same round. Variants are interleaved with their baseline round by round, so whatever slows the
+  whole machine between or within runs divides out. A cell regresses when these block ratios are larger
+  by a one-sided Mann-Whitney U test (p < alpha) AND the bootstrap 95% CI of the ratio of their medians
+  lies entirely above 1 + max_slowdown_pct/100. The test takes the blocks of a run as independent draws;
+  single steps are not (steps of one block share the machine's state), and testing them as if they were
+  raised false alarms between identical runs on a shared 2-core VM. With alpha = 0.01 each run needs at
+  least 5 blocks (`--repeats 5`, the default; `--quick` has 3 and gets no time gate in effect). The
+  baseline variant itself is the yardstick and gets no time gate; neither does a cell without block
+  medians (a note says so), or any cell when the device or the torch version differs (a warning says so).
 
 `--only-deterministic` applies the status and deterministic gates alone: the gate to use against a
 baseline recorded on another machine, where time and memory figures are not comparable.
@@ -231,7 +233,7 @@ def _compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory
     base_times, cand_times = _normalised(b, references[0]), _normalised(c, references[1])
     if base_times is None or cand_times is None:
         which = " and ".join(w for w, t in [("baseline", base_times), ("candidate", cand_times)] if t is None)
-        result.notes.append(f"time not compared: no raw step times or baseline blocks in the {which}")
+        result.notes.append(f"time not compared: too few timed blocks (or no baseline blocks) in the {which}")
         return result
     p, ratio, ci, slower = time_gate(base_times, cand_times, max_slowdown_pct, alpha, seed)
     result.p_value, result.time_ratio, result.time_ci = p, ratio, ci
@@ -300,13 +302,13 @@ def _reference_key(record: dict, key: Key) -> Key:
 
 
 def _normalised(record: dict, reference: dict | None) -> np.ndarray | None:
-    """Step times divided by the median of the reference's block of the same round (None if unavailable)."""
-    times = _samples(record.get("step_times_s"))
-    medians = _samples((reference or {}).get("block_medians_s"), minimum=1)
-    steps = _value(record.get("steps"))
-    if times is None or medians is None or not steps or len(times) != int(steps) * len(medians):
+    """One sample per timed block: its median step time over the median of the reference's block of the
+    same round (None if unavailable)."""
+    blocks = _samples(record.get("block_medians_s"))
+    reference_blocks = _samples((reference or {}).get("block_medians_s"))
+    if blocks is None or reference_blocks is None or len(blocks) != len(reference_blocks):
         return None
-    return times / np.repeat(medians, int(steps))
+    return blocks / reference_blocks
 
 
 def _samples(v, minimum: int = MIN_TIME_SAMPLES) -> np.ndarray | None:

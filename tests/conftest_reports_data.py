@@ -142,11 +142,11 @@ def pytest_benchmark_doc(records: list[dict], save_data: bool = True) -> dict:
 
 
 def refresh_blocks(record: dict) -> dict:
-    """Make `steps` and `block_medians_s` agree with `step_times_s` (4 blocks where they divide evenly, else
+    """Make `steps` and `block_medians_s` agree with `step_times_s` (8 blocks where they divide evenly, else
     one), as a real run writes them."""
     times = record.get("step_times_s")
     if times:
-        blocks = 4 if len(times) % 4 == 0 else 1
+        blocks = 8 if len(times) % 8 == 0 else 1
         steps = len(times) // blocks
         record["steps"] = steps
         record["block_medians_s"] = [float(np.median(times[i * steps:(i + 1) * steps])) for i in range(blocks)]
