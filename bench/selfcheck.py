@@ -1,9 +1,11 @@
 """`loopmark selfcheck`: measure the harness itself on this machine.
 
 1. Overhead of the timing pass: the same baseline loop over the same batches, timed by `time_block`
-   (a mark per step) and as a bare hand-written loop timed as a whole, interleaved; median block times.
+   (a mark per step) and as a bare hand-written loop timed as a whole, interleaved block by block. The
+   fastest block of each is compared: noise on a shared machine only ever adds time, so the minimum is
+   the estimate of the intrinsic cost that noise disturbs least.
 2. Agreement with `torch.utils.benchmark.Timer.blocked_autorange` on the same step (one step of the
-   seed's loop): median per-step time from each.
+   seed's loop), the two measurements interleaved: median per-step time from each.
 3. Spread of `ratio_to_baseline` (tensor_sum / baseline) over 3 independent interleaved runs.
 """
 
@@ -56,36 +58,47 @@ def _bare_block(cell, batches) -> float:
     return time.perf_counter() - start
 
 
-def overhead(workload, device, staged, repeats: int = 15) -> float:
+def _whole_block(cell, batches) -> float:
+    """The variant's own loop over `batches`, timed as a whole: no per-step marks."""
+    _sync(cell.device)
+    start = time.perf_counter()
+    cell.epoch(batches)
+    _sync(cell.device)
+    return time.perf_counter() - start
+
+
+def overhead(workload, device, staged, repeats: int = 20) -> tuple[float, float]:
+    """(marks: time_block vs the same loop timed whole, loop: the canonical loop vs a bare hand-written one)."""
     base = resolve_variant("baseline")
-    timed_cell, bare_cell = build_cell(workload, base, device), build_cell(workload, base, device)
-    timed_cell.epoch(staged[:5])
-    _bare_block(bare_cell, staged[:5])
-    timed, bare = [], []
+    cells = [build_cell(workload, base, device) for _ in range(3)]
+    for cell in cells:
+        cell.epoch(staged[:5])
+    timed, whole, bare = [], [], []
     for _ in range(repeats):
-        timed.append(sum(time_block(timed_cell, staged)[0]))
-        bare.append(_bare_block(bare_cell, staged))
-    return float(np.median(timed) / np.median(bare) - 1)
+        timed.append(sum(time_block(cells[0], staged)[0]))
+        whole.append(_whole_block(cells[1], staged))
+        bare.append(_bare_block(cells[2], staged))
+    return float(min(timed) / min(whole) - 1), float(min(whole) / min(bare) - 1)
 
 
 def agreement(workload, device, staged) -> tuple[float, float, float]:
     cell = build_cell(workload, resolve_variant("baseline"), device)
     cell.epoch(staged[:5])
-    ours = []
-    for _ in range(9):
-        ours += time_block(cell, staged)[0]
     data, labels = staged[0]
     timer = tbench.Timer(stmt="step(model, optimizer, criterion, data, labels, device)",
                          globals={"step": _bare_step, "model": cell.model, "optimizer": cell.optimizer,
                                   "criterion": cell.criterion, "data": data, "labels": labels,
                                   "device": device},
                          num_threads=torch.get_num_threads())
-    theirs = timer.blocked_autorange(min_run_time=2.0).median
-    mine = float(np.median(ours))
+    ours, theirs = [], []
+    for _ in range(9):
+        ours += time_block(cell, staged)[0]
+        theirs.append(timer.blocked_autorange(min_run_time=0.3).median)
+    mine, theirs = float(np.median(ours)), float(np.median(theirs))
     return mine, theirs, mine / theirs - 1
 
 
-def ratio_spread(workload, device, staged, runs: int = 3, repeats: int = 7) -> list[float]:
+def ratio_spread(workload, device, staged, runs: int = 3, repeats: int = 11) -> list[float]:
     ratios = []
     for _ in range(runs):
         cells = {name: build_cell(workload, resolve_variant(name), device) for name in ("baseline", "tensor_sum")}
@@ -107,9 +120,11 @@ def main(device_name: str, workload_name: str) -> int:
     print(f"loopmark selfcheck on {device_name}, workload {workload_name}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     rows = []
-    o = overhead(workload, device, staged)
-    rows.append(("timing-pass overhead vs bare loop", f"{o:+.2%}", f"<= {goals['overhead']:.0%}",
-                 o <= goals["overhead"]))
+    marks, loop = overhead(workload, device, staged)
+    rows.append(("timing-pass overhead: per-step marks vs the same loop timed whole", f"{marks:+.2%}",
+                 f"<= {goals['overhead']:.0%}", marks <= goals["overhead"]))
+    rows.append(("canonical loop vs the seed's loop written out by hand", f"{loop:+.2%}",
+                 f"<= {goals['overhead']:.0%}", loop <= goals["overhead"]))
     mine, theirs, diff = agreement(workload, device, staged)
     rows.append((f"median step: loopmark {mine * 1e6:.1f} us vs torch.utils.benchmark {theirs * 1e6:.1f} us",
                  f"{diff:+.2%}", f"within {goals['agreement']:.0%}", abs(diff) <= goals["agreement"]))

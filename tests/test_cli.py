@@ -124,3 +124,10 @@ def test_sigint_leaves_valid_files_with_every_finished_cell(tmp_path):
         rows = list(csv.DictReader(f))
     assert 2 <= len(cells) < 4 and len(rows) == len(cells)
     assert all(c["status"] == "ok" and c["step_times_s"] for c in cells)
+
+
+def test_selfcheck_prints_its_table(capsys):
+    assert main(["selfcheck", "--workload", "digits"]) == 0
+    out = capsys.readouterr().out
+    for check in ("per-step marks vs the same loop timed whole", "torch.utils.benchmark", "ratio_to_baseline"):
+        assert check in out
