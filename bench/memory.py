@@ -71,11 +71,17 @@ def slope_per_step(trace: list) -> float:
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of tensor storage alive, over every storage seen; `peak` is the maximum after any operator."""
+    """Bytes of tensor storage alive, over every storage seen; `peak` is the maximum after any operator.
+
+    `upper` adds every storage seen and subtracts only those found dead at the last sweep, so it never
+    undercounts; the storages are swept (an O(n) walk) only when `upper` passes the peak so far, the one
+    moment the peak can change.
+    """
 
     def __init__(self, roots=()):
         super().__init__()
         self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.upper = 0
         self.peak = 0
         self.see(tree_flatten(list(roots))[0])
 
@@ -83,18 +89,22 @@ class LiveTensorBytes(TorchDispatchMode):
         for t in tensors:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
                 s = t.untyped_storage()
-                self.storages.setdefault(s._cdata, (StorageWeakRef(s), s.nbytes()))
+                if s._cdata not in self.storages:
+                    self.storages[s._cdata] = (StorageWeakRef(s), s.nbytes())
+                    self.upper += s.nbytes()
 
     def live(self) -> int:
         dead = [k for k, (ref, _) in self.storages.items() if ref.expired()]
         for k in dead:
             del self.storages[k]
-        return sum(n for _, n in self.storages.values())
+        self.upper = sum(n for _, n in self.storages.values())
+        return self.upper
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.see(tree_flatten(out)[0])
-        self.peak = max(self.peak, self.live())
+        if self.upper > self.peak:
+            self.peak = max(self.peak, self.live())
         return out
 
 

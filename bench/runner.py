@@ -51,7 +51,7 @@ class Settings:
     memory_steps: int = 32  # memory pass: enough step boundaries for a slope
 
 
-QUICK = Settings(steps=16, repeats=3, warmup=2, check_steps=3, memory_steps=16)
+QUICK = Settings(steps=16, repeats=3, warmup=2, check_steps=2, memory_steps=12)
 
 
 @dataclass
