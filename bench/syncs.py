@@ -241,7 +241,6 @@ def count_cuda_debug_syncs(fn) -> int:
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
-            torch.cuda.set_sync_debug_mode(previous)
         finally:
             torch.cuda.set_sync_debug_mode(previous)
     return sum("synchroniz" in str(w.message) for w in caught)
