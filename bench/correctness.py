@@ -12,6 +12,11 @@ Three things are watched from outside the loop:
   loss must equal;
 * whether the value the loop reports still holds an autograd graph.
 
+A variant whose steps replay a captured CUDA graph runs no Python per step, so no hook fires and its
+criterion is not called. It is watched from the batch boundaries instead: when the loop asks for the next
+batch, the gradient left in `.grad` is compared with the fresh gradient of the previous batch at the
+parameters it started from, and that fresh loss is the batch loss the reported epoch loss must average.
+
 Verdicts: `broken` (a step consumed a wrong gradient, the reported loss is not the mean of the batch
 losses, the reported value retains the graph, or evaluation changed the model's buffers), `identical`
 (bitwise equal to the baseline), `equivalent` (equal within rounding), `different` (every step used the
@@ -22,6 +27,7 @@ under Adam a broken loop can still move its parameters as far as a correct one.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -110,17 +116,20 @@ def _loss_as_seen(model, state, criterion, x, y, autocast_dtype):
         return criterion(functional_call(model, state, (x,)), y)
 
 
-def _fresh_grad(model, criterion, batches: list) -> torch.Tensor:
-    """Gradient of the mean loss of `batches` at the model's current parameters, the model left untouched."""
+def _fresh_grad(model, criterion, batches: list, at: dict | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Gradient of the mean loss of `batches` (and each batch's loss) at the model's current parameters and
+    buffers, or at the named tensors `at`; the model is left untouched."""
+    at = at if at is not None else dict(itertools.chain(model.named_parameters(), model.named_buffers()))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: at[n].detach().clone().requires_grad_() for n in names}
     if not batches:
-        return torch.cat([torch.zeros_like(p).double().flatten() for p in params.values()])
-    state = {**{n: b.clone() for n, b in model.named_buffers()}, **params}
+        return torch.cat([torch.zeros_like(p).double().flatten() for p in params.values()]), []
+    state = {**{n: at[n].detach().clone() for n, _ in model.named_buffers()}, **params}
     losses = [_loss_as_seen(model, state, criterion, x, y, dtype) for x, y, dtype in batches]
     grads = torch.autograd.grad(torch.stack(losses).mean(), [params[n] for n in names], allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(params[n])).double().flatten()
+    flat = torch.cat([(g if g is not None else torch.zeros_like(params[n])).double().flatten()
                       for n, g in zip(names, grads)])
+    return flat, [float(loss.detach().double()) for loss in losses]
 
 
 def _grad_rtol(pending: list) -> float:
@@ -167,7 +176,7 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
             return
         seen.paused = True
         try:
-            fresh = _fresh_grad(cell.model, cell.criterion, pending)
+            fresh, _ = _fresh_grad(cell.model, cell.criterion, pending)
             consumed = _flat_grads(params)
             # a skipped step (GradScaler calibrating) leaves its batch in `pending`: the next step consumes
             # the gradient of the batches after it
@@ -175,7 +184,7 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
             for skip in range(1, len(pending)):
                 if _rel(consumed, fresh) <= rtol:
                     break
-                later = _fresh_grad(cell.model, cell.criterion, pending[skip:])
+                later, _ = _fresh_grad(cell.model, cell.criterion, pending[skip:])
                 if _rel(consumed, later) <= rtol:
                     fresh = later
         finally:
@@ -184,14 +193,36 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
         if _rel(consumed, fresh) > _grad_rtol(pending):
             traj.grad_error = _describe_wrong_grad(step_count, consumed, fresh_history)
 
-    hooks = [cell.optimizer.register_step_pre_hook(check_step),
-             cell.model.register_forward_pre_hook(seen.forward_pre_hook)]
+    def check_boundary(before: dict, x, y, losses: list):
+        """A step checked from the batch boundaries: the gradient left in `.grad` after it, against the fresh
+        gradient of its batch at the parameters before it."""
+        nonlocal step_count
+        fresh, batch_losses = _fresh_grad(cell.model, cell.criterion, [(x.detach(), y.detach(), None)], before)
+        losses.extend(batch_losses)
+        step_count += any(not torch.equal(p, before[n]) for n, p in cell.model.named_parameters())
+        fresh_history.append(fresh)
+        consumed = _flat_grads(params)
+        if traj.grad_error is None and _rel(consumed, fresh) > GRAD_RTOL:
+            traj.grad_error = _describe_wrong_grad(len(fresh_history), consumed, fresh_history)
+
+    def watched(batches: list, losses: list):
+        for x, y in batches:
+            before = {n: t.detach().clone()
+                      for n, t in itertools.chain(cell.model.named_parameters(), cell.model.named_buffers())}
+            yield x, y
+            check_boundary(before, x, y, losses)
+
+    # a replayed CUDA graph runs no Python: its steps are checked between batches, not by hooks
+    hooks = [] if variant.replays_graph else [cell.optimizer.register_step_pre_hook(check_step),
+                                              cell.model.register_forward_pre_hook(seen.forward_pre_hook)]
     buffers_before = {n: b.clone() for n, b in cell.model.named_buffers()}
     try:
         for e in range(epochs):
             losses, hits, totals = [], [], []
-            run = cell.run(staged[e * steps_per_epoch:(e + 1) * steps_per_epoch])
-            run.criterion = _RecordingCriterion(cell.criterion, losses, hits, totals, seen)
+            batches = staged[e * steps_per_epoch:(e + 1) * steps_per_epoch]
+            run = cell.run(watched(batches, losses) if variant.replays_graph else batches)
+            if not variant.replays_graph:
+                run.criterion = _RecordingCriterion(cell.criterion, losses, hits, totals, seen)
             out = variant.fn(run)
             traj.reported.append(out)
             traj.batch_losses.append(losses)

@@ -28,21 +28,38 @@ CSV_COLUMNS = [
     "kind", "idiom", "verdict_reason", "ratio_ci_low", "ratio_ci_high", "noisy", "iqr_over_median",
     "syncs_per_step_cuda_debug", "tensor_growth_bytes_per_step", "rss_growth_bytes_per_step",
     "param_tensors", "warmup_steps", "warmup_time_s", "graph_breaks", "skipped_steps",
-    "unsynced_reads_per_step",
+    "unsynced_reads_per_step", "ratio_to_floor",
 ]
 
 # what only results.json keeps, per cell
 RAW_FIELDS = ["step_times_s", "block_medians_s", "memory_trace_bytes", "sync_sites", "description"]
 
 FINISHED = {"ok", "diverged", "oom", "error", "skipped"}
+FLOOR_VARIANT = "cuda_graph_step"  # the whole step replayed as one CUDA graph: a workload's launch-overhead floor
 
 
 def cell_key(record: dict) -> tuple[str, str, str]:
     return record["workload"], record["variant"], record["device"]
 
 
+def set_floor_ratios(records: list[dict]) -> None:
+    """`ratio_to_floor` of every CUDA training cell: its median step time over that of FLOOR_VARIANT on the same
+    workload; None where the floor was not timed (on CPU there is none)."""
+    floors = {r["workload"]: r["step_time_median_s"] for r in records
+              if r["variant"] == FLOOR_VARIANT and r["device"] == "cuda" and _positive(r.get("step_time_median_s"))}
+    for r in records:
+        floor = floors.get(r["workload"]) if r["device"] == "cuda" and r.get("kind", "train") == "train" else None
+        time = r.get("step_time_median_s")
+        r["ratio_to_floor"] = time / floor if floor and _positive(time) else None
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
 def write_results(out_dir: Path, environment: dict, records: list[dict]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    set_floor_ratios(records)
     doc = {"format": FORMAT, "version": FORMAT_VERSION, "environment": environment,
            "cells": [_clean(r) for r in records]}
     _atomic_write(out_dir / "results.json", lambda f: json.dump(doc, f, indent=1))

@@ -13,9 +13,10 @@ iterable it passes as `run.batches`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,6 +234,86 @@ def compiled(model: nn.Module, mode: str):
     return _COMPILED[model]
 
 
+# ---------------------------------------------------------------- CUDA graphs
+# what a captured step cannot contain: a host read (a sync) per step, a Python-side count, a step whose
+# shape changes, autocast's weight cache, a compiled region of its own
+GRAPHABLE = {"loss_tracking": "tensor_sum", "zero_grad_at": "before_forward", "accuracy": "none",
+             "precision": "fp32", "compile": "none", "accumulate": 1}
+GRAPH_WARMUP_STEPS = 1  # eager steps (on a side stream) before the capture: they create the lazy state
+_GRAPHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def capture(fn: Callable[[], Any]):
+    """Capture `fn()` into a CUDA graph (nothing runs until `replay()`)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device):
+    """Run the block on a fresh CUDA stream ordered after, and before, the current one (CPU: no-op)."""
+    if device.type != "cuda":
+        yield
+        return
+    current, stream = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)
+
+
+class GraphedStep:
+    """The whole training step captured once as a CUDA graph and replayed for every batch.
+
+    The first GRAPH_WARMUP_STEPS batches run the step eagerly (real steps: they create the optimizer's
+    state and the gradients' first tensors). The next batch is copied into static input tensors and the
+    step over them (zero_grad, forward, loss, backward, optimizer.step, `running += loss.detach()`) is
+    captured; from then on each batch is one copy into the static inputs and one `replay()`: the
+    launch-overhead floor of the workload. The running loss is a static tensor too, zeroed per epoch.
+    One per optimizer; it holds no reference to the model or the optimizer.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.tracker = TensorSum(device)
+        self.eager_steps = 0
+        self.graph = None
+        self.static: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def new_epoch(self) -> TensorSum:
+        self.tracker.running.zero_()
+        return self.tracker
+
+    def __call__(self, step: Callable[[torch.Tensor, torch.Tensor], int], data: torch.Tensor,
+                 labels: torch.Tensor) -> int:
+        if self.graph is None and self.eager_steps < GRAPH_WARMUP_STEPS:
+            self.eager_steps += 1
+            with side_stream(self.device):
+                return step(data, labels)
+        if self.graph is None:
+            self.static = (data.clone(), labels.clone())
+            self.graph = capture(lambda: step(*self.static))
+        for new, static in zip((data, labels), self.static):
+            if new.shape != static.shape or new.dtype != static.dtype:
+                raise ValueError(f"a CUDA graph replays fixed shapes: got a batch of {tuple(new.shape)} "
+                                 f"{new.dtype}, captured {tuple(static.shape)} {static.dtype}")
+            static.copy_(new)
+        self.graph.replay()
+        return 1
+
+
+def graphed_step(optimizer: torch.optim.Optimizer, device: torch.device) -> GraphedStep:
+    """The optimizer's GraphedStep, made on first use; optimizers with a `capturable` flag get it set."""
+    if optimizer not in _GRAPHED:
+        for group in optimizer.param_groups:
+            if "capturable" in group:
+                group["capturable"] = True  # optimizer state (Adam's step count) on the device, graph-safe
+        _GRAPHED[optimizer] = GraphedStep(device)
+    return _GRAPHED[optimizer]
+
+
 # ---------------------------------------------------------------- optimizer implementation
 OPTIMIZER_IMPL = ("default", "for_loop", "foreach", "fused")
 
@@ -289,6 +370,7 @@ class Idioms:
     compile: str = "none"  # torch.compile of forward + loss
     accumulate: int = 1  # micro-batches per optimizer step
     divide_by_accumulate: bool = True  # loss / accumulate before backward()
+    cuda_graph: bool = False  # the whole step captured once as a CUDA graph, replayed per batch
 
     def __post_init__(self) -> None:
         _check_choice("loss_tracking", self.loss_tracking, LOSS_TRACKING)
@@ -300,24 +382,44 @@ class Idioms:
         _check_choice("compile", self.compile, COMPILE)
         if self.accumulate < 1:
             raise ValueError(f"accumulate={self.accumulate}: must be >= 1")
+        for name, needed in GRAPHABLE.items() if self.cuda_graph else ():
+            if getattr(self, name) != needed:
+                raise ValueError(f"cuda_graph captures the step with {name}={needed!r}, "
+                                 f"not {getattr(self, name)!r}")
 
 
 def train_epoch(run: Run, idioms: Idioms = Idioms()) -> Any:
     """One epoch over `run.batches`; returns the epoch loss as the loop reports it (and the accuracy,
     when the loop counts it)."""
-    model, optimizer, criterion, device = run.model, run.optimizer, run.criterion, run.device
-    tracker = LOSS_TRACKING[idioms.loss_tracking](device)
+    device = run.device
+    use_implementation(run.optimizer, idioms.optimizer_impl)
+    graphed = graphed_step(run.optimizer, device) if idioms.cuda_graph else None
+    tracker = graphed.new_epoch() if graphed else LOSS_TRACKING[idioms.loss_tracking](device)
     accuracy = ACCURACY[idioms.accuracy](device)
-    zero_grad = ZEROING[idioms.zeroing]
-    at, k = idioms.zero_grad_at, idioms.accumulate
-    scaler = grad_scaler(optimizer, device) if idioms.precision == "fp16_grad_scaler" else None
-    use_implementation(optimizer, idioms.optimizer_impl)
-    forward = compiled(model, idioms.compile)
-    model.train()
+    step = train_step(run, idioms, tracker, accuracy)
+    if graphed:
+        step = functools.partial(graphed, step)
+    run.model.train()
     tracked = 0
     for data, labels in run.batches:
         data = data.to(device, non_blocking=idioms.non_blocking)
         labels = labels.to(device, non_blocking=idioms.non_blocking)
+        tracked += step(data, labels)
+    epoch_loss = tracker.result(tracked)
+    return epoch_loss if idioms.accuracy == "none" else (epoch_loss, accuracy.result())
+
+
+def train_step(run: Run, idioms: Idioms, tracker, accuracy) -> Callable[[torch.Tensor, torch.Tensor], int]:
+    """The loop's body for one batch: zero_grad -> forward -> loss -> backward -> step, the loss and
+    accuracy tracked. The returned `step(data, labels)` says how many losses it tracked (K under
+    gradient accumulation)."""
+    model, optimizer, criterion, device = run.model, run.optimizer, run.criterion, run.device
+    zero_grad = ZEROING[idioms.zeroing]
+    at, k = idioms.zero_grad_at, idioms.accumulate
+    scaler = grad_scaler(optimizer, device) if idioms.precision == "fp16_grad_scaler" else None
+    forward = compiled(model, idioms.compile)
+
+    def step(data: torch.Tensor, labels: torch.Tensor) -> int:
         if at == "before_forward":
             zero_grad(model, optimizer)
         micro_batches = zip(data.chunk(k), labels.chunk(k)) if k > 1 else ((data, labels),)
@@ -342,9 +444,9 @@ def train_epoch(run: Run, idioms: Idioms = Idioms()) -> Any:
         for loss, target, y in seen:
             tracker.add(loss)
             accuracy.add(target, y)
-            tracked += 1
-    epoch_loss = tracker.result(tracked)
-    return epoch_loss if idioms.accuracy == "none" else (epoch_loss, accuracy.result())
+        return len(seen)
+
+    return step
 
 
 # ---------------------------------------------------------------- evaluation

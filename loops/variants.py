@@ -32,6 +32,7 @@ class Variant:
     expected: dict[str, str] | None = None  # workload -> verdict; "*" for any other workload
     requires: str | None = None  # "cuda" for a GPU-only variant
     input_loader: dict | None = None  # DataLoader options when the variant reads a live loader
+    replays_graph: bool = False  # its steps replay a captured CUDA graph: no Python hook sees them
 
     def expected_for(self, workload: str) -> str | None:
         if self.expected is None:
@@ -108,6 +109,10 @@ BUILTINS: dict[str, _Builtin] = {
                                        "region: a graph break",
                                        {"*": "equivalent", "cnn": "different", "resnet18": "different"},
                                        compile="with_item_check"),
+    # CUDA graphs
+    "cuda_graph_step": _train("CUDA graphs", "the whole step (forward, backward, optimizer step, on-device loss "
+                              "sum) captured once as a CUDA graph and replayed: the launch-overhead floor",
+                              "equivalent", loss_tracking="tensor_sum", cuda_graph=True),
     # optimizer implementation
     "optimizer_for_loop": _train("optimizer implementation", "the optimizer's per-parameter for-loop kernels",
                                  "equivalent", optimizer_impl="for_loop"),
@@ -194,10 +199,15 @@ def _compose(names: list[str]) -> Variant:
     loaders = [p.input_loader for p in parts if p.input_loader]
     if len(loaders) > 1:
         raise BadName(f"{'+'.join(names)}: two input pipelines")
-    cuda_only = changes.get("precision") == "fp16_grad_scaler" or changes.get("compile") == "reduce_overhead"
+    cuda_only = (changes.get("precision") == "fp16_grad_scaler" or changes.get("compile") == "reduce_overhead"
+                 or changes.get("cuda_graph", False))
     requires = "cuda" if cuda_only else None
-    return Variant(name, idiom, description, kind, _loop(kind, changes), expected, requires,
-                   loaders[0] if loaders else None)
+    try:
+        fn = _loop(kind, changes)
+    except ValueError as exc:  # idioms that do not combine
+        raise BadName(f"{name}: {exc}") from None
+    return Variant(name, idiom, description, kind, fn, expected, requires, loaders[0] if loaders else None,
+                   changes.get("cuda_graph", False))
 
 
 def resolve_variant(name: str) -> Variant:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.results import CSV_COLUMNS, FORMAT, FORMAT_VERSION, RAW_FIELDS
+from bench.results import CSV_COLUMNS, FORMAT, FORMAT_VERSION, RAW_FIELDS, set_floor_ratios
 from reports.stats import median_ci, median_ratio_ci
 
 PYTEST_BENCHMARK = "pytest-benchmark"
@@ -46,6 +46,7 @@ def load(path) -> tuple[dict, pd.DataFrame]:
         else:
             raise ValueError("not a loopmark results file nor a pytest-benchmark JSON")
         env = {**env, "source": str(path), "source_format": source_format}
+        set_floor_ratios(records)
         return env, to_frame(records)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: {_one_line(exc)}") from None

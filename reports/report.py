@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.results import CSV_COLUMNS
+from bench.results import CSV_COLUMNS, FLOOR_VARIANT
 from reports import plots
 from reports.load import BASELINES, PYTEST_BENCHMARK, by_workload_device, load
 from reports.units import human_bytes
@@ -35,6 +35,7 @@ COUNT_COLUMNS = {"batch_size", "steps", "repeats", "warmup_steps", "param_tensor
 TABLE_HEADER = ["variant", "samples/s", "ratio to baseline (95% CI)", "syncs/step", "peak memory",
                 "growth/step", "param tensors", "verdict", "reason"]
 TABLE_NUMERIC = {1, 2, 3, 4, 5, 6}  # right-aligned columns
+FLOOR_HEADER = f"ratio to floor ({FLOOR_VARIANT})"
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1250px;
        padding: 0 1em; color: #222; line-height: 1.45; }
@@ -108,7 +109,12 @@ def document(envs: list[dict], df: pd.DataFrame, images: dict) -> list[tuple]:
         names = [n for n in dict.fromkeys(cells["device_name"]) if n]
         blocks.append(("h2", f"{workload} on {device}" + (f" ({names[0]})" if names else "")))
         rows, classes = zip(*(_row(cell) for cell in cells.to_dict("records")))
-        blocks.append(("table", TABLE_HEADER, list(rows), list(classes), TABLE_NUMERIC))
+        header, numeric = TABLE_HEADER, TABLE_NUMERIC
+        if cells["ratio_to_floor"].notna().any():  # a CUDA group with its whole-step CUDA graph timed
+            header = [*header[:3], FLOOR_HEADER, *header[3:]]
+            rows = [[*row[:3], _floor(cell), *row[3:]] for row, cell in zip(rows, cells.to_dict("records"))]
+            numeric = {i + (i >= 3) for i in numeric} | {3}
+        blocks.append(("table", header, list(rows), list(classes), numeric))
         if cells["noisy"].eq(True).any():
             blocks.append(("p", "(noisy): the step time's IQR is more than 10% of its median."))
     if images:
@@ -249,6 +255,12 @@ def _row(cell: dict) -> tuple[list[str], str]:
     tensors = _number(cell.get("param_tensors"))
     reason = "; ".join([reason, *_notes(cell)]) if reason else "; ".join(_notes(cell))
     return [variant, sps, ratio, syncs, peak, growth_text, tensors, verdict_text, reason], cls
+
+
+def _floor(cell: dict) -> str:
+    if cell["variant"] == FLOOR_VARIANT:
+        return "1 (floor)" if _finite(cell["ratio_to_floor"]) else "–"
+    return f"{cell['ratio_to_floor']:.2f}x" if _finite(cell["ratio_to_floor"]) else "–"
 
 
 def _notes(cell: dict) -> list[str]:

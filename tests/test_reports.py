@@ -216,3 +216,27 @@ def test_reports_never_import_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_cuda_groups_show_the_ratio_to_the_cuda_graph_floor(tmp_path):
+    from conftest_reports_data import BASE_STEP_S, step_times
+
+    from bench.results import write_results
+
+    floor = make_record("mlp", "cuda_graph_step", "cuda", times=step_times(BASE_STEP_S[("mlp", "cuda")] / 4))
+    write_results(tmp_path / "run", {}, [*_small_run(), floor])
+    rows = list(csv.DictReader((tmp_path / "run" / "results.csv").read_text().splitlines()))
+    ratios = {(r["device"], r["variant"]): r["ratio_to_floor"] for r in rows}
+    assert float(ratios["cuda", "baseline"]) == pytest.approx(4.0)  # same noise draws: the medians are 4x apart
+    assert float(ratios["cuda", "cuda_graph_step"]) == 1.0
+    assert ratios["cpu", "baseline"] == ""  # no floor on CPU
+
+    _, df = load(tmp_path / "run")
+    assert df.loc[df["device"] == "cuda", "ratio_to_floor"].notna().all()
+    write_report([tmp_path / "run"])
+    md = (tmp_path / "run" / "report.md").read_text()
+    cpu_part, cuda_part = md.split("## mlp on cuda")
+    assert "ratio to floor" not in cpu_part
+    assert "| ratio to floor (cuda_graph_step) |" in cuda_part
+    assert "| 4.00x |" in next(line for line in cuda_part.splitlines() if line.startswith("| baseline |"))
+    assert "| 1 (floor) |" in next(line for line in cuda_part.splitlines() if line.startswith("| cuda_graph_step |"))
