@@ -243,21 +243,22 @@ GRAPH_WARMUP_STEPS = 1  # eager steps (on a side stream) before the capture: the
 _GRAPHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def capture(fn: Callable[[], Any]):
-    """Capture `fn()` into a CUDA graph (nothing runs until `replay()`)."""
+def capture(fn: Callable[[], Any], stream):
+    """Capture `fn()` into a CUDA graph on `stream` (nothing runs until `replay()`). Capture errors are
+    thread-local: a DataLoader's pin-memory thread may touch CUDA meanwhile."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
         fn()
     return graph
 
 
 @contextlib.contextmanager
-def side_stream(device: torch.device):
-    """Run the block on a fresh CUDA stream ordered after, and before, the current one (CPU: no-op)."""
-    if device.type != "cuda":
+def on_stream(stream):
+    """Run the block on `stream`, ordered after and before the current stream (no stream: as is)."""
+    if stream is None:
         yield
         return
-    current, stream = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    current = torch.cuda.current_stream(stream.device)
     stream.wait_stream(current)
     with torch.cuda.stream(stream):
         yield
@@ -267,8 +268,9 @@ def side_stream(device: torch.device):
 class GraphedStep:
     """The whole training step captured once as a CUDA graph and replayed for every batch.
 
-    The first GRAPH_WARMUP_STEPS batches run the step eagerly (real steps: they create the optimizer's
-    state and the gradients' first tensors). The next batch is copied into static input tensors and the
+    The first GRAPH_WARMUP_STEPS batches run the step eagerly on the side stream the capture will use
+    (real steps: they create the optimizer's state, the gradients' first tensors and the stream's library
+    handles, none of which may be created during a capture). The next batch is copied into static input tensors and the
     step over them (zero_grad, forward, loss, backward, optimizer.step, `running += loss.detach()`) is
     captured; from then on each batch is one copy into the static inputs and one `replay()`: the
     launch-overhead floor of the workload. The running loss is a static tensor too, zeroed per epoch.
@@ -276,7 +278,7 @@ class GraphedStep:
     """
 
     def __init__(self, device: torch.device):
-        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.tracker = TensorSum(device)
         self.eager_steps = 0
         self.graph = None
@@ -290,11 +292,11 @@ class GraphedStep:
                  labels: torch.Tensor) -> int:
         if self.graph is None and self.eager_steps < GRAPH_WARMUP_STEPS:
             self.eager_steps += 1
-            with side_stream(self.device):
+            with on_stream(self.stream):
                 return step(data, labels)
         if self.graph is None:
             self.static = (data.clone(), labels.clone())
-            self.graph = capture(lambda: step(*self.static))
+            self.graph = capture(lambda: step(*self.static), self.stream)
         for new, static in zip((data, labels), self.static):
             if new.shape != static.shape or new.dtype != static.dtype:
                 raise ValueError(f"a CUDA graph replays fixed shapes: got a batch of {tuple(new.shape)} "

@@ -24,7 +24,8 @@ class Replayer:
 
     captures = 0
 
-    def __init__(self, fn):
+    def __init__(self, fn, stream):
+        assert stream is None  # no CUDA stream on CPU
         type(self).captures += 1
         self.fn = fn
 
