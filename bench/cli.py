@@ -197,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--variant", action="append", help="name, a+b, or package.module:function (repeatable)")
     r.add_argument("--quick", action="store_true", help="fewer steps and repeats: a first look")
     r.add_argument("--extended", action="store_true",
-                   help="also the idioms beyond the seed (mixed precision, optimizer kernels, input pipeline, "
-                        "gradient accumulation, accuracy counting)")
+                   help="also the idioms beyond the seed (mixed precision, compilation, CUDA graphs, optimizer "
+                        "kernels, input pipeline, gradient accumulation, accuracy counting)")
     r.add_argument("--steps", type=int, help="timed steps per block")
     r.add_argument("--repeats", type=int, help="timed blocks per cell")
     r.add_argument("--warmup", type=int, help="untimed steps before a cell's first block")
