@@ -53,7 +53,9 @@ def replayer(monkeypatch):
 
 
 def test_the_variant_is_cuda_only_and_names_its_idioms():
-    v = resolve_variant("cuda_graph_step")
+    from bench.results import FLOOR_VARIANT
+
+    v = resolve_variant(FLOOR_VARIANT)  # the reports' floor is this variant
     assert v.requires == "cuda" and v.replays_graph and v.idiom == "CUDA graphs"
     record = correctness.check(resolve_workload("mlp"), v, CPU)
     assert record["verdict"] == "skipped" and record["verdict_reason"] == "needs a CUDA GPU"
