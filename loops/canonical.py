@@ -321,12 +321,14 @@ OPTIMIZER_IMPL = ("default", "for_loop", "foreach", "fused")
 
 
 def use_implementation(optimizer: torch.optim.Optimizer, impl: str) -> None:
-    """Select the optimizer's for-loop, foreach (multi-tensor) or fused kernels (its param-group flags)."""
+    """Select the optimizer's for-loop, foreach (multi-tensor) or fused kernels, as the constructor's
+    `foreach=`/`fused=` would: in every param group (what step() reads) and in the defaults (what
+    zero_grad(set_to_none=False) reads: one _foreach_zero_ instead of a zero_() per parameter tensor)."""
     if impl == "default":
         return
-    for group in optimizer.param_groups:
-        group["foreach"] = impl == "foreach"
-        group["fused"] = impl == "fused"
+    for flags in (optimizer.defaults, *optimizer.param_groups):
+        flags["foreach"] = impl == "foreach"
+        flags["fused"] = impl == "fused"
 
 
 # ---------------------------------------------------------------- zeroing style

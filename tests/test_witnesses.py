@@ -51,6 +51,20 @@ def test_syncs_per_step(workload, variant, expected):
     assert measure_syncs(cell, staged)["syncs_per_step"] == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("workload", ["mlp", "cnn"])
+def test_set_to_none_false_costs_a_zero_per_parameter_tensor_without_foreach(workload):
+    """zero_grad(set_to_none=False) dispatches one zero_() per parameter tensor with the for-loop optimizer,
+    one _foreach_zero_ with the foreach or fused one."""
+    def ops(variant):
+        cell, staged = _cell(workload, variant)
+        return measure_syncs(cell, staged)["ops_per_step"], sum(1 for _ in cell.model.parameters())
+
+    (base, tensors), (keep, _) = ops("baseline"), ops("set_to_none_false")
+    assert keep - base == tensors
+    for impl in ("optimizer_foreach", "optimizer_fused"):
+        assert ops(f"{impl}+set_to_none_false")[0] - ops(impl)[0] == 1
+
+
 def test_sync_sites_name_the_loop_line():
     cell, staged = _cell("mlp", "baseline")
     sites = measure_syncs(cell, staged)["sync_sites"]
