@@ -10,8 +10,8 @@ the first `file:line` outside torch and loopmark's harness: the loop line that c
 What counts is what would synchronise *if the loop ran on CUDA*. On CUDA that is simply "the tensor is
 on the GPU". On CPU the pass runs the loop with `device=cpu:0`, a stand-in accelerator: tensors that
 would live on the GPU are tracked (model parameters and buffers, gradients, optimizer state other than
-the host-side `step` counters, the staged batches, anything created with `device=cpu:0`, and whatever is
-computed from them). So Adam's `.item()` on its host-side step counter is not a sync on either device,
+the host-side `step` counters, the staged batches, a captured step's static tensors, anything created
+with `device=cpu:0`, and whatever is computed from them). So Adam's `.item()` on its host-side step counter is not a sync on either device,
 and the CPU count equals the CUDA count. `Tensor.to(cpu:0)` of a tracked tensor is a no-op, as
 `.to("cuda")` of a CUDA tensor is.
 
@@ -31,6 +31,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
+
+from loops.canonical import graph_tensors
 
 STAND_IN = torch.device("cpu", 0)
 
@@ -222,7 +224,7 @@ class SyncCounter:
 
 def device_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list) -> list:
     """The tensors that would live on the accelerator when a pass starts."""
-    tensors = [*model.parameters(), *model.buffers(), batches]
+    tensors = [*model.parameters(), *model.buffers(), batches, *graph_tensors(optimizer)]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     for group in optimizer.param_groups:
         on_device_step = group.get("capturable", False) or group.get("fused", False)

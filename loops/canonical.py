@@ -306,6 +306,12 @@ class GraphedStep:
         return 1
 
 
+def graph_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The device tensors the optimizer's GraphedStep holds (static inputs, running loss); none without one."""
+    graphed = _GRAPHED.get(optimizer)
+    return [*(graphed.static or ()), graphed.tracker.running] if graphed else []
+
+
 def graphed_step(optimizer: torch.optim.Optimizer, device: torch.device) -> GraphedStep:
     """The optimizer's GraphedStep, made on first use; optimizers with a `capturable` flag get it set."""
     if optimizer not in _GRAPHED:

@@ -98,6 +98,16 @@ def test_one_eager_step_then_one_capture_then_replays(replayer):
     assert replayer.captures == 1 and graphed.graph is graph and len(replays) == 2
 
 
+def test_the_captured_step_holds_no_sync(replayer):
+    """A sync inside a capture is an error on CUDA: the step that gets captured reads nothing back, and the
+    epoch's one read is its final .item()."""
+    wl = resolve_workload("mlp")
+    staged = stage_batches(wl, "train", 8, CPU)
+    cell = build_cell(wl, on_cpu("cuda_graph_step"), CPU)
+    cell.epoch(staged[:2])  # the eager step and the capture
+    assert measure_syncs(cell, staged)["syncs_per_step"] == pytest.approx(1 / 8)
+
+
 def test_the_running_loss_restarts_every_epoch(replayer):
     wl = resolve_workload("mlp")
     staged = stage_batches(wl, "train", 4, CPU)
