@@ -269,12 +269,12 @@ class GraphedStep:
     """The whole training step captured once as a CUDA graph and replayed for every batch.
 
     The first GRAPH_WARMUP_STEPS batches run the step eagerly on the side stream the capture will use
-    (real steps: they create the optimizer's state, the gradients' first tensors and the stream's library
-    handles, none of which may be created during a capture). The next batch is copied into static input tensors and the
-    step over them (zero_grad, forward, loss, backward, optimizer.step, `running += loss.detach()`) is
-    captured; from then on each batch is one copy into the static inputs and one `replay()`: the
-    launch-overhead floor of the workload. The running loss is a static tensor too, zeroed per epoch.
-    One per optimizer; it holds no reference to the model or the optimizer.
+    (real steps: they create the optimizer's state, the gradients' first tensors and the stream's
+    library handles, none of which may be created during a capture). The next batch is copied into
+    static input tensors and the step over them (zero_grad, forward, loss, backward, optimizer.step,
+    `running += loss.detach()`) is captured; from then on each batch is one copy into the static inputs
+    and one `replay()`: the launch-overhead floor of the workload. The running loss is a static tensor
+    too, zeroed per epoch. One per optimizer; it holds no reference to the model or the optimizer.
     """
 
     def __init__(self, device: torch.device):
