@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -46,15 +47,16 @@ def set_floor_ratios(records: list[dict]) -> None:
     """`ratio_to_floor` of every CUDA training cell: its median step time over that of FLOOR_VARIANT on the same
     workload; None where the floor was not timed (on CPU there is none)."""
     floors = {r["workload"]: r["step_time_median_s"] for r in records
-              if r["variant"] == FLOOR_VARIANT and r["device"] == "cuda" and _positive(r.get("step_time_median_s"))}
+              if r["variant"] == FLOOR_VARIANT and r["device"] == "cuda" and positive(r.get("step_time_median_s"))}
     for r in records:
         floor = floors.get(r["workload"]) if r["device"] == "cuda" and r.get("kind", "train") == "train" else None
         time = r.get("step_time_median_s")
-        r["ratio_to_floor"] = time / floor if floor and _positive(time) else None
+        r["ratio_to_floor"] = time / floor if floor and positive(time) else None
 
 
-def _positive(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+def positive(v) -> bool:
+    """A finite number above zero (None, NaN and non-numbers are not)."""
+    return isinstance(v, numbers.Real) and math.isfinite(v) and v > 0
 
 
 def write_results(out_dir: Path, environment: dict, records: list[dict]) -> None:

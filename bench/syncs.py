@@ -11,9 +11,9 @@ What counts is what would synchronise *if the loop ran on CUDA*. On CUDA that is
 on the GPU". On CPU the pass runs the loop with `device=cpu:0`, a stand-in accelerator: tensors that
 would live on the GPU are tracked (model parameters and buffers, gradients, optimizer state other than
 the host-side `step` counters, the staged batches, a captured step's static tensors, anything created
-with `device=cpu:0`, and whatever is computed from them). So Adam's `.item()` on its host-side step counter is not a sync on either device,
-and the CPU count equals the CUDA count. `Tensor.to(cpu:0)` of a tracked tensor is a no-op, as
-`.to("cuda")` of a CUDA tensor is.
+with `device=cpu:0`, and whatever is computed from them). So Adam's `.item()` on its host-side step
+counter is not a sync on either device, and the CPU count equals the CUDA count. `Tensor.to(cpu:0)` of
+a tracked tensor is a no-op, as `.to("cuda")` of a CUDA tensor is.
 
 On CUDA, `torch.cuda.set_sync_debug_mode("warn")` is run over the same steps as a cross-check; its count
 is recorded next to ours (it does not see every kind of sync: see README).

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.results import CSV_COLUMNS, FORMAT, FORMAT_VERSION, RAW_FIELDS, set_floor_ratios
+from bench.results import CSV_COLUMNS, FORMAT, FORMAT_VERSION, RAW_FIELDS, positive, set_floor_ratios
 from reports.stats import median_ci, median_ratio_ci
 
 PYTEST_BENCHMARK = "pytest-benchmark"
@@ -173,7 +173,7 @@ def _set_ratios(records: list[dict]) -> None:
         base = baselines.get((r["workload"], r["device"], _kind(r["variant"], r.get("kind"))))
         r["ratio_to_baseline"] = r["ratio_ci_low"] = r["ratio_ci_high"] = None
         medians = [base.get("step_time_median_s"), r.get("step_time_median_s")] if base else []
-        if not medians or not all(map(_positive, medians)):
+        if not medians or not all(map(positive, medians)):
             continue
         r["ratio_to_baseline"] = r["step_time_median_s"] / base["step_time_median_s"]
         if r is base:
@@ -212,10 +212,6 @@ def _kind(variant, kind=None) -> str:
     if kind in BASELINES:
         return kind
     return "eval" if isinstance(variant, str) and variant.startswith("eval_") else "train"
-
-
-def _positive(v) -> bool:
-    return v is not None and not _is_null(v) and v > 0
 
 
 def _is_null(v) -> bool:
