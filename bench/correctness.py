@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import functional_call
 
-from bench.cell import build_cell, reset_compiled
-from bench.syncs import STAND_IN, SyncCounter, device_state
-from loops import BASELINES, Variant, Workload, resolve_variant
+from bench.cell import build_cell
+from bench.syncs import measure_syncs
+from loops import Variant, Workload, resolve_variant
+from reports.results import baseline_of
 
 GRAD_RTOL = 1e-4  # a fresh recomputation of a float32 gradient agrees to ~1e-7; a wrong one is off by O(1)
 FP16_GRAD_RTOL = 1e-2
@@ -53,8 +54,6 @@ class Trajectory:
     hits: list = field(default_factory=list)  # per epoch, exact correct count (evaluation)
     totals: list = field(default_factory=list)
     grad_error: str | None = None
-    unsynced_reads: int = 0
-    unsynced_site: str | None = None
     optimizer_steps: int = 0
     batches: int = 0
     retains_graph: bool = False
@@ -159,7 +158,6 @@ def _describe_wrong_grad(step: int, consumed, fresh_history: list) -> str:
 
 
 def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged: list, seed: int = 0):
-    reset_compiled()
     cell = build_cell(workload, variant, device, seed)
     traj = Trajectory()
     params = [p for p in cell.model.parameters() if p.requires_grad]
@@ -178,10 +176,11 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
         try:
             fresh, _ = _fresh_grad(cell.model, cell.criterion, pending)
             consumed = _flat_grads(params)
-            # a skipped step (GradScaler calibrating) leaves its batch in `pending`: the next step consumes
-            # the gradient of the batches after it
+            # a step a GradScaler skipped (float16, calibrating its scale) leaves its batch in `pending`: the
+            # next step consumes the gradient of the batches after it. No other loop may drop a batch.
             rtol = _grad_rtol(pending)
-            for skip in range(1, len(pending)):
+            scaled = any(dtype == torch.float16 for _, _, dtype in pending)
+            for skip in range(1, len(pending) if scaled else 1):
                 if _rel(consumed, fresh) <= rtol:
                     break
                 later, _ = _fresh_grad(cell.model, cell.criterion, pending[skip:])
@@ -223,7 +222,7 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
             run = cell.run(watched(batches, losses) if variant.replays_graph else batches)
             if not variant.replays_graph:
                 run.criterion = _RecordingCriterion(cell.criterion, losses, hits, totals, seen)
-            out = variant.fn(run)
+            out = cell.loop(run)
             traj.reported.append(out)
             traj.batch_losses.append(losses)
             traj.hits.append(sum(hits))
@@ -231,7 +230,6 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
     finally:
         for hook in hooks:
             hook.remove()
-    traj.unsynced_reads, traj.unsynced_site = _unsynced_reads(workload, variant, device, staged, seed)
     traj.optimizer_steps = step_count
     traj.batches = epochs * steps_per_epoch
     traj.retains_graph = any(_holds_graph(v) for v in traj.reported)
@@ -239,22 +237,6 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
         traj.buffers_changed = any(not torch.equal(b, buffers_before[n]) for n, b in cell.model.named_buffers())
     traj.params = {n: p.detach().clone() for n, p in cell.model.named_parameters()}
     return traj
-
-
-def _unsynced_reads(workload, variant, device, staged: list, seed: int) -> tuple[int, str | None]:
-    """Reads of non-blocking device-to-host copies made before any sync, over one epoch of a fresh cell.
-
-    A separate run, because the sync counter's dispatch modes would keep torch.compile'd code from running
-    compiled in the trajectory above."""
-    reset_compiled()
-    cell = build_cell(workload, variant, device, seed)
-    watch = SyncCounter(device)
-    watch.track(device_state(cell.model, cell.optimizer, staged))
-    if device.type == "cpu":
-        cell.device = STAND_IN
-    with watch:
-        cell.epoch(staged)
-    return watch.hazards, next(iter(watch.hazard_sites), None)
 
 
 def _holds_graph(value) -> bool:
@@ -281,7 +263,7 @@ def param_max_rel_diff(a: dict, b: dict) -> float:
     return worst
 
 
-def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory) -> dict:
+def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory, syncs: dict | None = None) -> dict:
     """The verdict, its one-line reason and the figures behind it."""
     kind = variant.kind
     reported = [_loss_of(r, kind) for r in traj.reported]
@@ -297,10 +279,11 @@ def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory) -> dict:
 
     if traj.grad_error:
         return result("broken", traj.grad_error)
-    if traj.unsynced_reads:
+    if syncs and syncs.get("unsynced_reads_per_step"):
+        site = next(iter(syncs.get("unsynced_read_sites") or {}), "unknown site")
         return result("broken", f"reads a non-blocking device-to-host copy before any sync "
-                                f"({traj.unsynced_reads}x, {traj.unsynced_site}): on a GPU the value may not "
-                                "have landed")
+                                f"({syncs['unsynced_reads_per_step']:g} per step, {site}): on a GPU the value "
+                                "may not have landed")
     if traj.retains_graph:
         return result("broken", "the reported loss still holds an autograd graph (no detach / no no_grad)")
     if not all(math.isfinite(r) for r in reported):
@@ -345,8 +328,11 @@ def _eval_verdict(traj: Trajectory, base: Trajectory, result) -> dict:
 
 
 def check(workload: Workload, variant: Variant, device, epochs: int = 2, steps: int = 6, seed: int = 0,
-          _cache: dict | None = None) -> dict:
-    """The correctness record of one cell; `_cache` keeps the baseline's trajectory between variants."""
+          _cache: dict | None = None, syncs: dict | None = None) -> dict:
+    """The correctness record of one cell; `_cache` keeps the baseline's trajectory between variants.
+
+    Reads of non-blocking copies made before a sync are the sync pass's finding (`syncs`, its record);
+    without one, the sync pass runs here on a fresh cell over the same batches."""
     if variant.requires == "cuda" and torch.device(device).type != "cuda":
         return {"verdict": "skipped", "verdict_reason": "needs a CUDA GPU",
                 "expected_verdict": variant.expected_for(workload.name)}
@@ -357,8 +343,10 @@ def check(workload: Workload, variant: Variant, device, epochs: int = 2, steps: 
     key = (workload.name, variant.kind, str(device), epochs, steps, seed)
     cache = _cache if _cache is not None else {}
     if key not in cache:
-        cache[key] = trajectory(workload, resolve_variant(BASELINES[variant.kind]), device, epochs, staged, seed)
+        cache[key] = trajectory(workload, resolve_variant(baseline_of(variant.kind)), device, epochs, staged, seed)
     traj = trajectory(workload, variant, device, epochs, staged, seed)
-    record = verdict_of(variant, traj, cache[key])
+    if syncs is None:
+        syncs = measure_syncs(build_cell(workload, variant, device, seed), staged)
+    record = verdict_of(variant, traj, cache[key], syncs)
     record["expected_verdict"] = variant.expected_for(workload.name)
     return record

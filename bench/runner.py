@@ -18,24 +18,17 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from bench import correctness, results, stats
-from bench.cell import build_cell, graph_breaks, reset_compiled, stage_batches
+from bench import correctness
+from bench.cell import build_cell, graph_breaks, stage_batches
 from bench.env import EnergyMeter, environment
 from bench.memory import measure_memory
 from bench.syncs import measure_syncs
 from bench.timing import time_block
-from loops import (
-    BASELINES,
-    Variant,
-    Workload,
-    builtin_names,
-    resolve_variant,
-    resolve_workload,
-    verdict_matches,
-)
+from loops import Variant, Workload, builtin_names, resolve_variant, resolve_workload
+from reports import results
+from reports.results import CellSpec, Measurement, baseline_of
 
 DEFAULT_TRAIN_WORKLOADS = ("mlp", "cnn")
 DEFAULT_EVAL_WORKLOADS = ("cnn",)
@@ -75,25 +68,25 @@ def plan(devices: list[str], workloads: list[str] | None, variants: list[str] | 
                 continue
             default = DEFAULT_TRAIN_WORKLOADS if kind == "train" else DEFAULT_EVAL_WORKLOADS
             for workload in workloads or default:
-                base = BASELINES[kind]
+                base = baseline_of(kind)
                 groups.append(Group(workload, device, [base] + [n for n in names if n != base]))
     return groups
 
 
-def base_record(workload: Workload, variant: Variant, device: torch.device, s: Settings) -> dict:
+def cell_spec(workload: Workload, variant: Variant, device: torch.device, s: Settings) -> CellSpec:
+    """What a cell is: named by the workload's own name, whatever name it was asked for by."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else environment([])["cpu_model"]
-    return {"workload": workload.name, "variant": variant.name, "kind": variant.kind, "idiom": variant.idiom,
-            "description": variant.description, "device": device.type, "device_name": name,
-            "torch_version": torch.__version__, "batch_size": workload.batch_size, "steps": s.steps,
-            "repeats": s.repeats, "warmup_steps": s.warmup, "expected_verdict": variant.expected_for(workload.name),
-            "status": "ok", "error": None}
+    return CellSpec(workload=workload.name, variant=variant.name, kind=variant.kind, device=device.type,
+                    idiom=variant.idiom, description=variant.description, device_name=name,
+                    torch_version=torch.__version__, batch_size=workload.batch_size, steps=s.steps,
+                    repeats=s.repeats, warmup_steps=s.warmup, expected_verdict=variant.expected_for(workload.name))
 
 
-def _fault(record: dict, exc: BaseException) -> None:
+def _fault(m: Measurement, exc: BaseException) -> None:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
-        record.update(status="oom", error=str(exc).split("\n")[0][:300])
+        m.fault("oom", str(exc).split("\n")[0][:300])
     else:
-        record.update(status="error", error=f"{type(exc).__name__}: {exc}".split("\n")[0][:300])
+        m.fault("error", f"{type(exc).__name__}: {exc}".split("\n")[0][:300])
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -105,12 +98,12 @@ def _warm(cell, batches: list, warmup: int) -> None:
 
 
 def untimed_passes(workload, variant, device, s: Settings, staged: list, cache: dict) -> dict:
-    record = correctness.check(workload, variant, device, s.check_epochs, s.check_steps, s.seed, cache)
-    reset_compiled()
+    """The correctness, sync and memory passes, each on a freshly built cell; their figures."""
     cell = build_cell(workload, variant, device, s.seed)
     _warm(cell, staged, s.warmup)
-    record.update(measure_syncs(cell, staged))
-    reset_compiled()
+    syncs = measure_syncs(cell, staged)
+    record = correctness.check(workload, variant, device, s.check_epochs, s.check_steps, s.seed, cache, syncs)
+    record.update(syncs)
     cell = build_cell(workload, variant, device, s.seed)
     _warm(cell, staged, s.warmup)
     cycled = [staged[i % len(staged)] for i in range(max(s.memory_steps, len(staged)))]
@@ -132,7 +125,7 @@ class Runner:
         self.env = environment()
         self.records: dict[tuple, dict] = {}
         if resume and (out_dir / "results.json").exists():
-            for r in results.read_results(out_dir)["cells"]:
+            for r in results.read_results(out_dir)[1]:
                 if r.get("status") in results.FINISHED:
                     self.records[results.cell_key(r)] = r
         self.progress = progress or _plain_progress
@@ -140,47 +133,48 @@ class Runner:
     def finished(self, workload: str, variant: str, device: str) -> bool:
         return (workload, variant, device) in self.records
 
-    def save(self, record: dict) -> None:
-        self.records[results.cell_key(record)] = record
+    def save(self, spec: CellSpec, m: Measurement) -> None:
+        record = results.record(spec, m, self.s.seed)
+        self.records[spec.key] = record
         results.write_results(self.out_dir, self.env, list(self.records.values()))
         self.progress(record)
 
     def run(self, groups: list[Group]) -> list[dict]:
         for g in groups:
-            if all(self.finished(g.workload, v, g.device) for v in g.variants):
+            workload = resolve_workload(g.workload)  # cells are stored under the workload's own name
+            if all(self.finished(workload.name, v, g.device) for v in g.variants):
                 continue
-            self.run_group(g)
+            self.run_group(g, workload)
         return list(self.records.values())
 
-    def run_group(self, g: Group) -> None:
+    def run_group(self, g: Group, workload: Workload) -> None:
         s, device = self.s, torch.device(g.device)
-        workload = resolve_workload(g.workload)
         # finished cells are skipped; the baseline is timed again whenever others run (their ratio's reference)
         variants = [resolve_variant(v) for i, v in enumerate(g.variants)
-                    if i == 0 or not self.finished(g.workload, v, g.device)]
+                    if i == 0 or not self.finished(workload.name, v, g.device)]
         kind = variants[0].kind
         staged = stage_batches(workload, "test" if kind == "eval" else "train", s.steps, device)
         cache: dict = {}
-        pending: dict[str, dict] = {}
+        pending: dict[str, tuple[CellSpec, Measurement]] = {}
         for variant in variants:
-            record = base_record(workload, variant, device, s)
+            spec, m = cell_spec(workload, variant, device, s), Measurement()
             if variant.requires == "cuda" and device.type != "cuda":
-                record.update(status="skipped", error="needs a CUDA GPU")
-                self.save(record)
+                m.fault("skipped", "needs a CUDA GPU")
+                self.save(spec, m)
                 continue
             try:
-                record.update(untimed_passes(workload, variant, device, s, staged, cache))
+                m.figures.update(untimed_passes(workload, variant, device, s, staged, cache))
             except (Exception, torch.cuda.OutOfMemoryError) as exc:
-                _fault(record, exc)
-                self.save(record)
+                _fault(m, exc)
+                self.save(spec, m)
                 continue
-            pending[variant.name] = record
+            pending[variant.name] = spec, m
         self._time(workload, device, variants, staged, pending)
 
     def _time(self, workload, device, variants, staged, pending: dict) -> None:
         """Interleaved timing of the pending cells; each is saved as its last block ends."""
         s = self.s
-        cells, times, energy = {}, {}, {}
+        cells = {}
         meter = EnergyMeter(device)
         built = {}
         for variant in variants:
@@ -188,60 +182,41 @@ class Runner:
                 try:
                     built[variant.name] = build_cell(workload, variant, device, s.seed)
                 except (Exception, torch.cuda.OutOfMemoryError) as exc:
-                    _fault(pending[variant.name], exc)
-                    self.save(pending.pop(variant.name))
-        reset_compiled()  # the timed cells compile (if they do) from here on, each once
+                    _fault(pending[variant.name][1], exc)
+                    self.save(*pending.pop(variant.name))
         for name, cell in built.items():
+            m = pending[name][1]
             try:
                 breaks, start = graph_breaks(), time.perf_counter()
                 _warm(cell, staged, s.warmup)  # compile time lands here, never in a timed block
-                pending[name].update(warmup_time_s=time.perf_counter() - start, graph_breaks=graph_breaks() - breaks)
-                cells[name], times[name], energy[name] = cell, [], []
+                m.figures.update(warmup_time_s=time.perf_counter() - start, graph_breaks=graph_breaks() - breaks)
+                cells[name] = cell
             except (Exception, torch.cuda.OutOfMemoryError) as exc:
-                _fault(pending[name], exc)
-                self.save(pending.pop(name))
-        base_name = variants[0].name
+                _fault(m, exc)
+                self.save(*pending.pop(name))
         for r in range(s.repeats):
             for name in list(cells):
-                record = pending[name]
+                m = pending[name][1]
                 try:
                     e0 = meter.read()
                     block, reported = time_block(cells[name], staged)
                     e1 = meter.read()
                     if e0 is not None and e1 is not None:
-                        energy[name].append(e1 - e0)
-                    times[name].append(block)
+                        m.energy_j.append(e1 - e0)
+                    m.blocks.append(block)
                     if not _finite(reported):
-                        record.update(status="diverged", error=f"non-finite loss in block {r + 1}")
+                        m.fault("diverged", f"non-finite loss in block {r + 1}")
                 except (Exception, torch.cuda.OutOfMemoryError) as exc:
-                    _fault(record, exc)
-                if record["status"] != "ok" or r == s.repeats - 1:
+                    _fault(m, exc)
+                if m.status != "ok" or r == s.repeats - 1:
                     del cells[name]
-                    self._finish(record, times[name], energy[name], times.get(base_name), workload)
-                    self.save(pending.pop(name))
-
-    def _finish(self, record: dict, blocks: list, energy: list, base_blocks, workload: Workload) -> None:
-        samples = [t for b in blocks for t in b]
-        record["step_times_s"] = samples
-        record["block_medians_s"] = [float(np.median(b)) for b in blocks]
-        if not samples:
-            return
-        record.update(stats.summarize(samples, self.s.seed))
-        record["samples_per_s"] = workload.batch_size / record["step_time_median_s"]
-        base = [t for b in base_blocks or [] for t in b]
-        if base:
-            ratio, low, high = stats.ratio_with_ci(samples, base, self.s.seed)
-            record.update(ratio_to_baseline=ratio, ratio_ci_low=low, ratio_ci_high=high)
-        if energy and sum(energy) > 0:
-            record["energy_j_per_sample"] = sum(energy) / (len(samples) * workload.batch_size)
+                    self.save(*pending.pop(name))
 
 
 def _plain_progress(record: dict) -> None:
     sps = record.get("samples_per_s")
     rate = f"{sps:,.0f} samples/s" if sps else "-"
-    expected = record.get("expected_verdict")
-    matches = expected is None or record["status"] == "skipped" or verdict_matches(record.get("verdict"), expected)
-    mark = "" if matches else f" (expected {expected})"
+    mark = f" (expected {record['expected_verdict']})" if record.get("verdict_as_expected") is False else ""
     print(f"{record['device']:4s} {record['workload']:<12s} {record['variant']:<38s} {record['status']:<8s} "
           f"{rate:>18s}  verdict={record.get('verdict')}{mark}", file=sys.stderr, flush=True)
 

@@ -24,22 +24,21 @@ regresses when any gate fails:
 `--only-deterministic` applies the status and deterministic gates alone: the gate to use against a
 baseline recorded on another machine, where time and memory figures are not comparable.
 
-Exit status of main(): 0 nothing regressed, 1 some cell regressed, 2 unusable input.
+`loopmark compare` (bench.cli) exits 0 when nothing regressed, 1 when some cell regressed, 2 on unusable input.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
-from reports.load import load
+from reports.results import baseline_of
 from reports.stats import median_ratio_ci
+from reports.table import format_table
 from reports.units import human_bytes
 
 SYNCS_TOLERANCE = 1e-9
@@ -127,14 +126,11 @@ def time_gate(base_times, cand_times, max_slowdown_pct: float, alpha: float,
 
 def format_text(c: Comparison) -> str:
     """An aligned plain-text table, regressions first, then the lists and the verdict line."""
-    rows = [["cell", "result", "time cand/base [95% CI]", "p", "details"]]
-    rows += [[_cell_name(r.key), _result(r), _time(r), _p(r.p_value), "; ".join(r.regressions + r.notes)]
-             for r in _ordered(c.cells)]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    rows = [[_cell_name(r.key), _result(r), _time(r), _p(r.p_value), "; ".join(r.regressions + r.notes)]
+            for r in _ordered(c.cells)]
     lines = [f"baseline:  {c.baseline}", f"candidate: {c.candidate}", _thresholds(c)]
     lines += [f"warning: {w}" for w in c.warnings]
-    lines.append("")
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+    lines += ["", format_table(["cell", "result", "time cand/base [95% CI]", "p", "details"], rows, right=[3])]
     lines += [""] + _lists(c, lambda title, items: [f"{title}:"] + [f"  {item}" for item in items])
     return "\n".join(line.rstrip() for line in lines + [verdict_line(c)]) + "\n"
 
@@ -161,41 +157,6 @@ def verdict_line(c: Comparison) -> str:
              if c.only_in_baseline or c.only_in_candidate else ""]
     extra = [e for e in extra if e]
     return line + (f" ({', '.join(extra)})" if extra else "")
-
-
-def main(argv=None) -> int:
-    """`loopmark compare BASELINE CANDIDATE [--max-slowdown PCT] [--alpha A] [--format text|md]
-    [--memory-threshold PCT]`: prints the comparison; returns 0, 1 (regression) or 2 (unusable input)."""
-    parser = argparse.ArgumentParser(
-        prog="loopmark compare", description="Compare a candidate loopmark run against a baseline run.",
-        epilog="exit status: 0 no regression, 1 regression, 2 unusable input")
-    parser.add_argument("baseline", help="results directory, results.json or pytest-benchmark JSON")
-    parser.add_argument("candidate", help="results directory, results.json or pytest-benchmark JSON")
-    parser.add_argument("--max-slowdown", type=_non_negative, default=5.0, metavar="PCT",
-                        help="smallest slowdown of the median step time that counts, in %% (default 5)")
-    parser.add_argument("--alpha", type=_probability, default=0.01, metavar="A",
-                        help="significance level of the Mann-Whitney U test (default 0.01)")
-    parser.add_argument("--format", choices=["text", "md"], default="text",
-                        help="output format (default text)")
-    parser.add_argument("--only-deterministic", action="store_true",
-                        help="status, syncs/step, ops/step, verdict and retains_graph only (no time, no memory)")
-    parser.add_argument("--memory-threshold", type=_non_negative, default=5.0, metavar="PCT",
-                        help="largest allowed growth of peak memory, in %% (default 5)")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        base_env, base_df = load(args.baseline)
-        cand_env, cand_df = load(args.candidate)
-    except ValueError as exc:
-        print(f"loopmark compare: {exc}", file=sys.stderr)
-        return 2
-    result = compare(base_env, base_df, cand_env, cand_df, max_slowdown_pct=args.max_slowdown,
-                     alpha=args.alpha, memory_pct=args.memory_threshold,
-                     only_deterministic=args.only_deterministic)
-    print(format_md(result) if args.format == "md" else format_text(result), end="")
-    return 1 if result.regressions else 0
 
 
 # -- one cell ---------------------------------------------------------------------------------------------
@@ -297,7 +258,7 @@ def _device_name(record: dict, env: dict) -> str | None:
 
 
 def _reference_key(record: dict, key: Key) -> Key:
-    reference = "eval_baseline" if record.get("kind") == "eval" or key[1].startswith("eval_") else "baseline"
+    reference = record.get("baseline_variant") or baseline_of(record.get("kind"))  # frames built by hand
     return (key[0], reference, key[2])
 
 
@@ -379,21 +340,3 @@ def _lists(c: Comparison, render) -> list[str]:
 
 def _md(text: str) -> str:
     return text.replace("|", "\\|")
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a non-negative number")
-    return value
-
-
-if __name__ == "__main__":
-    sys.exit(main())

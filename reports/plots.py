@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
-from reports.load import BASELINES, by_workload_device, in_display_order
+from reports.load import by_workload_device, in_display_order, is_baseline
 
 MEMORY_GROWTH_MIN_BYTES_PER_STEP = 64  # above this a variant's memory counts as growing
 MAX_LABEL_CHARS = 56
@@ -125,8 +125,8 @@ def memory_over_steps(df: pd.DataFrame) -> Figure | None:
             if not _has_samples(trace):
                 continue
             values = np.asarray(trace, dtype=float) / MiB
-            if cell["variant"] in BASELINES.values():  # grey: train solid, eval dashed
-                style = "-" if cell["variant"] == "baseline" else "--"
+            if is_baseline(cell):  # grey: train solid, eval dashed
+                style = "--" if cell["kind"] == "eval" else "-"
                 ax.plot(values, color=COLORS["baseline"], linestyle=style, label=_label(cell["variant"]))
             elif cell["memory_growth_bytes_per_step"] <= MEMORY_GROWTH_MIN_BYTES_PER_STEP:
                 continue
@@ -289,7 +289,7 @@ def _styles(cells) -> list[tuple[str, str]]:
 def _style_key(cell: dict) -> str:
     if cell["verdict"] == "broken":
         return "broken"
-    if cell["variant"] in BASELINES.values():
+    if is_baseline(cell):
         return "baseline"
     return "different" if cell["verdict"] == "different" else "variant"
 

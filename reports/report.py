@@ -7,7 +7,6 @@ use `**strong**` and `` `code` ``, which both renderers understand.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import math
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.results import CSV_COLUMNS, FLOOR_VARIANT
-from reports import plots
-from reports.load import BASELINES, PYTEST_BENCHMARK, by_workload_device, load
+from reports import plots, results
+from reports.load import PYTEST_BENCHMARK, by_workload_device, is_baseline, load_records, to_frame
+from reports.results import FLOOR_VARIANT
 from reports.units import human_bytes
 
 FIGURES = {  # plot_<name>.png -> (title, figure function)
@@ -31,7 +30,6 @@ FIGURES = {  # plot_<name>.png -> (title, figure function)
     "cpu_vs_gpu": ("CPU vs GPU", plots.cpu_vs_gpu),
 }
 DPI = 110
-COUNT_COLUMNS = {"batch_size", "steps", "repeats", "warmup_steps", "param_tensors", "peak_memory_bytes"}
 TABLE_HEADER = ["variant", "samples/s", "ratio to baseline (95% CI)", "syncs/step", "peak memory",
                 "growth/step", "param tensors", "verdict", "reason"]
 TABLE_NUMERIC = {1, 2, 3, 4, 5, 6}  # right-aligned columns
@@ -60,14 +58,18 @@ def write_report(paths: list, out_dir=None) -> list[Path]:
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("no results to report on")
-    loaded = [load(p) for p in paths]
+    loaded = [load_records(p) for p in paths]
     envs = [env for env, _ in loaded]
-    df = pd.concat([frame for _, frame in loaded], ignore_index=True)
+    df = pd.concat([to_frame(records) for _, records in loaded], ignore_index=True)
     out = Path(out_dir) if out_dir is not None else Path(envs[0]["source"]).parent
     out.mkdir(parents=True, exist_ok=True)
 
-    written = [write_csv(frame, Path(env["source"]).parent / "results.csv")
-               for env, frame in loaded if env["source_format"] == PYTEST_BENCHMARK]
+    written = []
+    for env, records in loaded:  # a pytest-benchmark JSON gets the results.csv a run writes
+        if env["source_format"] == PYTEST_BENCHMARK:
+            csv_path = Path(env["source"]).parent / "results.csv"
+            results.atomic_write(csv_path, results.csv_text(records))
+            written.append(csv_path)
     images = {}
     for name, (title, figure) in FIGURES.items():
         png_path = out / f"plot_{name}.png"
@@ -77,25 +79,15 @@ def write_report(paths: list, out_dir=None) -> list[Path]:
             continue
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=DPI)
-        png_path.write_bytes(buffer.getvalue())
+        results.atomic_write(png_path, buffer.getvalue())
         images[name] = (title, png_path.name, buffer.getvalue())
         written.append(png_path)
 
     blocks = document(envs, df, images)
     md_path, html_path = out / "report.md", out / "report.html"
-    md_path.write_text(to_markdown(blocks), encoding="utf-8")
-    html_path.write_text(to_html(blocks), encoding="utf-8")
+    results.atomic_write(md_path, to_markdown(blocks))
+    results.atomic_write(html_path, to_html(blocks))
     return [md_path, html_path, *written]
-
-
-def write_csv(df: pd.DataFrame, path: Path) -> Path:
-    """results.csv with bench.results.CSV_COLUMNS (nulls as empty fields)."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        for cell in df.to_dict("records"):
-            writer.writerow([_csv_value(c, cell.get(c)) for c in CSV_COLUMNS])
-    return path
 
 
 def document(envs: list[dict], df: pd.DataFrame, images: dict) -> list[tuple]:
@@ -217,7 +209,7 @@ def _summary(df: pd.DataFrame) -> list[tuple]:
                    ("list", items)]
     else:
         blocks.append(("p", "No variant is broken."))
-    mismatched = df[_mismatch(df)]
+    mismatched = df[df["verdict_as_expected"].eq(False) & df["status"].eq("ok")]
     if len(mismatched):
         blocks += [("p", f"**Verdict differs from the expected one** ({len(mismatched)} cells):"),
                    ("list", [f"{c.variant} on {c.workload}/{c.device}: {c.verdict}, expected "
@@ -234,7 +226,7 @@ def _row(cell: dict) -> tuple[list[str], str]:
     """A table row and its class: broken, mismatch, notok or empty."""
     status, verdict = cell["status"], cell["verdict"]
     sps = _number(cell["samples_per_s"]) + (" (noisy)" if cell["noisy"] is True else "")
-    if cell["variant"] in BASELINES.values():
+    if is_baseline(cell):
         ratio = "1 (baseline)" if _finite(cell["ratio_to_baseline"]) else "–"
     else:
         ratio = _ratio(cell["ratio_to_baseline"], cell["ratio_ci_low"], cell["ratio_ci_high"])
@@ -243,7 +235,7 @@ def _row(cell: dict) -> tuple[list[str], str]:
     verdict_text, reason, cls = verdict or "", cell["verdict_reason"] or "", ""
     if verdict == "broken":
         verdict_text, cls = "**broken**", "broken"
-    if status == "ok" and _mismatch_one(verdict, cell["expected_verdict"]):
+    if status == "ok" and cell["verdict_as_expected"] is False:
         verdict_text += f" (expected {cell['expected_verdict']}) **MISMATCH**"
         cls = cls or "mismatch"
     if status != "ok":  # skipped, error, oom, diverged: the status first, the error as the reason
@@ -277,17 +269,6 @@ def _notes(cell: dict) -> list[str]:
     return notes
 
 
-def _mismatch(df: pd.DataFrame) -> pd.Series:
-    return pd.Series([_mismatch_one(v, e) and s == "ok" for v, e, s in
-                      zip(df["verdict"], df["expected_verdict"], df["status"])], index=df.index, dtype=bool)
-
-
-def _mismatch_one(verdict, expected) -> bool:
-    """A declared `equivalent` (equal within rounding) is also met by `identical`."""
-    met = verdict == expected or (expected == "equivalent" and verdict == "identical")
-    return bool(verdict) and bool(expected) and not met
-
-
 # -- formatting -----------------------------------------------------------------------------------------
 
 def _number(v) -> str:
@@ -307,14 +288,6 @@ def _ratio(ratio, low, high) -> str:
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _csv_value(column: str, v):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if column in COUNT_COLUMNS and isinstance(v, float) and v.is_integer():
-        return int(v)
-    return v
 
 
 def _md_row(cells: list[str]) -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.results import FORMAT, FORMAT_VERSION
+from reports import results, stats
+from reports.results import FORMAT, FORMAT_VERSION
 
 ENVIRONMENT = {
     "loopmark_version": "0.1.0", "command": "loopmark run --workload mlp --workload cnn",
@@ -41,41 +42,35 @@ def step_times(median_s: float, n: int = 200, spread: float = 0.03, seed: int = 
 
 def make_record(workload: str = "mlp", variant: str = "baseline", device: str = "cpu", *, times=None,
                 seed: int = 0, **overrides) -> dict:
-    """A finished (status ok) cell record with every field, raw step times included."""
+    """A finished (status ok) cell record built through the results schema (`reports.results.record`)
+    from a spec, synthetic figures and raw step times in 8 timed blocks; `overrides` replace fields after."""
     kind, idiom, verdict, expected, rel, syncs, growth = VARIANTS.get(
         variant, ("train", "user", "identical", None, 1.0, 1.0, 0.0))
     base_s = BASE_STEP_S.get((workload, device), 1e-3)
     times = step_times(base_s * rel, seed=seed) if times is None else list(times)
-    median = float(np.median(times))
-    q1, q3 = np.percentile(times, [25, 75])
-    batch = 64
+    blocks = 8 if len(times) % 8 == 0 else 1
+    steps = len(times) // blocks
     peak = 40 * 2**20 if device == "cuda" else 120 * 2**20
-    steps = len(times)
-    record = {
-        "workload": workload, "variant": variant, "kind": kind, "idiom": idiom, "device": device,
-        "device_name": ENVIRONMENT["gpu"]["name"] if device == "cuda" else ENVIRONMENT["cpu_model"],
-        "torch_version": ENVIRONMENT["torch"], "batch_size": batch, "steps": steps, "repeats": 4,
-        "warmup_steps": 5, "samples_per_s": batch / median, "step_time_median_s": median,
-        "step_time_iqr_s": float(q3 - q1), "step_time_ci_low_s": median * 0.99,
-        "step_time_ci_high_s": median * 1.01, "iqr_over_median": float((q3 - q1) / median),
-        "ratio_to_baseline": rel / (0.4 if kind == "eval" else 1.0),  # eval_baseline is 0.4 of baseline
-        "ratio_ci_low": None, "ratio_ci_high": None,
+    spec = results.CellSpec(
+        workload=workload, variant=variant, kind=kind, device=device, idiom=idiom,
+        description=f"synthetic {variant}",
+        device_name=ENVIRONMENT["gpu"]["name"] if device == "cuda" else ENVIRONMENT["cpu_model"],
+        torch_version=ENVIRONMENT["torch"], batch_size=64, steps=steps, repeats=blocks, warmup_steps=5,
+        expected_verdict=expected)
+    figures = {
         "syncs_per_step": syncs, "syncs_per_step_cuda_debug": syncs if device == "cuda" else None,
-        "ops_per_step": 120.0, "peak_memory_bytes": peak + (growth * steps if growth else 0),
+        "ops_per_step": 120.0, "peak_memory_bytes": peak + (growth * len(times) if growth else 0),
         "memory_growth_bytes_per_step": growth, "tensor_growth_bytes_per_step": growth,
         "rss_growth_bytes_per_step": None, "retains_graph": variant in ("graph_sum", "eval_graph_sum"),
         "reported_loss": 0.51, "exact_loss": 0.5, "loss_rel_error": 0.02, "param_max_rel_diff": 0.0,
-        "verdict": verdict, "verdict_reason": f"{verdict}: synthetic reason for {variant}",
-        "expected_verdict": expected, "energy_j_per_sample": 0.002 if device == "cuda" else None,
-        "status": "ok", "error": None, "noisy": bool((q3 - q1) / median > 0.1), "param_tensors": 6,
-        "step_times_s": times, "block_medians_s": None,
-        "memory_trace_bytes": [peak - 2**20 + growth * i for i in range(steps)],
-        "sync_sites": {"loops/canonical.py:42": int(syncs * steps)} if syncs else {},
-        "description": f"synthetic {variant}",
+        "verdict": verdict, "verdict_reason": f"{verdict}: synthetic reason for {variant}", "param_tensors": 6,
+        "memory_trace_bytes": [peak - 2**20 + growth * i for i in range(len(times))],
+        "sync_sites": {"loops/canonical.py:42": int(syncs * len(times))} if syncs else {},
     }
-    if record["ratio_to_baseline"] is not None:
-        record["ratio_ci_low"] = record["ratio_to_baseline"] * 0.97
-        record["ratio_ci_high"] = record["ratio_to_baseline"] * 1.03
+    energy = [0.002 * 64 * steps] * blocks if device == "cuda" else []
+    m = results.Measurement(figures=figures, blocks=[times[i * steps:(i + 1) * steps] for i in range(blocks)],
+                            energy_j=energy)
+    record = results.record(spec, m)
     record.update(overrides)
     return refresh_blocks(record)
 
@@ -98,7 +93,7 @@ def full_run() -> list[dict]:
     records.append(null_record("cnn", "cuda_graphs", "cpu", "skipped", "needs a CUDA device"))
     records.append(null_record("mlp", "tensor_list_totensor", "cuda", "error",
                                "RuntimeError: CUDA error: an illegal memory access was encountered"))
-    return records
+    return results.derive(records)
 
 
 def write_results_json(path: Path, records: list[dict], environment: dict | None = None) -> Path:
@@ -142,12 +137,14 @@ def pytest_benchmark_doc(records: list[dict], save_data: bool = True) -> dict:
 
 
 def refresh_blocks(record: dict) -> dict:
-    """Make `steps` and `block_medians_s` agree with `step_times_s` (8 blocks where they divide evenly, else
-    one), as a real run writes them."""
+    """Make `steps`, `block_medians_s` and the step-time statistics agree with `step_times_s` (8 blocks where
+    they divide evenly, else one), as a real run writes them."""
     times = record.get("step_times_s")
     if times:
         blocks = 8 if len(times) % 8 == 0 else 1
         steps = len(times) // blocks
         record["steps"] = steps
         record["block_medians_s"] = [float(np.median(times[i * steps:(i + 1) * steps])) for i in range(blocks)]
+        record.update(stats.summarize(times))
+        record["samples_per_s"] = record["batch_size"] / record["step_time_median_s"]
     return record

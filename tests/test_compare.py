@@ -16,9 +16,15 @@ from conftest_reports_data import (
     write_results_json,
 )
 
-from reports.compare import compare, format_md, format_text, main, time_gate
+from bench.cli import main as loopmark
+from reports.compare import compare, format_md, format_text, time_gate
 from reports.load import load, to_frame
 from reports.stats import median_ci, median_ratio_ci
+
+
+def main(argv: list[str]) -> int:
+    """`loopmark compare ARGV...` through the command line."""
+    return loopmark(["compare", *argv])
 
 
 def _records(**changes) -> list[dict]:

@@ -14,10 +14,11 @@ import pytest
 from conftest_reports_data import full_run, make_record, null_record, pytest_benchmark_doc, write_results_json
 from matplotlib.figure import Figure
 
-from bench.results import CSV_COLUMNS
 from reports import plots
 from reports.load import load, to_frame
 from reports.report import FIGURES, write_report
+from reports.results import CSV_COLUMNS
+from reports.stats import median_ratio_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -51,7 +52,10 @@ def test_report_from_results_json(tmp_path):
     graph_sum_row = next(line for line in md.splitlines() if line.startswith("| **graph_sum** |"))
     assert "| **broken** |" in graph_sum_row and "+58.6 KiB/step" in graph_sum_row
     tensor_sum_row = next(line for line in md.splitlines() if line.startswith("| tensor_sum |"))
-    assert "| 0.80x [0.78, 0.82] |" in tensor_sum_row
+    low, high = median_ratio_ci(*(next(r["step_times_s"] for r in full_run() if r["variant"] == v
+                                       and r["workload"] == "mlp" and r["device"] == "cpu")
+                                  for v in ("baseline", "tensor_sum")))
+    assert f"| 0.80x [{low:.2f}, {high:.2f}] |" in tensor_sum_row
     assert "MISMATCH" in next(line for line in md.splitlines() if line.startswith("| set_to_none_false |"))
     assert "| cuda_graphs | – | – | – | – | – | – | skipped | needs a CUDA device |" in md
     assert not re.search(r"\bnan\b", md, re.IGNORECASE)  # nulls are shown as –, never as nan
@@ -221,7 +225,7 @@ def test_reports_never_import_torch():
 def test_cuda_groups_show_the_ratio_to_the_cuda_graph_floor(tmp_path):
     from conftest_reports_data import BASE_STEP_S, step_times
 
-    from bench.results import write_results
+    from reports.results import write_results
 
     floor = make_record("mlp", "cuda_graph_step", "cuda", times=step_times(BASE_STEP_S[("mlp", "cuda")] / 4))
     write_results(tmp_path / "run", {}, [*_small_run(), floor])

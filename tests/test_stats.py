@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench import stats
+from reports import stats
 
 
 def test_median_iqr_and_noise_flag_by_hand():
