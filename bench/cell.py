@@ -1,18 +1,24 @@
-"""A cell's parts: a freshly seeded model, optimizer and loss on a device, and staged batches.
+"""A cell's parts: a freshly seeded model, optimizer and loss on a device, the variant's loop prepared for
+them, and staged batches.
 
 Every pass builds its own `Cell`, so the passes never share state: the same seed gives every variant the
-same initial weights, and `stage_batches` gives every variant the same batches in the same order.
+same initial weights, and `stage_batches` gives every variant the same batches in the same order. What a
+loop keeps from epoch to epoch (a GradScaler, a compiled function, a captured CUDA graph) is made when the
+cell is built, and belongs to that cell alone.
 """
 
 from __future__ import annotations
 
 import itertools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from loops import Run, Variant, Workload
+from loops.canonical import TrainLoop
 
 
 @dataclass
@@ -23,13 +29,19 @@ class Cell:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     criterion: torch.nn.Module
+    loop: Callable[[Run], Any]  # the variant's loop, prepared for this cell's model and optimizer
 
     def run(self, batches) -> Run:
         return Run(self.model, self.optimizer, self.criterion, batches, self.device)
 
     def epoch(self, batches):
         """Run the variant's loop once over `batches`; returns what the loop reports."""
-        return self.variant.fn(self.run(batches))
+        return self.loop(self.run(batches))
+
+    def device_tensors(self) -> list[torch.Tensor]:
+        """The device tensors the prepared loop holds besides the model's and the optimizer's (a captured
+        CUDA graph's static inputs and running loss); a user's loop holds none between epochs."""
+        return self.loop.device_tensors() if isinstance(self.loop, TrainLoop) else []
 
     def batches(self, staged: list):
         """What this cell's loop reads: the staged batches, or a live DataLoader for input-pipeline variants."""
@@ -44,12 +56,8 @@ class LiveBatches:
     """A real DataLoader (workers, pinned memory as the variant asks) read block by block, its workers kept."""
 
     def __init__(self, workload: Workload, options: dict):
-        generator = torch.Generator().manual_seed(workload.seed)
-        workers = options.get("num_workers", 0)
-        self.loader = torch.utils.data.DataLoader(
-            workload.train_data, batch_size=workload.batch_size, shuffle=True, drop_last=True,
-            generator=generator, num_workers=workers, persistent_workers=workers > 0,
-            pin_memory=options.get("pin_memory", False) and torch.cuda.is_available())
+        kept = options.get("num_workers", 0) > 0  # workers outlive a block: the next one does not respawn them
+        self.loader = workload.loader("train", persistent_workers=kept, **options)
         self.iterator = iter(self.loader)
 
     def _next(self):
@@ -81,7 +89,8 @@ def reset_compiled() -> None:
     """Forget torch.compile's compiled code (if torch.compile was used at all in this process).
 
     Every pass builds new models; compiled code is cached per model and dynamo stops compiling a
-    function after a few models (its recompile limit), silently running it eagerly after that.
+    function after a few models (its recompile limit), silently running it eagerly after that. So
+    `build_cell` calls it: a cell's loop compiles, if it does, on its first epoch, as the first model.
     """
     dynamo = sys.modules.get("torch._dynamo")
     if dynamo is not None:
@@ -95,10 +104,16 @@ def graph_breaks() -> int:
 
 
 def build_cell(workload: Workload, variant: Variant, device: torch.device, seed: int = 0) -> Cell:
+    """A fresh cell: the model seeded, the optimizer over it, the variant's loop prepared for both.
+
+    Building a cell forgets compiled code, so build every cell of a pass before running any whose loop
+    compiles: a cell run after another is built recompiles on its next epoch."""
+    reset_compiled()
     torch.manual_seed(workload.seed + seed)
     model = workload.build_model().to(device)
     optimizer = workload.build_optimizer(model.parameters())
-    return Cell(workload, variant, device, model, optimizer, workload.criterion.to(device))
+    loop = variant.loop_for(model, optimizer, device)
+    return Cell(workload, variant, device, model, optimizer, workload.criterion.to(device), loop)
 
 
 def stage_batches(workload: Workload, split: str, count: int, device: torch.device) -> list:
@@ -106,10 +121,12 @@ def stage_batches(workload: Workload, split: str, count: int, device: torch.devi
 
     Default cells measure the loop, not the input pipeline: batches are moved to the device once,
     before any pass, so the loop's own `.to(device)` is a no-op, as with a device-resident dataset.
+    They are copies on the CPU too: a Dataset of whole batches hands out its own tensors, and a live
+    loader's batch must never be the very tensor the sync pass counts as staged on the device.
     """
     loader = workload.loader(split)
     batches = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), count)
-    return [tuple(t.to(device) for t in batch) for batch in batches]
+    return [tuple(t.to(device, copy=True) for t in batch) for batch in batches]
 
 
 def parse_device(name: str) -> torch.device:

@@ -32,8 +32,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from loops.canonical import graph_tensors
-
 STAND_IN = torch.device("cpu", 0)
 
 # operators that read device memory back to the host or whose output shape depends on device data
@@ -222,9 +220,11 @@ class SyncCounter:
         return False
 
 
-def device_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list) -> list:
-    """The tensors that would live on the accelerator when a pass starts."""
-    tensors = [*model.parameters(), *model.buffers(), batches, *graph_tensors(optimizer)]
+def device_state(cell, batches: list) -> list:
+    """The tensors that would live on the accelerator when a pass starts: the cell's model, gradients and
+    optimizer state, the batches, and what its prepared loop holds (a captured step's static tensors)."""
+    model, optimizer = cell.model, cell.optimizer
+    tensors = [*model.parameters(), *model.buffers(), batches, *cell.device_tensors()]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     for group in optimizer.param_groups:
         on_device_step = group.get("capturable", False) or group.get("fused", False)
@@ -252,7 +252,7 @@ def measure_syncs(cell, batches: list) -> dict:
     """Syncs and operators per step over one epoch of `batches` (the cell is already warmed up)."""
     device = cell.device
     counter = SyncCounter(device)
-    counter.track(device_state(cell.model, cell.optimizer, batches))
+    counter.track(device_state(cell, batches))
     if device.type == "cpu":
         cell.device = STAND_IN
     try:
@@ -263,7 +263,7 @@ def measure_syncs(cell, batches: list) -> dict:
     steps = len(batches)
     record = {"syncs_per_step": counter.syncs / steps, "ops_per_step": counter.ops / steps,
               "sync_sites": dict(counter.sites), "sync_kinds": dict(counter.kinds),
-              "unsynced_reads_per_step": counter.hazards / steps}
+              "unsynced_reads_per_step": counter.hazards / steps, "unsynced_read_sites": dict(counter.hazard_sites)}
     if device.type == "cuda":
         record["syncs_per_step_cuda_debug"] = count_cuda_debug_syncs(lambda: cell.epoch(cell.batches(batches))) / steps
     return record

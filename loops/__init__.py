@@ -1,6 +1,6 @@
 """Training-loop variants and the workloads they run on."""
 
-from loops.canonical import EvalIdioms, Idioms, Run, eval_epoch, train_epoch
+from loops.canonical import EvalIdioms, Idioms, Run, TrainLoop, eval_epoch, train_epoch
 from loops.resolve import BadName
 from loops.variants import (
                             BASELINES,
@@ -23,6 +23,7 @@ __all__ = [
                             "EvalIdioms",
                             "Idioms",
                             "Run",
+                            "TrainLoop",
                             "Variant",
                             "Workload",
                             "builtin_names",

@@ -4,8 +4,12 @@ A built-in variant is the canonical loop with one idiom changed: a name, the idi
 line saying what it changes, the `Idioms`/`EvalIdioms` fields it sets, and the verdict it is expected to
 get from the correctness pass (per workload where it depends on the workload).
 
-Variants compose with `+`: `tensor_sum+set_to_none_false` sets the fields of both. A user's variant is a
-plain function `fn(run: loops.Run)` named `package.module:function`; see README.md.
+Variants compose with `+`: `tensor_sum+set_to_none_false` sets the fields of both. A composition expects the
+verdict `INTERACTIONS` declares where the field values it sets interact, and otherwise the worse of its parts'
+verdicts: fields that act independently add their effects, so the composition is as far from the baseline as
+its farthest part.
+
+A user's variant is a plain function `fn(run: loops.Run)` named `package.module:function`; see README.md.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loops import canonical
-from loops.canonical import EvalIdioms, Idioms, Run
-from loops.resolve import BadName, load_object
+import torch
+from torch import nn
 
-VERDICTS = ("identical", "equivalent", "different", "broken")
+from loops import canonical
+from loops.canonical import EvalIdioms, Idioms, Run, TrainLoop
+from loops.resolve import BadName, load_object
+from reports.results import BASELINES, VERDICTS, verdict_matches  # noqa: F401 (re-exported by loops)
 
 
 @dataclass(frozen=True)
@@ -28,11 +34,20 @@ class Variant:
     idiom: str
     description: str
     kind: str  # "train" or "eval"
-    fn: Callable[[Run], Any] = field(compare=False)
+    fn: Callable[[Run], Any] = field(compare=False)  # one epoch: a user's function, a built-in loop made for it
     expected: dict[str, str] | None = None  # workload -> verdict; "*" for any other workload
     requires: str | None = None  # "cuda" for a GPU-only variant
     input_loader: dict | None = None  # DataLoader options when the variant reads a live loader
     replays_graph: bool = False  # its steps replay a captured CUDA graph: no Python hook sees them
+    # makes the loop of one cell, with the state that outlives an epoch (a built-in training loop's
+    # `TrainLoop`); None: `fn` keeps nothing from epoch to epoch and is the cell's loop as it is
+    prepare: Callable[[nn.Module, torch.optim.Optimizer, torch.device], Callable[[Run], Any]] | None = \
+        field(default=None, compare=False)
+
+    def loop_for(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device) -> Callable[[Run], Any]:
+        """The loop a cell calls once per epoch, made when the cell is built."""
+        return self.prepare(model, optimizer, device) if self.prepare else self.fn
 
     def expected_for(self, workload: str) -> str | None:
         if self.expected is None:
@@ -159,14 +174,34 @@ BUILTINS: dict[str, _Builtin] = {
                             "alive (bug)", "broken", grad_mode="enabled", tracking="graph"),
 }
 
-BASELINES = {"train": "baseline", "eval": "eval_baseline"}
 _SEVERITY = {v: i for i, v in enumerate(VERDICTS)}
 
 
-def _loop(kind: str, changes: dict) -> Callable[[Run], Any]:
+def _loop(kind: str, changes: dict) -> tuple[Callable[[Run], Any], Callable | None]:
+    """(one epoch as `fn(run)`, what prepares the loop of a cell): an evaluation loop has nothing to prepare."""
     if kind == "train":
-        return functools.partial(canonical.train_epoch, idioms=Idioms(**changes))
-    return functools.partial(canonical.eval_epoch, idioms=EvalIdioms(**changes))
+        idioms = Idioms(**changes)
+        return functools.partial(canonical.train_epoch, idioms=idioms), functools.partial(TrainLoop, idioms)
+    return functools.partial(canonical.eval_epoch, idioms=EvalIdioms(**changes)), None
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """Idioms values whose effects do not add up: a composition that sets them (`applies`) gets `verdict` on
+    every workload, for `reason`, instead of the worse of its parts' verdicts."""
+
+    fields: tuple[str, ...]
+    applies: Callable[[Idioms], bool]
+    verdict: str
+    reason: str
+
+
+INTERACTIONS = (
+    Interaction(("zero_grad_at", "accumulate"),
+                lambda idioms: idioms.zero_grad_at == "before_backward" and idioms.accumulate > 1, "broken",
+                "zero_grad() before each micro-batch's backward() drops the gradients of the micro-batches "
+                "before it: the step sees the last micro-batch's alone"),
+)
 
 
 # the idioms of the seed article; the others ("beyond the seed") join a default run with --extended
@@ -179,6 +214,8 @@ def builtin_names(kind: str | None = None, extended: bool = True) -> list[str]:
 
 
 def _compose(names: list[str]) -> Variant:
+    """The variant setting the fields of every part; its expected verdict is described in the module's
+    docstring."""
     parts = [BUILTINS[n] for n in names]
     kinds = {p.kind for p in parts}
     if len(kinds) > 1:
@@ -189,9 +226,6 @@ def _compose(names: list[str]) -> Variant:
         if clash:
             raise BadName(f"{'+'.join(names)}: {name} changes {', '.join(sorted(clash))} a second time")
         changes.update(part.changes)
-    workloads = set().union(*(p.expected for p in parts))
-    expected = {w: max((p.expected.get(w, p.expected["*"]) for p in parts), key=_SEVERITY.get)
-                for w in workloads}
     name = "+".join(names)
     idiom = parts[0].idiom if len(parts) == 1 else " + ".join(dict.fromkeys(p.idiom for p in parts))
     description = parts[0].description if len(parts) == 1 else "; ".join(p.description for p in parts)
@@ -203,11 +237,27 @@ def _compose(names: list[str]) -> Variant:
                  or changes.get("cuda_graph", False))
     requires = "cuda" if cuda_only else None
     try:
-        fn = _loop(kind, changes)
+        fn, prepare = _loop(kind, changes)
     except ValueError as exc:  # idioms that do not combine
         raise BadName(f"{name}: {exc}") from None
+    expected, interaction = _expected(parts, changes)
+    if interaction:
+        description += f"; together: {interaction.reason}"
     return Variant(name, idiom, description, kind, fn, expected, requires, loaders[0] if loaders else None,
-                   changes.get("cuda_graph", False))
+                   changes.get("cuda_graph", False), prepare)
+
+
+def _expected(parts: list[_Builtin], changes: dict) -> tuple[dict, Interaction | None]:
+    """A composition's expected verdict per workload (the module docstring's rule), and the interaction
+    that decided it, if one did."""
+    if len(parts) > 1 and parts[0].kind == "train":
+        idioms = Idioms(**changes)
+        for interaction in INTERACTIONS:
+            if set(interaction.fields) <= set(changes) and interaction.applies(idioms):
+                return {"*": interaction.verdict}, interaction
+    workloads = set().union(*(p.expected for p in parts))
+    worse = {w: max((p.expected.get(w, p.expected["*"]) for p in parts), key=_SEVERITY.get) for w in workloads}
+    return worse, None
 
 
 def resolve_variant(name: str) -> Variant:
@@ -223,12 +273,6 @@ def resolve_variant(name: str) -> Variant:
         raise BadName(f"unknown variant {unknown[0]!r}; valid: {', '.join(BUILTINS)}, "
                       "a '+' composition of them, or package.module:function")
     return _compose(parts)
-
-
-def verdict_matches(measured: str | None, expected: str | None) -> bool:
-    """Whether a measured verdict meets the declared one. `equivalent` (equal within rounding) is also met
-    by `identical`: a float32 running mean can round to exactly the float64 value on a short run."""
-    return measured == expected or (expected == "equivalent" and measured == "identical")
 
 
 def evaluation(fn: Callable) -> Callable:

@@ -30,16 +30,22 @@ class Workload:
     # a Dataset whose items are whole batches (batch_size is then only reported)
     batched: bool = False
 
-    def loader(self, split: str = "train") -> DataLoader:
-        """A real DataLoader over the split, shuffled by a generator seeded from the workload's seed."""
+    def loader(self, split: str = "train", *, num_workers: int = 0, pin_memory: bool = False,
+               persistent_workers: bool = False) -> DataLoader:
+        """A real DataLoader over the split, shuffled by a generator seeded from the workload's seed: the one
+        place a workload's batches come from, so every reader (staged batches, a live input pipeline with
+        workers and pinned memory) sees the same batches in the same order. Memory is pinned only where there
+        is a GPU to copy to."""
         data = self.train_data if split == "train" else self.test_data
         if data is None:
             raise ValueError(f"workload {self.name!r} has no {split} data")
+        options = {"num_workers": num_workers, "persistent_workers": persistent_workers,
+                   "pin_memory": pin_memory and torch.cuda.is_available()}
         if self.batched:
-            return DataLoader(data, batch_size=None, shuffle=False)
+            return DataLoader(data, batch_size=None, shuffle=False, **options)
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(data, batch_size=self.batch_size, shuffle=split == "train", drop_last=True,
-                          generator=generator)
+                          generator=generator, **options)
 
 
 def _classification_data(n: int, shape: tuple[int, ...], classes: int, seed: int) -> TensorDataset:

@@ -14,7 +14,7 @@ import torch
 from bench import correctness
 from bench.cell import build_cell, stage_batches
 from bench.syncs import measure_syncs
-from loops import canonical, resolve_variant, resolve_workload
+from loops import graphs, resolve_variant, resolve_workload
 
 CPU = torch.device("cpu")
 
@@ -48,12 +48,12 @@ def on_cpu(name: str, **changes):
 @pytest.fixture
 def replayer(monkeypatch):
     Replayer.captures = 0
-    monkeypatch.setattr(canonical, "capture", Replayer)
+    monkeypatch.setattr(graphs, "capture", Replayer)
     return Replayer
 
 
 def test_the_variant_is_cuda_only_and_names_its_idioms():
-    from bench.results import FLOOR_VARIANT
+    from reports.results import FLOOR_VARIANT
 
     v = resolve_variant(FLOOR_VARIANT)  # the reports' floor is this variant
     assert v.requires == "cuda" and v.replays_graph and v.idiom == "CUDA graphs"
@@ -88,13 +88,13 @@ def test_one_eager_step_then_one_capture_then_replays(replayer):
     wl = resolve_workload("mlp")
     staged = stage_batches(wl, "train", 5, CPU)
     cell = build_cell(wl, on_cpu("cuda_graph_step"), CPU)
-    graphed = canonical.graphed_step(cell.optimizer, CPU)
+    graphed = cell.loop.graphed  # made with the cell, once
     replays = []
     cell.epoch(staged[:3])
     graph = graphed.graph
     graph.replay = lambda original=graph.replay: (replays.append(1), original())
     cell.epoch(staged[3:])
-    assert graphed.eager_steps == canonical.GRAPH_WARMUP_STEPS == 1
+    assert graphed.eager_steps == graphs.GRAPH_WARMUP_STEPS == 1
     assert replayer.captures == 1 and graphed.graph is graph and len(replays) == 2
 
 
@@ -123,13 +123,12 @@ def test_a_batch_of_another_shape_is_refused(replayer):
     cell = build_cell(wl, on_cpu("cuda_graph_step"), CPU)
     for group in cell.optimizer.param_groups:
         group["capturable"] = False  # Adam's capturable path needs a GPU; the shape check comes first
-    canonical._GRAPHED[cell.optimizer] = canonical.GraphedStep(CPU)
     with pytest.raises(ValueError, match=r"a CUDA graph replays fixed shapes: got a batch of \(32, 20\)"):
         cell.epoch(staged)
 
 
 def test_boundary_check_catches_a_graph_that_steps_twice(monkeypatch):
-    monkeypatch.setattr(canonical, "capture", ReplayTwice)
+    monkeypatch.setattr(graphs, "capture", ReplayTwice)
     record = correctness.check(resolve_workload("mlp"), on_cpu("cuda_graph_step"), CPU)
     assert record["verdict"] == "broken"
     assert record["verdict_reason"].startswith("step 2 consumed a gradient")
