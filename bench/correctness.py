@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_map
 
 from bench.cell import build_cell
 from bench.syncs import measure_syncs
@@ -43,6 +44,10 @@ GRAD_RTOL = 1e-4  # a fresh recomputation of a float32 gradient agrees to ~1e-7;
 FP16_GRAD_RTOL = 1e-2
 LOSS_RTOL = 1e-5  # float32 accumulation of a few losses: ~1e-7
 EQUIV_RTOL = 1e-5
+# the correctness pass's size, the same under `loopmark check` and `loopmark run` (full or --quick), so that a
+# verdict never depends on which command gave it: 2 epochs show accumulation across epochs, 3 steps across steps
+CHECK_EPOCHS = 2
+CHECK_STEPS = 3
 
 
 @dataclass
@@ -51,9 +56,13 @@ class Trajectory:
 
     reported: list = field(default_factory=list)  # per epoch, as the loop reported it
     batch_losses: list = field(default_factory=list)  # per epoch, float64 list of every computed loss
+    batch_sizes: list = field(default_factory=list)  # per epoch, the batch size behind each of those losses
     hits: list = field(default_factory=list)  # per epoch, exact correct count (evaluation)
     totals: list = field(default_factory=list)
-    grad_error: str | None = None
+    grad_error: str | None = None  # the first step that mixed in other batches or missed its own: broken
+    grad_changed: str | None = None  # the first step that used a function of its own batch's gradient
+    grad_unknown: str | None = None  # the first step whose gradient loopmark cannot explain
+    losses_from_backward: bool = False  # the loop's loss did not go through run.criterion
     optimizer_steps: int = 0
     batches: int = 0
     retains_graph: bool = False
@@ -62,38 +71,101 @@ class Trajectory:
 
 
 class _RecordingCriterion(torch.nn.Module):
-    def __init__(self, criterion, sink: list, hits: list, totals: list, seen: _Seen):
+    """`run.criterion` as the correctness pass hands it to the loop: the workload's criterion, recording each
+    loss and correct count as tensors (reading them back here, inside a compiled region, would be a graph
+    break the timed program does not have; they are read after the epoch)."""
+
+    def __init__(self, criterion, sink: list, hits: list, sizes: list, seen: _Seen):
         super().__init__()
-        self.criterion, self.sink, self.hits, self.totals, self.seen = criterion, sink, hits, totals, seen
+        self.criterion, self.sink, self.hits, self.sizes, self.seen = criterion, sink, hits, sizes, seen
 
     def forward(self, output, target):
         self.seen.target(target)
         loss = self.criterion(output, target)
-        self.sink.append(float(loss.detach().double()))
-        self.hits.append(int(output.detach().argmax(1).eq(target).sum()))
-        self.totals.append(int(target.numel()))
+        self.sink.append(loss.detach().double())
+        classes = isinstance(output, torch.Tensor) and output.dim() == 2 and not target.is_floating_point() \
+            and target.shape == output.shape[:1]
+        self.hits.append(output.detach().argmax(1).eq(target).sum() if classes else None)
+        self.sizes.append(target.shape[0] if target.dim() else 1)
         return loss
 
 
 class _Seen:
-    """The (input, target) pairs the model has seen since the last optimizer step."""
+    """What the loop computed since the last optimizer step, seen from outside it: the inputs of each forward
+    (with the random-number state they saw, so that dropout draws the same masks when recomputed), the
+    (input, target) pairs whose loss went through `run.criterion`, and the gradient of every tensor the loop
+    backpropagated."""
 
-    def __init__(self):
-        self.inputs, self.pending, self.paused = [], [], False
+    def __init__(self, params: list):
+        self.params = params
+        self.inputs, self.pending, self.backward, self.backward_values = [], [], [], []
+        self.forwards, self.paused = 0, False
 
-    def forward_pre_hook(self, module, args):
+    def forward_pre_hook(self, module, args, kwargs):
         if not self.paused:
-            x = args[0].detach()
-            self.inputs.append((x, _autocast_state(x.device.type)))
+            inputs = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, (args, kwargs))
+            device = _device_of(inputs)
+            # inside a compiled region reading the generator would be a graph break the timed program does not
+            # have (and compiled code draws its own random numbers): no replay there
+            rng = None if torch.compiler.is_compiling() else _rng_state(device)
+            self.inputs.append((inputs, _autocast_state(device.type), rng))
+            self.forwards += 1
 
     def target(self, target):
         if not self.paused and self.inputs:
-            x, autocast = self.inputs.pop(0)
-            self.pending.append((x, target.detach(), autocast))
+            x, autocast, rng = self.inputs.pop(0)
+            self.pending.append((x, target.detach(), autocast, rng))
 
-    def take(self) -> list:
-        pending, self.pending, self.inputs = self.pending, [], []
-        return pending
+    def backpropagated(self, tensor, gradient) -> None:
+        """Record the gradient `tensor.backward(gradient)` is about to add to the parameters."""
+        if self.paused:
+            return
+        grads = torch.autograd.grad(tensor, self.params, grad_outputs=gradient, retain_graph=True,
+                                    allow_unused=True)
+        self.backward.append(torch.cat([(g if g is not None else torch.zeros_like(p)).detach().double().flatten()
+                                        for g, p in zip(grads, self.params)]))
+        if isinstance(tensor, torch.Tensor) and tensor.numel() == 1:
+            self.backward_values.append(float(tensor.detach().double()))
+
+    def take(self) -> tuple[list, list, bool]:
+        """(criterion pairs, backpropagated gradients, whether every forward's loss went through the
+        criterion) since the last step; starts the next step."""
+        complete = self.forwards > 0 and len(self.pending) == self.forwards
+        taken = self.pending, self.backward, complete
+        self.pending, self.backward, self.inputs, self.forwards = [], [], [], 0
+        return taken
+
+
+def _rng_state(device: torch.device):
+    """The random-number state a forward starts from: CPU's, and the CUDA device's for a CUDA input."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def _replayed_rng(device: torch.device, state):
+    """Run the block with the random-number state `state`, leaving the loop's own streams untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+@contextlib.contextmanager
+def _watch_backward(seen: _Seen):
+    """Every backward pass the loop starts (`loss.backward()` and `torch.autograd.backward`, which it calls)
+    reports its gradient to `seen` first."""
+    original = torch.autograd.backward
+
+    def backward(tensors, grad_tensors=None, *args, **kwargs):
+        seen.backpropagated(tensors, grad_tensors)
+        return original(tensors, grad_tensors, *args, **kwargs)
+
+    torch.autograd.backward = backward
+    try:
+        yield
+    finally:
+        torch.autograd.backward = original
 
 
 def _flat_grads(params: list) -> torch.Tensor:
@@ -108,11 +180,17 @@ def _autocast_state(device_type: str):
     return torch.get_autocast_dtype(device_type)
 
 
-def _loss_as_seen(model, state, criterion, x, y, autocast_dtype):
-    ctx = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+def _device_of(inputs) -> torch.device:
+    return next((t.device for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)), torch.device("cpu"))
+
+
+def _loss_as_seen(model, state, criterion, inputs, y, autocast_dtype, rng):
+    """The loss the loop computed from `inputs` (the forward's (args, kwargs)), recomputed at `state`."""
+    device = _device_of(inputs)
+    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
-    with ctx:
-        return criterion(functional_call(model, state, (x,)), y)
+    with ctx, _replayed_rng(device, rng) if rng is not None else contextlib.nullcontext():
+        return criterion(functional_call(model, state, inputs[0], inputs[1]), y)
 
 
 def _fresh_grad(model, criterion, batches: list, at: dict | None = None) -> tuple[torch.Tensor, list[float]]:
@@ -124,7 +202,7 @@ def _fresh_grad(model, criterion, batches: list, at: dict | None = None) -> tupl
     if not batches:
         return torch.cat([torch.zeros_like(p).double().flatten() for p in params.values()]), []
     state = {**{n: at[n].detach().clone() for n, _ in model.named_buffers()}, **params}
-    losses = [_loss_as_seen(model, state, criterion, x, y, dtype) for x, y, dtype in batches]
+    losses = [_loss_as_seen(model, state, criterion, x, y, dtype, rng) for x, y, dtype, rng in batches]
     grads = torch.autograd.grad(torch.stack(losses).mean(), [params[n] for n in names], allow_unused=True)
     flat = torch.cat([(g if g is not None else torch.zeros_like(params[n])).double().flatten()
                       for n, g in zip(names, grads)])
@@ -134,7 +212,7 @@ def _fresh_grad(model, criterion, batches: list, at: dict | None = None) -> tupl
 def _grad_rtol(pending: list) -> float:
     """float16 autocast with a GradScaler backpropagates a scaled loss: its rounding differs from the fresh
     unscaled recomputation by ~1e-4."""
-    return FP16_GRAD_RTOL if any(dtype == torch.float16 for _, _, dtype in pending) else GRAD_RTOL
+    return FP16_GRAD_RTOL if any(p[2] == torch.float16 for p in pending) else GRAD_RTOL
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -143,18 +221,59 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return 0.0 if diff == 0.0 else diff / max(scale, 1e-30)
 
 
-def _describe_wrong_grad(step: int, consumed, fresh_history: list) -> str:
-    if float(consumed.norm()) == 0.0:
-        return f"step {step} consumed no gradient (all zero or None) instead of its batch gradient"
-    for m in range(2, len(fresh_history) + 1):
-        if _rel(consumed, sum(fresh_history[-m:])) <= GRAD_RTOL:
-            return f"step {step} consumed the sum of {m} batch gradients"
-    for k in range(2, 65):
-        if _rel(consumed, k * fresh_history[-1]) <= GRAD_RTOL:
-            return f"step {step} consumed {k} times its batch gradient"
-    ratio = float(consumed.norm() / fresh_history[-1].norm())
-    return (f"step {step} consumed a gradient {_rel(consumed, fresh_history[-1]):.2g} (relative) away from "
-            f"its batch gradient (norm ratio {ratio:.3g})")
+def _power_of_two(x: float) -> bool:
+    return x > 0 and math.isfinite(x) and math.log2(x) == round(math.log2(x))
+
+
+@dataclass
+class _Step:
+    """One optimizer step as the correctness pass saw it."""
+
+    number: int
+    consumed: torch.Tensor  # the gradient in .grad when optimizer.step() ran
+    fresh: torch.Tensor | None  # this step's batch gradient (None: no forward and no backward since the last)
+    rtol: float
+    from_backward: bool = False  # fresh is the gradient of what the loop backpropagated, not of run.criterion
+    micro: list = field(default_factory=list)  # fresh gradients of each micro-batch, when there are several
+
+
+def _judge(step: _Step, history: list[_Step]) -> tuple[str, str]:
+    """("ok" | "changed" | "broken" | "unknown", reason) for one step.
+
+    `broken`: the step mixed in other batches' gradients or missed its own (zeroed, stale, accumulated,
+    dropped micro-batches, the same gradient applied twice). `changed`: it used a function of its own batch's
+    gradient alone (scaled, clipped by norm or by value). `unknown`: neither explains it."""
+    n, c, f = step.number, step.consumed, step.fresh
+    zero = float(c.norm()) == 0.0
+    if f is None:  # optimizer.step() again with no forward or backward since the last one
+        previous = history[-1].consumed if history else None
+        if not zero and previous is not None and _rel(c, previous) <= step.rtol:
+            return "broken", (f"step {n} applied the gradient of step {n - 1} a second time (optimizer.step() "
+                              "called again without a new backward)")
+        return "ok", ""
+    if _rel(c, f) <= step.rtol:
+        return "ok", ""
+    if zero:
+        return "broken", f"step {n} consumed no gradient (all zero or None) instead of its batch gradient"
+    fresh = [s.fresh for s in history if s.fresh is not None] + [f]
+    for m in range(2, len(fresh) + 1):
+        if _rel(c, sum(fresh[-m:])) <= step.rtol:
+            return "broken", f"step {n} consumed the sum of {m} batch gradients"
+    for i, g in enumerate(step.micro):
+        alpha = float(c.dot(g) / g.dot(g)) if float(g.norm()) else 0.0
+        if alpha and _rel(c, alpha * g) <= step.rtol:
+            return "broken", (f"step {n} consumed the gradient of micro-batch {i + 1} of {len(step.micro)} "
+                              "alone: the others were dropped")
+    alpha = float(c.dot(f) / f.dot(f))
+    if _rel(c, alpha * f) <= step.rtol:
+        if step.from_backward and _power_of_two(1 / alpha):
+            return "ok", ""  # a GradScaler's scale (a power of two), unscaled before the step
+        return "changed", f"step {n} used {alpha:.3g}x its batch gradient"
+    bound = float(c.abs().max())
+    if _rel(c, f.clamp(-bound, bound)) <= step.rtol:
+        return "changed", f"step {n} used its batch gradient clipped by value at {bound:.3g}"
+    return "unknown", (f"step {n} consumed a gradient {_rel(c, f):.2g} (relative) away from its batch gradient, "
+                       "neither a multiple of it, a clipped copy, nor a sum with earlier batches'")
 
 
 def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged: list, seed: int = 0):
@@ -162,47 +281,54 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
     traj = Trajectory()
     params = [p for p in cell.model.parameters() if p.requires_grad]
     steps_per_epoch = len(staged) // epochs
-    fresh_history: list = []
-    step_count = 0
-    seen = _Seen()
+    history: list[_Step] = []
+    seen = _Seen(params)
+
+    def note(verdict: str, reason: str) -> None:
+        if verdict == "broken" and traj.grad_error is None:
+            traj.grad_error = reason
+        elif verdict == "changed" and traj.grad_changed is None:
+            traj.grad_changed = reason
+        elif verdict == "unknown" and traj.grad_unknown is None:
+            traj.grad_unknown = reason
 
     def check_step(optimizer, args, kwargs):
-        nonlocal step_count
-        step_count += 1
-        pending = seen.take()
-        if traj.grad_error is not None:
-            return
+        pending, backpropagated, complete = seen.take()
+        step = _Step(len(history) + 1, _flat_grads(params), None, _grad_rtol(pending))
         seen.paused = True
         try:
-            fresh, _ = _fresh_grad(cell.model, cell.criterion, pending)
-            consumed = _flat_grads(params)
-            # a step a GradScaler skipped (float16, calibrating its scale) leaves its batch in `pending`: the
-            # next step consumes the gradient of the batches after it. No other loop may drop a batch.
-            rtol = _grad_rtol(pending)
-            scaled = any(dtype == torch.float16 for _, _, dtype in pending)
-            for skip in range(1, len(pending) if scaled else 1):
-                if _rel(consumed, fresh) <= rtol:
-                    break
-                later, _ = _fresh_grad(cell.model, cell.criterion, pending[skip:])
-                if _rel(consumed, later) <= rtol:
-                    fresh = later
+            if complete:
+                step.fresh, _ = _fresh_grad(cell.model, cell.criterion, pending)
+                if len(pending) > 1:
+                    step.micro = [_fresh_grad(cell.model, cell.criterion, [p])[0] for p in pending]
+                # a step a GradScaler skipped (float16, calibrating its scale) leaves its batch in `pending`:
+                # the next step consumes the gradient of the batches after it. No other loop may drop a batch.
+                scaled = any(p[2] == torch.float16 for p in pending)
+                for skip in range(1, len(pending) if scaled else 1):
+                    if _rel(step.consumed, step.fresh) <= step.rtol:
+                        break
+                    later, _ = _fresh_grad(cell.model, cell.criterion, pending[skip:])
+                    if _rel(step.consumed, later) <= step.rtol:
+                        step.fresh = later
+            elif backpropagated:
+                step.fresh, step.from_backward = sum(backpropagated), True
+                traj.losses_from_backward = True
         finally:
             seen.paused = False
-        fresh_history.append(fresh)
-        if _rel(consumed, fresh) > _grad_rtol(pending):
-            traj.grad_error = _describe_wrong_grad(step_count, consumed, fresh_history)
+        note(*_judge(step, history))
+        history.append(step)
 
     def check_boundary(before: dict, x, y, losses: list):
         """A step checked from the batch boundaries: the gradient left in `.grad` after it, against the fresh
         gradient of its batch at the parameters before it."""
-        nonlocal step_count
-        fresh, batch_losses = _fresh_grad(cell.model, cell.criterion, [(x.detach(), y.detach(), None)], before)
+        fresh, batch_losses = _fresh_grad(cell.model, cell.criterion, [(((x.detach(),), {}), y.detach(), None, None)],
+                                          before)
         losses.extend(batch_losses)
-        step_count += any(not torch.equal(p, before[n]) for n, p in cell.model.named_parameters())
-        fresh_history.append(fresh)
-        consumed = _flat_grads(params)
-        if traj.grad_error is None and _rel(consumed, fresh) > GRAD_RTOL:
-            traj.grad_error = _describe_wrong_grad(len(fresh_history), consumed, fresh_history)
+        moved = any(not torch.equal(p, before[n]) for n, p in cell.model.named_parameters())
+        step = _Step(len(history) + 1, _flat_grads(params), fresh, GRAD_RTOL)
+        note(*_judge(step, history))
+        if moved:
+            history.append(step)
 
     def watched(batches: list, losses: list):
         for x, y in batches:
@@ -213,30 +339,53 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
 
     # a replayed CUDA graph runs no Python: its steps are checked between batches, not by hooks
     hooks = [] if variant.replays_graph else [cell.optimizer.register_step_pre_hook(check_step),
-                                              cell.model.register_forward_pre_hook(seen.forward_pre_hook)]
+                                              cell.model.register_forward_pre_hook(seen.forward_pre_hook,
+                                                                                   with_kwargs=True)]
+    watch = _watch_backward(seen) if variant.kind == "train" and not variant.replays_graph \
+        else contextlib.nullcontext()
     buffers_before = {n: b.clone() for n, b in cell.model.named_buffers()}
     try:
-        for e in range(epochs):
-            losses, hits, totals = [], [], []
-            batches = staged[e * steps_per_epoch:(e + 1) * steps_per_epoch]
-            run = cell.run(watched(batches, losses) if variant.replays_graph else batches)
-            if not variant.replays_graph:
-                run.criterion = _RecordingCriterion(cell.criterion, losses, hits, totals, seen)
-            out = cell.loop(run)
-            traj.reported.append(out)
-            traj.batch_losses.append(losses)
-            traj.hits.append(sum(hits))
-            traj.totals.append(sum(totals))
+        with watch:
+            for e in range(epochs):
+                losses, hits, sizes = [], [], []
+                batches = staged[e * steps_per_epoch:(e + 1) * steps_per_epoch]
+                run = cell.run(_Sized(watched(batches, losses), len(batches)) if variant.replays_graph
+                               else batches)
+                if not variant.replays_graph:
+                    run.criterion = _RecordingCriterion(cell.criterion, losses, hits, sizes, seen)
+                values_before = len(seen.backward_values)
+                out = cell.loop(run)
+                traj.reported.append(out)
+                if not losses and traj.losses_from_backward:  # no run.criterion: what the loop backpropagated
+                    losses = seen.backward_values[values_before:]
+                    sizes = [int(y.shape[0]) for _, y in batches][:len(losses)]
+                traj.batch_losses.append([float(v) for v in losses])
+                traj.batch_sizes.append(sizes or [int(y.shape[0]) for _, y in batches])
+                traj.hits.append(None if any(h is None for h in hits) else int(sum(int(h) for h in hits)))
+                traj.totals.append(sum(sizes))
     finally:
         for hook in hooks:
             hook.remove()
-    traj.optimizer_steps = step_count
+    traj.optimizer_steps = len(history)
     traj.batches = epochs * steps_per_epoch
     traj.retains_graph = any(_holds_graph(v) for v in traj.reported)
     if variant.kind == "eval":
         traj.buffers_changed = any(not torch.equal(b, buffers_before[n]) for n, b in cell.model.named_buffers())
     traj.params = {n: p.detach().clone() for n, p in cell.model.named_parameters()}
     return traj
+
+
+class _Sized:
+    """An iterable with the `len()` of the batches it yields: every pass hands the loop one (`len(loader)`)."""
+
+    def __init__(self, iterable, length: int):
+        self.iterable, self.length = iterable, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        return iter(self.iterable)
 
 
 def _holds_graph(value) -> bool:
@@ -263,19 +412,44 @@ def param_max_rel_diff(a: dict, b: dict) -> float:
     return worst
 
 
+def _epoch_means(traj: Trajectory) -> list[tuple[float, float, float]]:
+    """Per epoch, the three right epoch losses: the mean of its batch losses (the seed divides by the number
+    of batches), the sample-weighted mean (an `AverageMeter` weighs each batch by its size, which differs
+    only when the last batch is smaller), and the sum of the batch losses per sample (for a loss summed over
+    its batch, as the VAE example's `train_loss / len(dataset)`)."""
+    means = []
+    for losses, sizes in zip(traj.batch_losses, traj.batch_sizes):
+        if not losses or len(sizes) < len(losses):
+            means.append((math.fsum(losses) / len(losses) if losses else math.nan, math.nan, math.nan))
+            continue
+        samples = max(math.fsum(sizes[:len(losses)]), 1)
+        means.append((math.fsum(losses) / len(losses), math.fsum(v * n for v, n in zip(losses, sizes)) / samples,
+                      math.fsum(losses) / samples))
+    return means
+
+
+def _loss_error(reported: float, means: tuple[float, float]) -> float:
+    return min(abs(reported - x) / max(abs(x), 1e-30) if math.isfinite(x) else math.inf for x in means)
+
+
 def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory, syncs: dict | None = None) -> dict:
     """The verdict, its one-line reason and the figures behind it."""
     kind = variant.kind
     reported = [_loss_of(r, kind) for r in traj.reported]
-    exact = [math.fsum(v) / len(v) if v else float("nan") for v in traj.batch_losses]
-    loss_err = max(abs(r - x) / max(abs(x), 1e-30) for r, x in zip(reported, exact))
+    means = _epoch_means(traj)
+    errors = [_loss_error(r, m) for r, m in zip(reported, means)]
+    loss_err = max(errors)
+    exact = [min(m, key=lambda x, r=r: _loss_error(r, (x,))) for r, m in zip(reported, means)]
     diff = param_max_rel_diff(traj.params, base.params)
+    skipped = max(traj.batches - traj.optimizer_steps, 0) if kind == "train" else None
     figures = {"reported_loss": reported[-1], "exact_loss": exact[-1], "loss_rel_error": loss_err,
-               "param_max_rel_diff": diff, "retains_graph": traj.retains_graph,
-               "skipped_steps": traj.batches - traj.optimizer_steps if kind == "train" else None}
+               "param_max_rel_diff": diff, "retains_graph": traj.retains_graph, "skipped_steps": skipped}
+    own_loss = " (its loss is not run.criterion: checked against the gradients of what it backpropagated)" \
+        if traj.losses_from_backward else ""
 
     def result(verdict, reason):
-        return {"verdict": verdict, "verdict_reason": reason, **figures}
+        return {"verdict": verdict, "verdict_reason": reason + (own_loss if verdict != "broken" else ""),
+                **figures}
 
     if traj.grad_error:
         return result("broken", traj.grad_error)
@@ -289,18 +463,29 @@ def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory, syncs: dict
     if not all(math.isfinite(r) for r in reported):
         return result("broken", f"reported loss is {reported[-1]}")
     if loss_err > LOSS_RTOL:
-        e = max(range(len(reported)), key=lambda i: abs(reported[i] - exact[i]))
-        return result("broken", f"epoch {e + 1} reported loss {reported[e]:.6g} is not the mean of its batch "
-                                f"losses {exact[e]:.6g}")
+        e = max(range(len(reported)), key=lambda i: errors[i])
+        text = (f"epoch {e + 1} reported loss {reported[e]:.6g} is not the mean of its batch losses "
+                f"{means[e][0]:.6g}")
+        if traj.losses_from_backward:  # the values backpropagated may be scaled or divided: no knowing
+            return result("unverified", text + " as backpropagated; without run.criterion the batch losses "
+                                               "are not known")
+        return result("broken", text)
     if kind == "eval":
         return _eval_verdict(traj, base, result)
     if isinstance(traj.reported[0], (tuple, list)):
         acc = [_as_float(r[1]) for r in traj.reported]
-        exact_acc = [h / t for h, t in zip(traj.hits, traj.totals)]
-        if acc != exact_acc:
+        exact_acc = [h / t if h is not None and t else None for h, t in zip(traj.hits, traj.totals)]
+        if None not in exact_acc and acc != exact_acc and not traj.losses_from_backward:
             return result("broken", f"reported accuracy {acc[-1]:.6g} is not the exact {exact_acc[-1]:.6g}")
-    base_reported = [_loss_of(r, kind) for r in base.reported]
-    loss_diff = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(reported, base_reported))
+    if traj.grad_unknown:
+        return result("unverified", traj.grad_unknown)
+    if traj.grad_changed:
+        return result("different", f"{traj.grad_changed}; parameters differ from the baseline's by {diff:.3g} "
+                                   "(relative)")
+    # the baseline's epoch loss by the same definition: its own report for a batch mean, else its weighted mean
+    base_loss = [_loss_of(r, kind) if x == m[0] else bm[m.index(x)]
+                 for r, x, m, bm in zip(base.reported, exact, means, _epoch_means(base))]
+    loss_diff = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(reported, base_loss))
     if diff == 0.0 and loss_diff == 0.0:
         return result("identical", "parameters and reported loss bitwise equal to the baseline's")
     if diff <= EQUIV_RTOL and loss_diff <= EQUIV_RTOL:
@@ -314,8 +499,8 @@ def _eval_verdict(traj: Trajectory, base: Trajectory, result) -> dict:
     if traj.buffers_changed:
         return result("broken", "evaluation changed the model's buffers (BatchNorm statistics): no model.eval()?")
     acc = [_as_float(r[1]) for r in traj.reported]
-    exact_acc = [h / t for h, t in zip(traj.hits, traj.totals)]
-    if acc != exact_acc:
+    exact_acc = [h / t if h is not None and t else None for h, t in zip(traj.hits, traj.totals)]
+    if None not in exact_acc and acc != exact_acc:
         return result("broken", f"reported accuracy {acc[-1]:.6g} is not the exact {exact_acc[-1]:.6g}")
     loss = [_loss_of(r, "eval") for r in traj.reported]
     base_loss = [_loss_of(r, "eval") for r in base.reported]
@@ -327,7 +512,8 @@ def _eval_verdict(traj: Trajectory, base: Trajectory, result) -> dict:
     return result("different", f"loss differs from the baseline's by {loss_diff:.3g} (relative)")
 
 
-def check(workload: Workload, variant: Variant, device, epochs: int = 2, steps: int = 6, seed: int = 0,
+def check(workload: Workload, variant: Variant, device, epochs: int = CHECK_EPOCHS, steps: int = CHECK_STEPS,
+          seed: int = 0,
           _cache: dict | None = None, syncs: dict | None = None) -> dict:
     """The correctness record of one cell; `_cache` keeps the baseline's trajectory between variants.
 

@@ -114,6 +114,9 @@ class _Sampler:
     def __init__(self, batches, sample):
         self.batches, self.sample, self.trace = batches, sample, []
 
+    def __len__(self) -> int:  # a loop may ask `len(run.batches)`, as it asks `len(train_loader)`
+        return len(self.batches)
+
     def __iter__(self):
         for batch in self.batches:
             self.trace.append(self.sample())

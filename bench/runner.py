@@ -40,12 +40,12 @@ class Settings:
     repeats: int = 5  # blocks per cell
     warmup: int = 5  # untimed steps before a cell's first block
     seed: int = 0
-    check_epochs: int = 2  # correctness pass
-    check_steps: int = 6
+    check_epochs: int = correctness.CHECK_EPOCHS  # correctness pass
+    check_steps: int = correctness.CHECK_STEPS
     memory_steps: int = 32  # memory pass: enough step boundaries for a slope
 
 
-QUICK = Settings(steps=16, repeats=3, warmup=2, check_steps=2, memory_steps=12)
+QUICK = Settings(steps=16, repeats=3, warmup=2, memory_steps=12)
 
 
 @dataclass

@@ -39,6 +39,9 @@ class StepClock:
             self.ns[self.count] = time.perf_counter_ns()
         self.count += 1
 
+    def __len__(self) -> int:  # a loop may ask `len(run.batches)`, as it asks `len(train_loader)`
+        return len(self.batches)
+
     def __iter__(self):
         for batch in self.batches:
             self.mark()

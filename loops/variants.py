@@ -154,8 +154,9 @@ BUILTINS: dict[str, _Builtin] = {
     "grad_accum_2": _train("gradient accumulation", "each batch as 2 micro-batches, (loss / 2).backward(), "
                            "one step", {"*": "equivalent", "cnn": "different", "resnet18": "different"},
                            accumulate=2),
-    "grad_accum_2_no_divide": _train("gradient accumulation", "2 micro-batches without / 2: the gradient is "
-                                     "twice too large (bug)", "broken", accumulate=2, divide_by_accumulate=False),
+    "grad_accum_2_no_divide": _train("gradient accumulation", "2 micro-batches without / 2: every step uses "
+                                     "twice its batch gradient, as with twice the learning rate", "different",
+                                     accumulate=2, divide_by_accumulate=False),
     # accuracy counting in training
     "train_acc_item": _train("accuracy counting", "correct += pred.eq(y).sum().item() every step",
                              accuracy="item"),

@@ -29,6 +29,8 @@ class Workload:
     description: str = ""
     # a Dataset whose items are whole batches (batch_size is then only reported)
     batched: bool = False
+    # as DataLoader's own option, and its default: the last batch of an epoch may be smaller
+    drop_last: bool = False
 
     def loader(self, split: str = "train", *, num_workers: int = 0, pin_memory: bool = False,
                persistent_workers: bool = False) -> DataLoader:
@@ -44,7 +46,7 @@ class Workload:
         if self.batched:
             return DataLoader(data, batch_size=None, shuffle=False, **options)
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(data, batch_size=self.batch_size, shuffle=split == "train", drop_last=True,
+        return DataLoader(data, batch_size=self.batch_size, shuffle=split == "train", drop_last=self.drop_last,
                           generator=generator, **options)
 
 
@@ -61,6 +63,7 @@ def mlp() -> Workload:
     """Small MLP on synthetic features: launch-bound on a GPU."""
     return Workload(
         name="mlp",
+        drop_last=True,
         build_model=lambda: nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
                                           nn.Linear(256, 10)),
         build_optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
@@ -89,6 +92,7 @@ def cnn() -> Workload:
     """Small convnet on synthetic 3x32x32 images, 10 classes."""
     return Workload(
         name="cnn",
+        drop_last=True,
         build_model=SmallConvNet,
         build_optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4),
         criterion=nn.CrossEntropyLoss(),
@@ -105,6 +109,7 @@ def resnet18() -> Workload:
 
     return Workload(
         name="resnet18",
+        drop_last=True,
         build_model=lambda: torchvision.models.resnet18(weights=None, num_classes=10),
         build_optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4),
         criterion=nn.CrossEntropyLoss(),
@@ -127,6 +132,7 @@ def digits() -> Workload:
     split = int(0.8 * len(x))
     return Workload(
         name="digits",
+        drop_last=True,
         build_model=lambda: nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)),
         build_optimizer=lambda params: torch.optim.Adam(params, lr=3e-3),
         criterion=nn.CrossEntropyLoss(),

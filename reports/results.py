@@ -32,7 +32,7 @@ from reports import stats
 FORMAT = "loopmark-results"
 FORMAT_VERSION = 1
 
-VERDICTS = ("identical", "equivalent", "different", "broken")
+VERDICTS = ("identical", "equivalent", "different", "unverified", "broken")  # from best to worst
 BASELINES = {"train": "baseline", "eval": "eval_baseline"}  # each kind's yardstick variant
 FLOOR_VARIANT = "cuda_graph_step"  # the whole step replayed as one CUDA graph: a workload's launch-overhead floor
 FINISHED = {"ok", "diverged", "oom", "error", "skipped"}
