@@ -1,22 +1,42 @@
 """Count host-device synchronisations per step, deterministically, on CPU and on CUDA.
 
 A sync is an operation that makes the host wait for the device: reading a value back (`.item()`,
-`float()`, `bool()` -> `aten::_local_scalar_dense`; `is_nonzero`; `tolist()`, `.cpu()`, `.numpy()`),
-an operator whose output shape depends on device data (`nonzero`, `masked_select`, `unique`, boolean
-indexing, ...), `torch.tensor(list_of_device_tensors)` (one read-back per element), and a blocking
-copy from pageable host memory to the device. Each is counted where it is dispatched and attributed to
-the first `file:line` outside torch and loopmark's harness: the loop line that caused it.
+`float()`, `bool()` -> `aten::_local_scalar_dense`; `is_nonzero`; `tolist()`, `.cpu()`, `.numpy()`,
+printing or formatting a tensor), an operator whose output shape depends on device data (`nonzero`,
+`masked_select`, `unique`, boolean indexing, `x[mask] = device_value`, ...), an operator whose CUDA kernel
+reads a device scalar argument (`masked_fill` / `index_fill` with a 0-d device tensor as the value),
+`torch.tensor(list_of_device_tensors)` (one read-back per element), a blocking copy between pageable host
+memory and the device, and an explicit `torch.cuda.synchronize()` / `torch.accelerator.synchronize()`.
+Each is counted where it is dispatched and attributed to the first `file:line` outside torch and
+loopmark's harness: the loop line that caused it.
 
 What counts is what would synchronise *if the loop ran on CUDA*. On CUDA that is simply "the tensor is
 on the GPU". On CPU the pass runs the loop with `device=cpu:0`, a stand-in accelerator: tensors that
 would live on the GPU are tracked (model parameters and buffers, gradients, optimizer state other than
 the host-side `step` counters, the staged batches, a captured step's static tensors, anything created
-with `device=cpu:0`, and whatever is computed from them). So Adam's `.item()` on its host-side step
-counter is not a sync on either device, and the CPU count equals the CUDA count. `Tensor.to(cpu:0)` of
-a tracked tensor is a no-op, as `.to("cuda")` of a CUDA tensor is.
+with `device=cpu:0`, and whatever is computed from them; a `copy_` lands where its destination lives).
+A tracked tensor is a device tensor wherever Python code asks where it lives: its `.device` reads
+`cpu:0`, and torch's grouping of tensors by device (`clip_grad_norm_`, foreach optimizers) files it
+under `cpu:0`. So `t.to(x.device)`, `t.to(x)` and `clip_grad_norm_`'s internal moves leave a tracked
+tensor where it is (no copy, as on CUDA), `torch.zeros(n, device=x.device)` is made on the stand-in,
+`.to("cpu")`, `.cpu()` and `.to(host_tensor)` copy it to the host, and a host tensor moved with
+`.to(x.device)` is a blocking host-to-device copy. Adam's `.item()` on its host-side step counter is no
+sync on either device. `torch.cuda.synchronize()` is counted, and on the stand-in does nothing.
+
+The CPU count equals the CUDA count for a loop that decides where tensors live only through the device
+it is given or a tensor's `.device`. It does not for code that branches on `torch.cuda.is_available()`,
+`x.is_cuda` or `device.type == "cuda"` (the stand-in's type is `cpu`, so it takes the CPU branch, as
+torch's own defaults do: optimizers run their for-loop implementation instead of foreach, which changes
+operators, not syncs), for code that names CUDA itself (`.cuda()`, `.to("cuda")` and CUDA streams and
+events cannot run without a GPU; `GradScaler("cuda")` disables itself and makes no sync; make it with
+the loop's `device.type`), and for syncs inside an operator's kernel that the dispatcher cannot see
+beyond the ones listed above (such as a linear-algebra error check): those are counted on neither
+device, and only the CUDA cross-check sees them. `Stream.synchronize()` and `Event.synchronize()` are
+not counted.
 
 On CUDA, `torch.cuda.set_sync_debug_mode("warn")` is run over the same steps as a cross-check; its count
-is recorded next to ours (it does not see every kind of sync: see README).
+is recorded next to ours. It flags every sync above except `torch.cuda.synchronize()`; neither it nor
+loopmark counts a copy made with `non_blocking=True`, even from pageable memory.
 """
 
 from __future__ import annotations
@@ -40,6 +60,11 @@ SYNC_OPS = {
     "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::equal",
     "aten::repeat_interleave", "aten::allclose", "aten::histc", "aten::bincount",
 }
+# operators whose CUDA kernel reads a 0-d tensor argument back with `.item()` (aten's masked_fill__cuda,
+# index_fill_): a sync when that argument lives on the device; the position of the argument
+SCALAR_READ_OPS = {("aten::masked_fill", "Tensor"): 2, ("aten::masked_fill_", "Tensor"): 2,
+                   ("aten::index_fill", "int_Tensor"): 3, ("aten::index_fill_", "int_Tensor"): 3}
+INDEX_PUT_OPS = {"aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
 # Tensor methods that copy to the host; counted at the Python level because on CPU they dispatch nothing
 READBACK_METHODS = {"tolist", "numpy"}
 # operators that read a host tensor's value: reading a non-blocking copy before a sync is a race
@@ -108,19 +133,39 @@ class _Dispatch(TorchDispatchMode):
         elif name == "aten::index" and from_device and any(
                 isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in tree_flatten(args[1:])[0]):
             c.hit("boolean indexing")
+        elif from_device and (name, func._overloadname) in SCALAR_READ_OPS \
+                and tr.on_device(args[SCALAR_READ_OPS[name, func._overloadname]]):
+            c.hit(f"{name} of a device scalar")
+        elif name in INDEX_PUT_OPS and from_device and _mask_put_syncs(
+                tr, *args[:3], args[3] if len(args) > 3 else kwargs.get("accumulate", False)):
+            c.hit("boolean index assignment")
         elif name == "aten::_to_copy" and _is_device(target, tr.cuda) and not from_device \
                 and not kwargs.get("non_blocking", False):
             c.hit("blocking host-to-device copy")
-        elif name == "aten::copy_" and not kwargs.get("non_blocking", False) and len(args) >= 2 \
+        elif name == "aten::copy_" and not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False)) \
                 and tr.on_device(args[0]) != tr.on_device(args[1]):
             c.hit("blocking copy between host and device")
         out = func(*args, **kwargs)
         if not tr.cuda:
             to_host = name == "aten::_to_copy" and target is not None and not _is_device(target, False)
-            if (from_device and not to_host) or _is_device(target, False):
+            into = name == "aten::copy_"  # a copy lands where its destination lives
+            if (from_device and not to_host and not into) or _is_device(target, False):
                 for t in tree_flatten(out)[0]:
                     tr.mark(t)
         return out
+
+
+def _mask_put_syncs(tracker: _Tracker, tensor, indices, value, accumulate) -> bool:
+    """`x[mask] = value`: aten turns a boolean mask into indices with nonzero (a sync), except on its masked_fill
+    path (_index_put_impl_ with canDispatchToMaskedFill): no accumulation, a single mask on the tensor's device
+    and a one-element value on the host."""
+    masks = [i for i in indices if i is not None and i.dtype in (torch.bool, torch.uint8)]
+    if not any(tracker.on_device(m) for m in masks):
+        return False
+    defined = [i for i in indices if i is not None]
+    masked_fill = (not accumulate and value.numel() == 1 and not tracker.on_device(value) and len(defined) == 1
+                   and tracker.on_device(defined[0]) == tracker.on_device(tensor))
+    return not masked_fill
 
 
 class _Function(TorchFunctionMode):
@@ -131,25 +176,70 @@ class _Function(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         c, tr = self.c, self.c.tracker
+        if getattr(func, "__self__", None) is _DEVICE_ATTRIBUTE and not tr.cuda:
+            return STAND_IN if tr.on_device(args[0]) else func(*args)  # where a tracked tensor would live
         name = getattr(func, "__name__", "")
+        if name == "to" and not tr.cuda and args:
+            args, kwargs = _resolve_other(tr, args, kwargs)
         if args and tr.on_device(args[0]):
+            if _printing(func, args):
+                with self:  # counting goes on inside torch's printing, Tensor.tolist included
+                    return _printed(args[0], **kwargs)
             if name in READBACK_METHODS:
                 c.hit(f"Tensor.{name}")
             elif name == "cpu" or name == "to":
-                device, _, non_blocking, _ = (torch._C._nn._parse_to(*args[1:], **kwargs) if name == "to"
-                                              else (torch.device("cpu"), None, kwargs.get("non_blocking", False),
-                                                    None))
+                device, dtype, non_blocking, memory_format, copy = (
+                    _parse_to(args[1:], kwargs) if name == "to"
+                    else (torch.device("cpu"), None, kwargs.get("non_blocking", False), None, False))
                 if device is not None and not _is_device(device, tr.cuda):
                     return self._to_host(func, args, kwargs, non_blocking)
-                if not tr.cuda and device is not None and _stays(args[1:], kwargs, args[0]):
+                stays = dtype in (None, args[0].dtype) and memory_format is None and not copy
+                if not tr.cuda and device is not None and stays:
                     return args[0]  # already "on the device": a no-op, as on CUDA
         elif args and name in READBACK_METHODS and args[0] in c.pending:
             c.hazard()
-        if name in ("tensor", "as_tensor") and func in (torch.tensor, torch.as_tensor) and args:
-            for t in tree_flatten(args[0])[0]:
+        if func in _CONSTRUCTORS and args:
+            return self._construct(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _construct(self, func, args, kwargs):
+        """`torch.tensor`, `as_tensor`, `asarray`, `Tensor.new_tensor` (torch/csrc/utils/tensor_new.cpp).
+
+        Values given as a (nested) list or a number are gathered on the host, each device tensor among them
+        read back (a sync each), and the host tensor is moved to the device in one blocking copy, all with the
+        dispatch modes off: those are counted here. A tensor or a NumPy array given whole is moved with a
+        `.to()` the dispatch mode sees (a host-to-device copy is counted there); a device tensor moved to the
+        host is counted here, as `.cpu()` is."""
+        c, tr = self.c, self.c.tracker
+        new = func is torch.Tensor.new_tensor
+        source = args[1] if new else args[0]
+        numpy = sys.modules.get("numpy")
+        gathered = not isinstance(source, torch.Tensor) and not (numpy and isinstance(source, numpy.ndarray))
+        here = tr.on_device(source)
+        if gathered:
+            for t in tree_flatten(source)[0]:
                 if tr.on_device(t):
                     c.hit("torch.tensor(device tensors)")
-        return func(*args, **kwargs)
+        device = kwargs.get("device")
+        if device is not None:
+            there = _is_device(device, tr.cuda)
+        else:  # a tensor stays on its device; other data goes to new_tensor's tensor's device, else the host
+            there = here if isinstance(source, torch.Tensor) else (new and tr.on_device(args[0]))
+            if there and not tr.cuda:
+                kwargs = {**kwargs, "device": STAND_IN}
+        if gathered and there:
+            c.hit("blocking host-to-device copy")
+        elif here and not there:
+            c.hit("device-to-host copy")
+        out = func(*args, **kwargs)
+        if not tr.cuda:
+            if there:
+                tr.mark(out)
+            else:
+                if out is source:
+                    out = out.clone()  # on an accelerator this is a new host tensor
+                tr.unmark(out)
+        return out
 
     def _to_host(self, func, args, kwargs, non_blocking: bool):
         """A device-to-host copy: a sync when blocking; a pending copy (not to be read yet) when not."""
@@ -166,6 +256,40 @@ class _Function(TorchFunctionMode):
         return out
 
 
+_CONSTRUCTORS = {torch.tensor, torch.as_tensor, torch.asarray, torch.Tensor.new_tensor}
+_DEVICE_ATTRIBUTE = torch.Tensor.device  # the descriptor; reading `t.device` reaches __torch_function__ as its __get__
+
+
+def _printing(func, args) -> bool:
+    """`repr(t)`, `str(t)`, `print(t)`, `f"{t}"` of a tensor that is not 0-d (a 0-d one formats its `.item()`)."""
+    if not hasattr(torch._tensor_str, "_str_intern"):
+        return False  # a torch without it prints the usual way, uncounted
+    if func is torch.Tensor.__repr__:
+        return True
+    return func is torch.Tensor.__format__ and args[0].dim() > 0 and not (args[1:] and args[1])
+
+
+def _printed(tensor: torch.Tensor, **kwargs) -> str:
+    """`Tensor.__repr__` with the counting modes left on. torch's printing turns every dispatch mode off, yet it
+    reads the tensor back many times (torch/_tensor_str.py: a masked_select, a bool() per comparison, an .item()
+    per value it measures, a tolist()), each a sync on CUDA."""
+    with torch.no_grad():
+        guard = torch._C._DisableFuncTorch()  # noqa: F841  as torch._tensor_str._str does
+        return torch._tensor_str._str_intern(tensor, **kwargs)
+
+
+def _resolve_other(tracker: _Tracker, args, kwargs):
+    """`t.to(other)` takes `other`'s device in C++, where a tracked tensor is on `cpu`: spell the target out as the
+    device `other` stands for, so that `t.to` below makes the copy (or the no-op) that CUDA would."""
+    other = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else kwargs.get("other")
+    if not isinstance(other, torch.Tensor):
+        return args, kwargs
+    rest = {k: v for k, v in kwargs.items() if k != "other"}
+    rest.update(zip(("non_blocking", "copy", "memory_format"), args[2:]))
+    device = STAND_IN if tracker.on_device(other) else torch.device("cpu")
+    return (args[0], device, other.dtype), rest
+
+
 def _is_device(device, cuda: bool) -> bool:
     if device is None:
         return False
@@ -173,9 +297,39 @@ def _is_device(device, cuda: bool) -> bool:
     return device.type == "cuda" if cuda else device == STAND_IN
 
 
-def _stays(args, kwargs, tensor) -> bool:
-    _, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-    return (dtype is None or dtype == tensor.dtype) and memory_format is None and not kwargs.get("copy", False)
+def _parse_to(args, kwargs) -> tuple:
+    """(device, dtype, non_blocking, memory_format, copy) of a `Tensor.to(*args, **kwargs)` call; torch's own
+    parser refuses `copy`, which sits after `non_blocking` in every overload."""
+    kwargs = dict(kwargs)
+    copy = kwargs.pop("copy", False)
+    at = 2 if args and isinstance(args[0], (torch.dtype, torch.Tensor)) else 3
+    if len(args) > at:
+        copy, args = args[at], (*args[:at], *args[at + 1:])
+    return (*torch._C._nn._parse_to(*args, **kwargs), bool(copy))
+
+
+def _group_on_stand_in(group, tracker: _Tracker):
+    """torch's grouping of tensor lists by (device, dtype), with the tracked tensors filed under the stand-in.
+
+    The grouping is C++ and reads a tracked tensor's real device, `cpu`; `clip_grad_norm_` then moves its clip
+    coefficient `.to(device)` of that key, and foreach optimizers key per-device copies by it. Filed under
+    `cpu:0`, those calls do on the stand-in what they do on CUDA: nothing. A group that mixes tracked and host
+    tensors (in its first list, which decides the grouping) is split in two."""
+    def grouped(tensorlistlist, with_indices=False):
+        out = {}
+        for (device, dtype), (lists, indices) in group(tensorlistlist, with_indices).items():
+            on_device = [tracker.on_device(t) for t in lists[0]]
+            if device.type != "cpu" or not any(on_device):
+                out[(device, dtype)] = (lists, indices)
+            elif all(on_device):
+                out[(STAND_IN, dtype)] = (lists, indices)
+            else:
+                for key, side in (((device, dtype), False), ((STAND_IN, dtype), True)):
+                    keep = [i for i, flag in enumerate(on_device) if flag == side]
+                    out[key] = ([[tensors[i] for i in keep] for tensors in lists],
+                                [indices[i] for i in keep] if indices else indices)
+        return out
+    return grouped
 
 
 class SyncCounter:
@@ -192,6 +346,14 @@ class SyncCounter:
         self.hazards = 0
         self.hazard_sites: Counter = Counter()
         self._modes = [_Function(self), _Dispatch(self)]
+        # (module, attribute, wrapper of the original): swapped in while counting
+        self._patches = [(torch.cuda, "synchronize", self._synchronize)]
+        if hasattr(getattr(torch, "accelerator", None), "synchronize"):
+            self._patches.append((torch.accelerator, "synchronize", self._synchronize))
+        if not self.tracker.cuda:
+            self._patches.append((torch._C, "_group_tensors_by_device_and_dtype",
+                                  lambda group: _group_on_stand_in(group, self.tracker)))
+        self._saved: list = []
 
     def track(self, *objs) -> None:
         """Mark tensors (nested in lists/dicts) as living on the accelerator."""
@@ -209,7 +371,20 @@ class SyncCounter:
         self.hazards += 1
         self.hazard_sites[_site()] += 1
 
+    def _synchronize(self, original):
+        """`torch.cuda.synchronize()` waits for the device: one sync, which no dispatcher sees. On the stand-in
+        there is no device to wait for (and no driver to call), so it is counted and does nothing."""
+        def synchronize(*args, **kwargs):
+            self.hit("device synchronize")
+            if self.tracker.cuda:
+                return original(*args, **kwargs)
+            return None
+        return synchronize
+
     def __enter__(self):
+        self._saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in self._patches]
+        for (owner, attr, wrap), (_, _, original) in zip(self._patches, self._saved):
+            setattr(owner, attr, wrap(original))
         for m in self._modes:
             m.__enter__()
         return self
@@ -217,14 +392,17 @@ class SyncCounter:
     def __exit__(self, *exc):
         for m in reversed(self._modes):
             m.__exit__(*exc)
+        for owner, attr, original in reversed(self._saved):
+            setattr(owner, attr, original)
         return False
 
 
 def device_state(cell, batches: list) -> list:
     """The tensors that would live on the accelerator when a pass starts: the cell's model, gradients and
-    optimizer state, the batches, and what its prepared loop holds (a captured step's static tensors)."""
+    optimizer state, the batches, what its prepared loop holds (a captured step's static tensors), and what the
+    model's modules cache as plain attributes (a causal mask made on the first forward)."""
     model, optimizer = cell.model, cell.optimizer
-    tensors = [*model.parameters(), *model.buffers(), batches, *cell.device_tensors()]
+    tensors = [*model.parameters(), *model.buffers(), batches, *cell.device_tensors(), *_module_caches(model)]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     for group in optimizer.param_groups:
         on_device_step = group.get("capturable", False) or group.get("fused", False)
@@ -233,6 +411,21 @@ def device_state(cell, batches: list) -> list:
                 if key != "step" or on_device_step:
                     tensors.append(value)
     return tensors
+
+
+_MODULE_FIELDS = frozenset(vars(torch.nn.Module()))  # parameters, buffers, submodules, hooks, flags
+
+
+def _module_caches(model: torch.nn.Module) -> list:
+    """Tensors the model's modules keep as plain attributes, such as a mask cached by an earlier forward. The
+    warm-up epoch made them on the host, but on CUDA a tensor the model combines with its activations lives on
+    the device. 0-d tensors are left out: a 0-d host tensor may stay on the host on CUDA (a CPU scalar)."""
+    found = []
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key not in _MODULE_FIELDS:
+                found += [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
+    return found
 
 
 def count_cuda_debug_syncs(fn) -> int:
