@@ -4,11 +4,15 @@ CUDA: the caching allocator's own statistics (`max_memory_allocated` after a res
 `memory_allocated` at each step boundary for the trace).
 
 CPU: two deterministic figures and one noisy one.
-* live tensor bytes: every tensor storage the pass sees (the model's state, the staged batches, and every
-  operator's output, tracked by a dispatch mode) counted while it is alive; its maximum is the peak.
+* tensor bytes as the CPU allocator hands them out: every allocation and free it reports to the profiler
+  (`profile_memory=True`), the kernels' own scratch included (a GRU under `inference_mode` reaches the
+  dispatcher as one operator, and its gate buffers are never any operator's output), on top of the cell's
+  state from before the pass. The peak is `peak_memory_bytes`; `allocator_counter_peak_bytes` is the same
+  peak read from the allocator's own running counter, a cross-check of the pairing of records.
 * native heap bytes in use (glibc `mallinfo2`): tensors *and* what autograd keeps on the host. Training
   with `running += loss` frees each step's activations at `backward()`, so only graph nodes pile up, and
-  only this figure sees them. Its slope is `memory_growth_bytes_per_step` on CPU.
+  only this figure sees them. Its slope is `memory_growth_bytes_per_step` on CPU. It is read in an epoch
+  of its own, without the profiler, whose records live on the same heap.
 * process RSS, noisy (pages, not bytes), reported as a second figure.
 
 Growth is the least-squares slope over the step boundaries, not last-minus-first.
@@ -16,14 +20,15 @@ Growth is the least-squares slope over the step boundaries, not last-minus-first
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+import sys
 
 import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
@@ -70,42 +75,133 @@ def slope_per_step(trace: list) -> float:
     return float(np.polyfit(np.arange(len(values)), np.asarray(values, dtype=np.float64), 1)[0])
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of tensor storage alive, over every storage seen; `peak` is the maximum after any operator.
+class _Roots:
+    """The storages the cell holds before the pass (model state, staged batches, gradients, optimizer state):
+    allocated before the profiler started, so the allocator's event stream never shows them, nor their frees.
+    Weak references: `live()` counts those still alive without keeping any alive."""
 
-    `upper` adds every storage seen and subtracts only those found dead at the last sweep, so it never
-    undercounts; the storages are swept (an O(n) walk) only when `upper` passes the peak so far, the one
-    moment the peak can change.
-    """
-
-    def __init__(self, roots=()):
-        super().__init__()
+    def __init__(self, tensors):
         self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.upper = 0
-        self.peak = 0
-        self.see(tree_flatten(list(roots))[0])
-
-    def see(self, tensors) -> None:
         for t in tensors:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
                 s = t.untyped_storage()
-                if s._cdata not in self.storages:
-                    self.storages[s._cdata] = (StorageWeakRef(s), s.nbytes())
-                    self.upper += s.nbytes()
+                self.storages.setdefault(s._cdata, (StorageWeakRef(s), s.nbytes()))
 
     def live(self) -> int:
-        dead = [k for k, (ref, _) in self.storages.items() if ref.expired()]
-        for k in dead:
-            del self.storages[k]
-        self.upper = sum(n for _, n in self.storages.values())
-        return self.upper
+        return sum(n for ref, n in self.storages.values() if not ref.expired())
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.see(tree_flatten(out)[0])
-        if self.upper > self.peak:
-            self.peak = max(self.peak, self.live())
-        return out
+
+class AllocatorLedger:
+    """Every CPU allocation and free of the pass as the allocator reports it to the profiler (`[memory]`
+    records), so tensors that never pass the dispatcher (a fused kernel's scratch, e.g. `aten::gru` under
+    `inference_mode`, which reaches a dispatch mode as one operator) are counted too. No dispatch mode runs
+    during the pass: one would keep Python references to intermediates and perturb the very peak it reads.
+
+    `mark()` at a step boundary records a named profiler event (ordered with the memory records by their
+    timestamps) and the bytes of the pre-pass storages still alive there. After the pass, `steps()` gives per
+    step: those bytes at its start, and the bytes the pass had allocated and not freed at its start and at its
+    most. Two ledgers of the same records: ours pairs each free with an allocation of this pass by pointer (a
+    block from before the pass being freed, say by the garbage collector, is no concern of the pass), the
+    allocator's is its own running counter (`total_allocated`, c10's CPU memory reporter), taken relative to
+    its value before the pass's first record.
+    """
+
+    MARK = "loopmark::step_boundary"
+
+    def __init__(self, roots=()):
+        self.roots = _Roots(tree_flatten(list(roots))[0])
+        self.root_bytes: list[int] = []
+        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                               profile_memory=True)
+
+    def __enter__(self):
+        with _quiet_stderr():  # the profiler's C++ side announces its start on stderr
+            self.profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        with _quiet_stderr():
+            return self.profiler.__exit__(*exc)
+
+    def mark(self) -> int:
+        """Call at a step boundary; returns the live tensor bytes the boundary will be credited with once the
+        pass is over (the pre-pass part now; the pass's own part is read from the records afterwards)."""
+        self.root_bytes.append(self.roots.live())
+        with torch.profiler.record_function(self.MARK):
+            pass
+        return self.root_bytes[-1]
+
+    def steps(self) -> list[dict]:
+        """Per step (from one mark to the next; the last runs to the end of the pass): `roots` (pre-pass
+        bytes alive at its start), `start`/`peak` (bytes allocated by the pass and alive at its start / at
+        most, by our ledger) and `counter_start`/`counter_peak` (the same by the allocator's counter)."""
+        ledger: dict[int, int] = {}
+        held = counter = 0
+        counter_base = None
+        steps: list[dict] = []
+        for name, fields in _records(self.profiler.profiler.kineto_results.experimental_event_tree()):
+            if fields is None:
+                if name == self.MARK:
+                    steps.append({"roots": self.root_bytes[len(steps)], "start": held, "peak": held,
+                                  "counter_start": counter, "counter_peak": counter})
+                continue
+            if fields.device.type != "cpu":
+                continue
+            size, ptr = int(fields.alloc_size), int(fields.ptr)
+            if size > 0:
+                ledger[ptr] = size
+                held += size
+            elif ptr in ledger:
+                held -= ledger.pop(ptr)
+            if counter_base is None:
+                counter_base = int(fields.total_allocated) - size
+            counter = int(fields.total_allocated) - counter_base
+            if steps:
+                steps[-1]["peak"] = max(steps[-1]["peak"], held)
+                steps[-1]["counter_peak"] = max(steps[-1]["counter_peak"], counter)
+        return steps
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 sent to /dev/null for the block: the profiler's start and stop print lines (and, with
+    no GPU, an 'ERROR' about counting devices) from C++, where Python's sys.stderr cannot catch them."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _records(tree) -> list[tuple[str, object]]:
+    """The profiler's records in time order: (name, allocation fields) for a `[memory]` record, (name, None)
+    for any other; an allocation is recorded as a child of the operator that made it."""
+    flat, stack = [], list(tree)
+    while stack:
+        node = stack.pop()
+        alloc = isinstance(node.extra_fields, torch._C._profiler._ExtraFields_Allocation)
+        flat.append((node.start_time_ns, node.name, node.extra_fields if alloc else None))
+        stack.extend(node.children)
+    flat.sort(key=lambda r: r[0])
+    return [(name, fields) for _, name, fields in flat]
+
+
+def cpu_peaks(steps: list[dict]) -> tuple[int, int]:
+    """(peak by our ledger, peak by the allocator's counter): pre-pass bytes alive at a step's start plus the
+    pass's own bytes at their most within it, the largest over the steps.
+
+    The first step is left out where there are others: the pre-pass storages it frees (last epoch's
+    gradients, freed by `zero_grad(set_to_none=True)`) vanish without a record, so its figure would count them
+    twice; the blocks that replace them are allocated under the profiler, and from the second step on every
+    free is recorded. Pre-pass bytes can only fall within a step, so counting them at its start never
+    undercounts."""
+    measured = steps[1:] or steps
+    return (max(s["roots"] + s["peak"] for s in measured),
+            max(s["roots"] + s["counter_peak"] for s in measured))
 
 
 class _Sampler:
@@ -124,19 +220,28 @@ class _Sampler:
 
 
 def measure_memory(cell, batches: list) -> dict:
-    """Peak bytes and growth per step over one epoch of `batches` (the cell is already warmed up)."""
+    """Peak bytes and growth per step over one epoch of `batches` (the cell is already warmed up).
+
+    On CPU the loop runs the epoch twice: once bare, for the C heap and RSS at each step boundary, then once
+    under the profiler, for the allocator's records. The profiler keeps its records on the C heap, a few
+    hundred bytes each, so in the same epoch it would read as growth of the heap."""
     if cell.device.type == "cuda":
         return _measure_cuda(cell, batches)
-    state = [*cell.model.parameters(), *cell.model.buffers(), batches,
-             [p.grad for p in cell.model.parameters()], list(cell.optimizer.state.values())]
-    tracker = LiveTensorBytes(state)
-    tensors = _Sampler(cell.batches(batches), lambda: (tracker.live(), heap_bytes(), rss_bytes()))
-    with tracker:
-        cell.epoch(tensors)
-    live, heap, rss = (list(x) for x in zip(*tensors.trace))
+    bare = _Sampler(cell.batches(batches), lambda: (heap_bytes(), rss_bytes()))
+    cell.epoch(bare)
+    heap, rss = [h for h, _ in bare.trace], [r for _, r in bare.trace]
+    state = [*cell.model.parameters(), *cell.model.buffers(), batches, [p.grad for p in cell.model.parameters()],
+             list(cell.optimizer.state.values()), cell.device_tensors()]
+    ledger = AllocatorLedger(state)
+    with ledger:
+        cell.epoch(_Sampler(cell.batches(batches), ledger.mark))
+    steps = ledger.steps()
+    peak, counter_peak = cpu_peaks(steps)
+    live = [s["roots"] + s["start"] for s in steps]
     growth = slope_per_step(heap) if heap[0] is not None else slope_per_step(live)
-    return {"peak_memory_bytes": tracker.peak, "memory_growth_bytes_per_step": growth,
-            "tensor_growth_bytes_per_step": slope_per_step(live), "rss_growth_bytes_per_step": slope_per_step(rss),
+    return {"peak_memory_bytes": peak, "allocator_counter_peak_bytes": counter_peak,
+            "memory_growth_bytes_per_step": growth, "tensor_growth_bytes_per_step": slope_per_step(live),
+            "rss_growth_bytes_per_step": slope_per_step(rss),
             "memory_trace_bytes": heap if heap[0] is not None else live}
 
 
@@ -149,4 +254,5 @@ def _measure_cuda(cell, batches: list) -> dict:
     return {"peak_memory_bytes": torch.cuda.max_memory_allocated(),
             "memory_growth_bytes_per_step": slope_per_step(sampler.trace),
             "tensor_growth_bytes_per_step": slope_per_step(sampler.trace),
+            "allocator_counter_peak_bytes": torch.cuda.max_memory_allocated(),
             "rss_growth_bytes_per_step": None, "memory_trace_bytes": sampler.trace}

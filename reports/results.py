@@ -48,6 +48,7 @@ CSV_COLUMNS = [
     "syncs_per_step_cuda_debug", "tensor_growth_bytes_per_step", "rss_growth_bytes_per_step",
     "param_tensors", "warmup_steps", "warmup_time_s", "graph_breaks", "skipped_steps",
     "unsynced_reads_per_step", "ratio_to_floor", "baseline_variant", "verdict_as_expected",
+    "allocator_counter_peak_bytes",
 ]
 # what only results.json keeps, per cell
 RAW_FIELDS = ["step_times_s", "block_medians_s", "memory_trace_bytes", "sync_sites", "description"]
@@ -57,7 +58,8 @@ TEXT_COLUMNS = [
     "error", "kind", "idiom", "verdict_reason", "baseline_variant",
 ]
 NUMERIC_COLUMNS = [c for c in CSV_COLUMNS if c not in BOOL_COLUMNS and c not in TEXT_COLUMNS]
-COUNT_COLUMNS = {"batch_size", "steps", "repeats", "warmup_steps", "param_tensors", "peak_memory_bytes"}
+COUNT_COLUMNS = {"batch_size", "steps", "repeats", "warmup_steps", "param_tensors", "peak_memory_bytes",
+                 "allocator_counter_peak_bytes"}
 
 
 # -- the rules ------------------------------------------------------------------------------------------
