@@ -20,6 +20,7 @@ import torch.utils.benchmark as tbench
 from bench.cell import build_cell, stage_batches
 from bench.timing import time_block
 from loops import resolve_variant, resolve_workload
+from reports.table import format_table
 
 GOALS = {"cpu": {"overhead": 0.02, "agreement": 0.03, "spread": 0.03},
          "cuda": {"overhead": 0.02, "agreement": 0.02, "spread": 0.03}}
@@ -113,6 +114,7 @@ def ratio_spread(workload, device, staged, runs: int = 3, repeats: int = 11) -> 
 
 
 def main(device_name: str, workload_name: str) -> int:
+    """Print the table of checks; exit status 0 when every goal is met, 1 when any is missed."""
     device = torch.device(device_name)
     workload = resolve_workload(workload_name)
     staged = stage_batches(workload, "train", 40, device)
@@ -132,8 +134,11 @@ def main(device_name: str, workload_name: str) -> int:
     spread = (max(ratios) - min(ratios)) / float(np.mean(ratios))
     rows.append((f"ratio_to_baseline (tensor_sum) over 3 runs: {', '.join(f'{r:.3f}' for r in ratios)}",
                  f"{spread:.2%}", f"<= {goals['spread']:.0%}", spread <= goals["spread"]))
-    width = max(len(r[0]) for r in rows)
-    print(f"{'check':{width}s}  {'value':>8s}  {'goal':>10s}  result")
-    for name, value, goal, ok in rows:
-        print(f"{name:{width}s}  {value:>8s}  {goal:>10s}  {'met' if ok else 'MISSED'}")
+    print(format_table(["check", "value", "goal", "result"],
+                       [[name, value, goal, "met" if ok else "MISSED"] for name, value, goal, ok in rows],
+                       right=[1, 2]))
+    missed = [name for name, _, _, ok in rows if not ok]
+    if missed:
+        print(f"{len(missed)} of {len(rows)} goals missed")
+        return 1
     return 0

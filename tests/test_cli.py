@@ -1,17 +1,26 @@
-"""The command line as a user meets it: exit codes, one-line errors, files written, interruption."""
+"""The command line as a user meets it: exit codes, one-line errors, files written, interruption.
+
+The end-to-end runs use the smallest settings `loopmark run` accepts (`--quick --steps 3 --repeats 2 --warmup 1`);
+one run is shared by the tests that read it.
+"""
 
 import csv
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from bench.cli import main
-from bench.results import CSV_COLUMNS
+from reports.results import CSV_COLUMNS
+
+pytestmark = pytest.mark.xdist_group("cli")  # the module-scoped runs are made once
 
 REQUIRED_COLUMNS = (
     "workload, variant, device, device_name, torch_version, batch_size, steps, repeats, samples_per_s, "
@@ -19,9 +28,41 @@ REQUIRED_COLUMNS = (
     "syncs_per_step, ops_per_step, peak_memory_bytes, memory_growth_bytes_per_step, retains_graph, "
     "reported_loss, exact_loss, loss_rel_error, param_max_rel_diff, verdict, expected_verdict, "
     "energy_j_per_sample, status, error").split(", ")
+USER = "loops.example_user"
+SMALLEST = ["--device", "cpu", "--quick", "--steps", "3", "--repeats", "2", "--warmup", "1"]
+FAILING_LOOP = "def explode(run):\n    raise RuntimeError('boom')\n"
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory):
+    """One `loopmark run` of a user's workload with a user's variant, a built-in one and a user's variant that
+    raises: (its argv, its output directory)."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "failing_loop.py").write_text(FAILING_LOOP)
+    argv = ["run", *SMALLEST, "--workload", f"{USER}:regression", "--variant", f"{USER}:clipped_loop",
+            "--variant", "tensor_sum", "--variant", "failing_loop:explode", "--out", str(root / "r")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(root))
+        mp.delitem(sys.modules, "failing_loop", raising=False)
+        assert main(argv) == 0
+    return argv, root / "r"
+
+
+def _rows(out) -> dict:
+    with open(out / "results.csv") as f:
+        return {r["variant"]: r for r in csv.DictReader(f)}
+
+
+def _cells(out) -> dict:
+    return {c["variant"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
+
+
+def _measured(cell: dict) -> dict:
+    return {k: v for k, v in cell.items() if not k.startswith("ratio")}
 
 
 def test_list_shows_variants_and_workloads(capsys):
+    """`loopmark list` names the variants and the workloads."""
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     for name in ("baseline", "zero_grad_missing", "eval_graph_sum", "conditional", "digits"):
@@ -37,12 +78,14 @@ def test_list_shows_variants_and_workloads(capsys):
     (["run", "--variant", "baseline+eval_baseline"], "cannot compose training and evaluation"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
+    """A name that does not resolve is one line on stderr, no traceback, exit 2."""
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_cuda_request_without_gpu_is_exit_2(capsys):
+    """`--device cuda` on a machine without a GPU is bad input (exit 2), not a crash."""
     import torch
 
     if torch.cuda.is_available():
@@ -52,71 +95,79 @@ def test_cuda_request_without_gpu_is_exit_2(capsys):
 
 
 def test_check_passes_on_builtins_and_fails_on_a_broken_user_loop(capsys):
-    user = "loops.example_user"
-    assert main(["check", "--workload", "mlp", "--variant", "baseline", "--variant", "zero_grad_missing"]) == 0
-    assert main(["check", "--workload", f"{user}:regression", "--variant", f"{user}:clipped_loop",
-                 "--variant", f"{user}:eval_argmax"]) == 0
-    assert main(["check", "--workload", f"{user}:regression", "--variant", f"{user}:forgot_zero_grad"]) == 1
+    """`loopmark check` exits 0 when built-ins get their declared verdicts and a user's loops are not broken, and
+    1 with the reason when a user's loop is broken."""
+    short = ["--epochs", "2", "--steps", "2"]
+    assert main(["check", *short, "--workload", "mlp", "--variant", "baseline", "--variant",
+                 "zero_grad_missing"]) == 0
+    assert main(["check", *short, "--workload", f"{USER}:regression", "--variant", f"{USER}:clipped_loop",
+                 "--variant", f"{USER}:eval_argmax"]) == 0
+    capsys.readouterr()
+    assert main(["check", *short, "--workload", f"{USER}:regression", "--variant", f"{USER}:forgot_zero_grad"]) == 1
     assert "step 2 consumed the sum of 2 batch gradients" in capsys.readouterr().out
 
 
-def test_run_with_a_user_workload_and_variant_writes_every_column(tmp_path, capsys):
-    user = "loops.example_user"
-    out = tmp_path / "r"
-    argv = ["run", "--device", "cpu", "--workload", f"{user}:regression", "--variant", f"{user}:clipped_loop",
-            "--variant", "tensor_sum", "--steps", "4", "--repeats", "2", "--warmup", "1", "--out", str(out)]
-    assert main(argv) == 0
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert set(REQUIRED_COLUMNS) <= set(rows[0]) and list(rows[0]) == CSV_COLUMNS
-    assert {r["variant"] for r in rows} == {"baseline", f"{user}:clipped_loop", "tensor_sum"}
-    assert all(r["status"] == "ok" for r in rows)
-    cells = json.loads((out / "results.json").read_text())["cells"]
-    assert all(len(c["step_times_s"]) == 8 for c in cells)
+def test_run_with_a_user_workload_and_variant_writes_every_column(user_run):
+    """`loopmark run` with a user's workload and variant writes every CSV column, the baseline beside them, every
+    timed step and the environment."""
+    _, out = user_run
+    rows = _rows(out)
+    assert set(REQUIRED_COLUMNS) <= set(rows["baseline"]) and list(rows["baseline"]) == CSV_COLUMNS
+    assert set(rows) == {"baseline", f"{USER}:clipped_loop", "tensor_sum", "failing_loop:explode"}
+    assert all(rows[v]["status"] == "ok" for v in ("baseline", f"{USER}:clipped_loop", "tensor_sum"))
+    cells = _cells(out)
+    assert all(len(cells[v]["step_times_s"]) == 3 * 2 for v in ("baseline", f"{USER}:clipped_loop", "tensor_sum"))
     assert "torch" in json.loads((out / "results.json").read_text())["environment"]
+    assert (out / "report.md").exists()
 
 
-def test_a_failing_user_variant_does_not_lose_the_other_cells(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "failing_loop.py").write_text("def explode(run):\n    raise RuntimeError('boom')\n")
-    out = tmp_path / "r"
-    argv = ["run", "--device", "cpu", "--workload", "mlp", "--variant", "failing_loop:explode",
-            "--variant", "tensor_sum", "--steps", "4", "--repeats", "1", "--warmup", "1", "--out", str(out)]
-    assert main(argv) == 0
-    with open(out / "results.csv") as f:
-        rows = {r["variant"]: r for r in csv.DictReader(f)}
+def test_a_failing_user_variant_does_not_lose_the_other_cells(user_run):
+    """A user's variant that raises ends as `error` with its message; the other cells of its run are `ok`."""
+    _, out = user_run
+    rows = _rows(out)
     assert rows["failing_loop:explode"]["status"] == "error" and "boom" in rows["failing_loop:explode"]["error"]
     assert rows["tensor_sum"]["status"] == "ok" and rows["baseline"]["status"] == "ok"
 
 
-def test_resume_skips_finished_cells(tmp_path, capsys):
+def test_resume_skips_finished_cells(user_run, tmp_path, monkeypatch):
+    """`--resume` keeps every finished cell's measurements as they were and runs only the new cells."""
+    argv, shared = user_run
     out = tmp_path / "r"
-    base = ["run", "--device", "cpu", "--workload", "digits", "--steps", "4", "--repeats", "1", "--warmup", "1",
-            "--out", str(out)]
-    assert main(base + ["--variant", "tensor_sum"]) == 0
-    before = {c["variant"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
-    assert main(base + ["--variant", "tensor_sum", "--variant", "graph_sum", "--resume"]) == 0
-    after = {c["variant"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
-    assert after["tensor_sum"] == before["tensor_sum"] and after["graph_sum"]["status"] == "ok"
+    shutil.copytree(shared, out)
+    monkeypatch.syspath_prepend(str(shared.parent))
+    before = _cells(out)
+    assert main([*argv[:-1], str(out), "--variant", "graph_sum", "--resume"]) == 0
+    after = _cells(out)
+    for variant in (f"{USER}:clipped_loop", "tensor_sum"):  # as measured; ratios follow the re-timed baseline
+        assert _measured(after[variant]) == _measured(before[variant])
+        assert after[variant]["step_times_s"] == before[variant]["step_times_s"]
+    assert after["graph_sum"]["status"] == "ok" and after["graph_sum"]["verdict"] == "broken"
 
 
 def test_sigint_leaves_valid_files_with_every_finished_cell(tmp_path):
+    """Ctrl-C while a cell is measured exits 130 without a traceback, and the files hold every cell finished before."""
     out = tmp_path / "r"
-    cmd = [sys.executable, "-m", "bench", "run", "--device", "cpu", "--workload", "digits", "--workload", "cnn",
-           "--variant", "tensor_sum", "--steps", "10", "--repeats", "3", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [sys.executable, "-m", "bench", "run", *SMALLEST, "--workload", "digits", "--workload", "cnn",
+           "--variant", "tensor_sum", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    lines: list[str] = []
+
+    def read_stderr():
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    finished = re.compile(r"^cpu\s+digits\s+\S+\s+ok\b")
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            cells = json.loads((out / "results.json").read_text())["cells"]
-        except (OSError, ValueError):
-            cells = []
-        if len(cells) >= 2:  # digits' two cells are finished, cnn's are running
-            break
-        time.sleep(0.05)
+    # a cell's progress line is printed once both files hold it: digits' two cells are written, cnn's are running
+    while time.time() < deadline and proc.poll() is None and sum(map(bool, map(finished.match, lines))) < 2:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    stderr = "".join(lines)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     cells = json.loads((out / "results.json").read_text())["cells"]
@@ -124,10 +175,3 @@ def test_sigint_leaves_valid_files_with_every_finished_cell(tmp_path):
         rows = list(csv.DictReader(f))
     assert 2 <= len(cells) < 4 and len(rows) == len(cells)
     assert all(c["status"] == "ok" and c["step_times_s"] for c in cells)
-
-
-def test_selfcheck_prints_its_table(capsys):
-    assert main(["selfcheck", "--workload", "digits"]) == 0
-    out = capsys.readouterr().out
-    for check in ("per-step marks vs the same loop timed whole", "torch.utils.benchmark", "ratio_to_baseline"):
-        assert check in out

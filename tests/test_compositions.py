@@ -32,7 +32,8 @@ def test_zeroing_before_each_micro_batch_backward_is_measured_broken(workload):
     """The correctness pass finds the first step consuming the last micro-batch's gradient alone."""
     record = _check(workload, ZERO_BEFORE_EACH_BACKWARD[0])
     assert record["verdict"] == "broken" == record["expected_verdict"]
-    assert record["verdict_reason"].startswith("step 1 consumed a gradient"), record["verdict_reason"]
+    assert record["verdict_reason"].startswith("step 1 consumed the gradient of micro-batch 2 of 2 alone"), \
+        record["verdict_reason"]
 
 
 @pytest.mark.parametrize("workload,expected", [("conditional", "different"), ("mlp", "equivalent")])

@@ -1,8 +1,12 @@
 """The regression gate end to end: loopmark run twice, loopmark compare, exit codes."""
 
+import sys
+
 import pytest
 
 from bench.cli import main
+
+pytestmark = pytest.mark.xdist_group("gate")  # the module-scoped runs are made once
 
 LOOP = '''
 import torch
@@ -24,36 +28,49 @@ def loop(run):
 '''
 
 
-def _run(tmp_path, monkeypatch, name: str, extra: str):
-    src = tmp_path / name
+STEPS = 3  # the smallest `loopmark run --steps`; the tracked loop reads back once an epoch, so 1/3 sync a step
+
+
+def _run(root, name: str, extra: str):
+    """`loopmark run` of the loop above (with `extra` as one more line per step) as `userloop:loop`."""
+    src = root / name
     src.mkdir()
     (src / "userloop.py").write_text(LOOP.format(extra=extra))
-    monkeypatch.syspath_prepend(str(src))
-    monkeypatch.delitem(__import__("sys").modules, "userloop", raising=False)
-    out = tmp_path / f"out_{name}"
-    argv = ["run", "--device", "cpu", "--workload", "digits", "--variant", "userloop:loop", "--steps", "6",
-            "--repeats", "2", "--warmup", "1", "--out", str(out)]
-    assert main(argv) == 0
+    out = root / f"out_{name}"
+    argv = ["run", "--device", "cpu", "--quick", "--workload", "digits", "--variant", "userloop:loop", "--steps",
+            str(STEPS), "--repeats", "1", "--warmup", "1", "--out", str(out)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(src))
+        mp.delitem(sys.modules, "userloop", raising=False)
+        assert main(argv) == 0
     return out
 
 
-def test_one_more_item_per_step_fails_the_gate_on_syncs(tmp_path, monkeypatch, capsys):
-    base = _run(tmp_path, monkeypatch, "a", "pass")
-    cand = _run(tmp_path, monkeypatch, "b", "loss.item()  # a debugging print left in")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three runs of the same cells: the loop, the same loop again, the loop with one more `.item()` per step."""
+    root = tmp_path_factory.mktemp("gate")
+    return {"base": _run(root, "a", "pass"), "same": _run(root, "b", "pass"),
+            "item": _run(root, "c", "loss.item()  # a debugging print left in")}
+
+
+def test_one_more_item_per_step_fails_the_gate_on_syncs(runs, capsys):
+    """One more `.item()` per step in the candidate makes `loopmark compare` exit 1, naming the cell and its syncs."""
     capsys.readouterr()
-    assert main(["compare", str(base), str(cand), "--only-deterministic"]) == 1
+    assert main(["compare", str(runs["base"]), str(runs["item"]), "--only-deterministic"]) == 1
     out = capsys.readouterr().out
-    assert "digits/userloop:loop/cpu" in out and "syncs/step changed: 0.166667 -> 1.16667" in out
+    assert "digits/userloop:loop/cpu" in out
+    assert f"syncs/step changed: {1 / STEPS:g} -> {1 + 1 / STEPS:g}" in out
 
 
-def test_same_code_compares_clean_on_deterministic_metrics(tmp_path, monkeypatch, capsys):
-    base = _run(tmp_path, monkeypatch, "a", "pass")
-    cand = _run(tmp_path, monkeypatch, "b", "pass")
-    assert main(["compare", str(base), str(cand), "--only-deterministic"]) == 0
+def test_same_code_compares_clean_on_deterministic_metrics(runs, capsys):
+    """Two runs of the same code compare clean (exit 0) on the deterministic metrics."""
+    assert main(["compare", str(runs["base"]), str(runs["same"]), "--only-deterministic"]) == 0
 
 
 @pytest.mark.parametrize("args", [["/nonexistent/dir", "/nonexistent/dir"]])
 def test_unusable_input_is_exit_2(capsys, args):
+    """A baseline or candidate that is not a results file is one line on stderr and exit 2."""
     assert main(["compare", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err

@@ -1,16 +1,23 @@
 """The harness's sync and memory passes on CPU agree with what REFERENCE-level facts say they must."""
 
+import gc
+import inspect
+import os
+
+import numpy as np
 import pytest
 import torch
 
+import loops
 from bench.cell import build_cell, stage_batches
 from bench.memory import measure_memory
 from bench.syncs import measure_syncs
-from loops import resolve_variant, resolve_workload
+from loops import canonical, resolve_variant, resolve_workload
 
 CPU = torch.device("cpu")
 STEPS = 8
 GROWING = 1024  # bytes per step: far above the allocator's noise, far below one step of a retained graph
+MEMORY_STEPS = 24
 
 
 def _cell(workload, variant, steps=STEPS):
@@ -47,6 +54,7 @@ def _cell(workload, variant, steps=STEPS):
     ("digits", "optimizer_fused", 1.0),
 ])
 def test_syncs_per_step(workload, variant, expected):
+    """Each loop makes exactly the host-device syncs per step that its idiom implies (counted on the CPU stand-in)."""
     cell, staged = _cell(workload, variant)
     assert measure_syncs(cell, staged)["syncs_per_step"] == pytest.approx(expected)
 
@@ -65,12 +73,31 @@ def test_set_to_none_false_costs_a_zero_per_parameter_tensor_without_foreach(wor
         assert ops(f"{impl}+set_to_none_false")[0] - ops(impl)[0] == 1
 
 
+def _baseline_item_line() -> tuple[str, int]:
+    """File and line of the baseline's per-step `.item()`, read from the source found through `loops`: the line of
+    the baseline tracker's own Python code that calls `.item()`, or, where its read is `torch.Tensor.item` itself
+    (no Python frame of its own), the training loop's line that calls that read."""
+    tracking = canonical.LOSS_TRACKING[loops.Idioms().loss_tracking]
+    code = getattr(tracking, "add", None) or getattr(tracking, "read", None)
+    if inspect.isfunction(code):
+        needle = ".item()"
+    else:
+        assert code is torch.Tensor.item, code
+        code, needle = loops.TrainLoop.__call__, "read(loss)"
+    lines, start = inspect.getsourcelines(code)
+    found = [start + i for i, line in enumerate(lines) if needle in line.split("#")[0]]
+    assert len(found) == 1, (needle, found)
+    return os.path.realpath(inspect.getsourcefile(code)), found[0]
+
+
 def test_sync_sites_name_the_loop_line():
+    """The baseline's one sync per step is attributed to the exact file:line of its `.item()` call."""
     cell, staged = _cell("mlp", "baseline")
     sites = measure_syncs(cell, staged)["sync_sites"]
-    assert len(sites) == 1
     (site, count), = sites.items()
-    assert site.endswith(".py:" + site.rsplit(":", 1)[1]) and "canonical.py" in site and count == STEPS
+    path, line = site.rsplit(":", 1)
+    assert (os.path.realpath(path), int(line)) == _baseline_item_line()
+    assert count == STEPS
 
 
 def test_an_extra_item_per_step_is_counted():
@@ -92,21 +119,59 @@ def test_an_extra_item_per_step_is_counted():
     assert counter.syncs == 6
 
 
-@pytest.mark.parametrize("workload,variant", [("mlp", "graph_sum"), ("cnn", "eval_graph_sum")])
-def test_retained_graph_grows_memory(workload, variant):
-    cell, staged = _cell(workload, variant, steps=24)
-    assert measure_memory(cell, staged)["memory_growth_bytes_per_step"] > GROWING
+def _memory(workload, variant, steps=MEMORY_STEPS) -> dict:
+    cell, staged = _cell(workload, variant, steps)
+    gc.collect()  # garbage left by earlier tests, freed in the middle of the trace, reads as shrinking
+    return measure_memory(cell, staged)
+
+
+def _robust_slope(trace: list) -> float:
+    """Theil-Sen slope (the median of the pairwise slopes) of a memory trace, from the end of the first step on as
+    `slope_per_step` does: one large allocation or free between two steps does not move it."""
+    y = np.asarray(trace[1:], dtype=np.float64)
+    i, j = np.triu_indices(len(y), k=1)
+    return float(np.median((y[j] - y[i]) / (j - i)))
+
+
+def _graph_nodes(value) -> int:
+    """Autograd nodes reachable from a reported value (a tensor or a tuple holding one)."""
+    roots = [v.grad_fn for v in (value if isinstance(value, tuple) else (value,))
+             if isinstance(v, torch.Tensor) and v.grad_fn is not None]
+    seen, stack = set(), roots
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(n for n, _ in node.next_functions)
+    return len(seen)
+
+
+@pytest.mark.parametrize("workload,variant,baseline", [("mlp", "graph_sum", "baseline"),
+                                                       ("cnn", "eval_graph_sum", "eval_baseline")])
+def test_retained_graph_grows_memory(workload, variant, baseline):
+    """A loop that keeps every step's autograd graph grows the heap per step by far more than its baseline does
+    (robust slopes of the memory pass's traces), and the graph it keeps grows by the same nodes every step."""
+    grows, flat = _memory(workload, variant), _memory(workload, baseline)
+    assert _robust_slope(grows["memory_trace_bytes"]) - _robust_slope(flat["memory_trace_bytes"]) > GROWING
+    cell, staged = _cell(workload, variant, steps=12)
+    nodes = [_graph_nodes(cell.epoch(staged[:n])) for n in (4, 8, 12)]
+    assert nodes[2] - nodes[1] == nodes[1] - nodes[0] > 0, nodes
 
 
 @pytest.mark.parametrize("workload,variant", [("mlp", "baseline"), ("cnn", "baseline"), ("cnn", "eval_baseline")])
 def test_correct_loops_do_not_grow(workload, variant):
-    cell, staged = _cell(workload, variant, steps=24)
+    """A correct loop's memory stays flat from step to step: no tensor outlives its step, and the heap's robust
+    slope is far below a retained graph's; its peak holds at least the parameters."""
+    cell, staged = _cell(workload, variant, steps=MEMORY_STEPS)
+    gc.collect()
     record = measure_memory(cell, staged)
-    assert abs(record["memory_growth_bytes_per_step"]) < GROWING
+    assert abs(record["tensor_growth_bytes_per_step"]) < GROWING
+    assert abs(_robust_slope(record["memory_trace_bytes"])) < GROWING
     assert record["peak_memory_bytes"] > sum(p.numel() * 4 for p in cell.model.parameters())
 
 
 def test_a_non_blocking_copy_read_before_a_sync_is_flagged():
+    """Reading a non-blocking device-to-host copy before any sync is flagged once per step; the baseline never is."""
     cell, staged = _cell("mlp", "d2h_nonblocking_unsynced")
     record = measure_syncs(cell, staged)
     assert record["unsynced_reads_per_step"] == 1.0
