@@ -14,6 +14,7 @@ always agree with each other.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -279,8 +280,9 @@ def atomic_write(path: Path, content: str | bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for sharing
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException:  # an interrupt may land after the rename: then there is nothing to remove
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 
