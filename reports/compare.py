@@ -37,7 +37,7 @@ import pandas as pd
 from scipy.stats import mannwhitneyu
 
 from reports.results import baseline_of
-from reports.stats import median_ratio_ci
+from reports.stats import ratio_with_ci
 from reports.table import format_table
 from reports.units import human_bytes
 
@@ -119,9 +119,8 @@ def time_gate(base_times, cand_times, max_slowdown_pct: float, alpha: float,
     """(p, median ratio, its 95% CI, regressed) for raw step times of the baseline and the candidate."""
     base, cand = np.asarray(base_times, dtype=float), np.asarray(cand_times, dtype=float)
     p = float(mannwhitneyu(cand, base, alternative="greater").pvalue)
-    ratio = float(np.median(cand) / np.median(base))
-    ci = median_ratio_ci(base, cand, seed=seed)
-    return p, ratio, ci, p < alpha and ci[0] > 1 + max_slowdown_pct / 100
+    ratio, low, high = ratio_with_ci(cand, base, seed=seed)
+    return p, ratio, (low, high), p < alpha and low > 1 + max_slowdown_pct / 100
 
 
 def format_text(c: Comparison) -> str:
