@@ -58,7 +58,8 @@ def test_the_harness_writes_through_the_schema_and_never_renders(path):
 
 def test_importing_the_reports_loads_no_torch():
     """The torch-free promise holds at run time too, not only in the source."""
-    code = ("import sys, reports.report, reports.compare, reports.load, reports.results, reports.stats, "
-            "reports.table; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'bench', 'loops')))")
+    code = ("import sys, reports.report, reports.compare, reports.load, reports.plots, reports.results, "
+            "reports.stats, reports.table; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'bench', 'loops')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
