@@ -88,7 +88,7 @@ def cmd_check(args) -> int:
             _status(f"checking {workload.name} {variant.name}")
             try:
                 r = correctness.check(workload, variant, device, args.epochs or correctness.CHECK_EPOCHS,
-                                      args.steps or correctness.CHECK_STEPS, args.seed, cache)
+                                      args.steps, args.seed, cache)
             except Exception as exc:  # a user's loop that raises
                 r = {"verdict": "error", "expected_verdict": variant.expected_for(workload.name),
                      "verdict_reason": f"{type(exc).__name__}: {exc}".split("\n")[0]}
@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--variant", action="append", help=names["variant"])
     c.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     c.add_argument("--epochs", type=_int_at_least(1), help="default 2, as in `loopmark run`")
-    c.add_argument("--steps", type=_int_at_least(1), help="steps per epoch (default 3, as in `loopmark run`)")
+    c.add_argument("--steps", type=_int_at_least(1),
+                   help="steps per epoch (default 3, or the workload's own; as in `loopmark run`)")
     c.add_argument("--seed", type=_int_at_least(0), default=0)
 
     r = sub.add_parser("run", help="measure every cell; write results.csv/json and a report")

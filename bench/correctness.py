@@ -47,7 +47,7 @@ EQUIV_RTOL = 1e-5
 # the correctness pass's size, the same under `loopmark check` and `loopmark run` (full or --quick), so that a
 # verdict never depends on which command gave it: 2 epochs show accumulation across epochs, 3 steps across steps
 CHECK_EPOCHS = 2
-CHECK_STEPS = 3
+CHECK_STEPS = 3  # a workload may size its own (`Workload.check_steps`: resnet18 shows the same in 2)
 
 
 @dataclass
@@ -120,12 +120,14 @@ class _Seen:
         """Record the gradient `tensor.backward(gradient)` is about to add to the parameters."""
         if self.paused:
             return
+        if isinstance(tensor, torch.Tensor) and tensor.numel() == 1:
+            self.backward_values.append(float(tensor.detach().double()))
+        if self.forwards and len(self.pending) == self.forwards and all(p[3] is not None for p in self.pending):
+            return  # every loss so far went through run.criterion, eagerly: the step is recomputed from those
         grads = torch.autograd.grad(tensor, self.params, grad_outputs=gradient, retain_graph=True,
                                     allow_unused=True)
         self.backward.append(torch.cat([(g if g is not None else torch.zeros_like(p)).detach().double().flatten()
                                         for g, p in zip(grads, self.params)]))
-        if isinstance(tensor, torch.Tensor) and tensor.numel() == 1:
-            self.backward_values.append(float(tensor.detach().double()))
 
     def take(self) -> tuple[list, list, bool]:
         """(criterion pairs, backpropagated gradients, whether every forward's loss went through the
@@ -296,8 +298,12 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
         pending, backpropagated, complete = seen.take()
         step = _Step(len(history) + 1, _flat_grads(params), None, _grad_rtol(pending))
         seen.paused = True
+        # a forward that ran compiled (no random-number state recorded) is not recomputed eagerly: its own
+        # kernels round differently, and through many BatchNorm layers that is not rounding any more; its
+        # batch gradient is then that of what the compiled program backpropagated, the program that is timed
+        compiled = any(p[3] is None for p in pending)
         try:
-            if complete:
+            if complete and not (compiled and backpropagated):
                 step.fresh, _ = _fresh_grad(cell.model, cell.criterion, pending)
                 if len(pending) > 1:
                     step.micro = [_fresh_grad(cell.model, cell.criterion, [p])[0] for p in pending]
@@ -312,7 +318,7 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
                         step.fresh = later
             elif backpropagated:
                 step.fresh, step.from_backward = sum(backpropagated), True
-                traj.losses_from_backward = True
+                traj.losses_from_backward = traj.losses_from_backward or not complete
         finally:
             seen.paused = False
         note(*_judge(step, history))
@@ -512,7 +518,7 @@ def _eval_verdict(traj: Trajectory, base: Trajectory, result) -> dict:
     return result("different", f"loss differs from the baseline's by {loss_diff:.3g} (relative)")
 
 
-def check(workload: Workload, variant: Variant, device, epochs: int = CHECK_EPOCHS, steps: int = CHECK_STEPS,
+def check(workload: Workload, variant: Variant, device, epochs: int = CHECK_EPOCHS, steps: int | None = None,
           seed: int = 0,
           _cache: dict | None = None, syncs: dict | None = None) -> dict:
     """The correctness record of one cell; `_cache` keeps the baseline's trajectory between variants.
@@ -524,6 +530,7 @@ def check(workload: Workload, variant: Variant, device, epochs: int = CHECK_EPOC
                 "expected_verdict": variant.expected_for(workload.name)}
     from bench.cell import stage_batches
 
+    steps = steps or workload.check_steps or CHECK_STEPS
     split = "test" if variant.kind == "eval" else "train"
     staged = stage_batches(workload, split, epochs * steps, device)
     key = (workload.name, variant.kind, str(device), epochs, steps, seed)

@@ -41,7 +41,7 @@ class Settings:
     warmup: int = 5  # untimed steps before a cell's first block
     seed: int = 0
     check_epochs: int = correctness.CHECK_EPOCHS  # correctness pass
-    check_steps: int = correctness.CHECK_STEPS
+    check_steps: int | None = None  # the workload's own size, else correctness.CHECK_STEPS
     memory_steps: int = 32  # memory pass: enough step boundaries for a slope
 
 

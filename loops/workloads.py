@@ -31,6 +31,8 @@ class Workload:
     batched: bool = False
     # as DataLoader's own option, and its default: the last batch of an epoch may be smaller
     drop_last: bool = False
+    # steps per epoch of the correctness pass (None: its default, 3); the same under check and run
+    check_steps: int | None = None
 
     def loader(self, split: str = "train", *, num_workers: int = 0, pin_memory: bool = False,
                persistent_workers: bool = False) -> DataLoader:
@@ -110,6 +112,7 @@ def resnet18() -> Workload:
     return Workload(
         name="resnet18",
         drop_last=True,
+        check_steps=2,  # 2 steps per epoch still show accumulation across steps; each costs a second on CPU
         build_model=lambda: torchvision.models.resnet18(weights=None, num_classes=10),
         build_optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4),
         criterion=nn.CrossEntropyLoss(),
