@@ -76,6 +76,13 @@ def test_list_shows_variants_and_workloads(capsys):
     (["check", "--variant", "loops.example_user:missing"], "has no callable 'missing'"),
     (["run", "--variant", "tensor_sum+item_list_mean"], "changes loss_tracking a second time"),
     (["run", "--variant", "baseline+eval_baseline"], "cannot compose training and evaluation"),
+    (["check", "--steps", "0"], "argument --steps: 0 is less than 1"),
+    (["check", "--epochs", "0"], "argument --epochs: 0 is less than 1"),
+    (["check", "--steps", "-1"], "argument --steps: -1 is less than 1"),
+    (["run", "--warmup", "-1"], "argument --warmup: -1 is less than 0"),
+    (["run", "--steps", "two"], "argument --steps: 'two' is not a whole number"),
+    (["compare", "a", "b", "--alpha", "3"], "argument --alpha: 3 is not between 0 and 1"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     """A name that does not resolve is one line on stderr, no traceback, exit 2."""
@@ -92,6 +99,18 @@ def test_cuda_request_without_gpu_is_exit_2(capsys):
         pytest.skip("a GPU is present")
     assert main(["run", "--device", "cuda"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+    for command in ("check", "selfcheck"):  # `all` is no device of theirs
+        assert main([command, "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert err.rstrip().endswith("valid: cpu"), err
+
+
+def test_version_is_the_package_version(capsys):
+    """`loopmark --version` prints the installed package's version."""
+    import bench
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"loopmark {bench.__version__}"
 
 
 def test_check_passes_on_builtins_and_fails_on_a_broken_user_loop(capsys):
@@ -141,6 +160,9 @@ def test_resume_skips_finished_cells(user_run, tmp_path, monkeypatch):
     for variant in (f"{USER}:clipped_loop", "tensor_sum"):  # as measured; ratios follow the re-timed baseline
         assert _measured(after[variant]) == _measured(before[variant])
         assert after[variant]["step_times_s"] == before[variant]["step_times_s"]
+        # the numbers in one file agree: a kept cell's ratio is over the baseline now in the file
+        assert after[variant]["ratio_to_baseline"] == pytest.approx(
+            after[variant]["step_time_median_s"] / after["baseline"]["step_time_median_s"])
     assert after["graph_sum"]["status"] == "ok" and after["graph_sum"]["verdict"] == "broken"
 
 
