@@ -72,7 +72,7 @@ def cmd_list(args) -> int:
 def cmd_check(args) -> int:
     import torch
 
-    from bench import correctness
+    from bench import correctness, runner
     from loops import WORKLOADS, builtin_names, resolve_variant, resolve_workload
     from reports.results import as_expected
     from reports.table import format_table
@@ -89,9 +89,9 @@ def cmd_check(args) -> int:
             try:
                 r = correctness.check(workload, variant, device, args.epochs or correctness.CHECK_EPOCHS,
                                       args.steps, args.seed, cache)
-            except Exception as exc:  # a user's loop that raises
+            except runner.CELL_FAULTS as exc:  # a user's loop that raises or exits
                 r = {"verdict": "error", "expected_verdict": variant.expected_for(workload.name),
-                     "verdict_reason": f"{type(exc).__name__}: {exc}".split("\n")[0]}
+                     "verdict_reason": runner.fault_text(exc)}
             expected = r["expected_verdict"]
             status = "skipped" if r["verdict"] == "skipped" else "ok"
             matches = as_expected(status, r["verdict"], expected)

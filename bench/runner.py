@@ -82,11 +82,23 @@ def cell_spec(workload: Workload, variant: Variant, device: torch.device, s: Set
                     repeats=s.repeats, warmup_steps=s.warmup, expected_verdict=variant.expected_for(workload.name))
 
 
+# what a cell's code may raise and stay a fault of that cell: an exception (CUDA out-of-memory included), or a
+# loop that calls sys.exit(), which must not end the run with the cells after it unmeasured
+CELL_FAULTS = (Exception, SystemExit)
+
+
+def fault_text(exc: BaseException) -> str:
+    """One line saying what went wrong in a cell."""
+    if isinstance(exc, SystemExit):
+        return f"the loop called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}".split("\n")[0][:300]
+
+
 def _fault(m: Measurement, exc: BaseException) -> None:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         m.fault("oom", str(exc).split("\n")[0][:300])
     else:
-        m.fault("error", f"{type(exc).__name__}: {exc}".split("\n")[0][:300])
+        m.fault("error", fault_text(exc))
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -164,7 +176,7 @@ class Runner:
                 continue
             try:
                 m.figures.update(untimed_passes(workload, variant, device, s, staged, cache))
-            except (Exception, torch.cuda.OutOfMemoryError) as exc:
+            except CELL_FAULTS as exc:
                 _fault(m, exc)
                 self.save(spec, m)
                 continue
@@ -181,7 +193,7 @@ class Runner:
             if variant.name in pending:
                 try:
                     built[variant.name] = build_cell(workload, variant, device, s.seed)
-                except (Exception, torch.cuda.OutOfMemoryError) as exc:
+                except CELL_FAULTS as exc:
                     _fault(pending[variant.name][1], exc)
                     self.save(*pending.pop(variant.name))
         for name, cell in built.items():
@@ -191,7 +203,7 @@ class Runner:
                 _warm(cell, staged, s.warmup)  # compile time lands here, never in a timed block
                 m.figures.update(warmup_time_s=time.perf_counter() - start, graph_breaks=graph_breaks() - breaks)
                 cells[name] = cell
-            except (Exception, torch.cuda.OutOfMemoryError) as exc:
+            except CELL_FAULTS as exc:
                 _fault(m, exc)
                 self.save(*pending.pop(name))
         for r in range(s.repeats):
@@ -206,7 +218,7 @@ class Runner:
                     m.blocks.append(block)
                     if not _finite(reported):
                         m.fault("diverged", f"non-finite loss in block {r + 1}")
-                except (Exception, torch.cuda.OutOfMemoryError) as exc:
+                except CELL_FAULTS as exc:
                     _fault(m, exc)
                 if m.status != "ok" or r == s.repeats - 1:
                     del cells[name]

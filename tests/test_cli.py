@@ -30,7 +30,8 @@ REQUIRED_COLUMNS = (
     "energy_j_per_sample, status, error").split(", ")
 USER = "loops.example_user"
 SMALLEST = ["--device", "cpu", "--quick", "--steps", "3", "--repeats", "2", "--warmup", "1"]
-FAILING_LOOP = "def explode(run):\n    raise RuntimeError('boom')\n"
+FAILING_LOOP = ("import sys\n\n\ndef explode(run):\n    raise RuntimeError('boom')\n\n\n"
+                "def leave(run):\n    sys.exit(0)\n")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def user_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     (root / "failing_loop.py").write_text(FAILING_LOOP)
     argv = ["run", *SMALLEST, "--workload", f"{USER}:regression", "--variant", f"{USER}:clipped_loop",
-            "--variant", "tensor_sum", "--variant", "failing_loop:explode", "--out", str(root / "r")]
+            "--variant", "tensor_sum", "--variant", "failing_loop:explode", "--variant", "failing_loop:leave",
+            "--out", str(root / "r")]
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(root))
         mp.delitem(sys.modules, "failing_loop", raising=False)
@@ -132,7 +134,8 @@ def test_run_with_a_user_workload_and_variant_writes_every_column(user_run):
     _, out = user_run
     rows = _rows(out)
     assert set(REQUIRED_COLUMNS) <= set(rows["baseline"]) and list(rows["baseline"]) == CSV_COLUMNS
-    assert set(rows) == {"baseline", f"{USER}:clipped_loop", "tensor_sum", "failing_loop:explode"}
+    assert set(rows) == {"baseline", f"{USER}:clipped_loop", "tensor_sum", "failing_loop:explode",
+                         "failing_loop:leave"}
     assert all(rows[v]["status"] == "ok" for v in ("baseline", f"{USER}:clipped_loop", "tensor_sum"))
     cells = _cells(out)
     assert all(len(cells[v]["step_times_s"]) == 3 * 2 for v in ("baseline", f"{USER}:clipped_loop", "tensor_sum"))
@@ -145,6 +148,8 @@ def test_a_failing_user_variant_does_not_lose_the_other_cells(user_run):
     _, out = user_run
     rows = _rows(out)
     assert rows["failing_loop:explode"]["status"] == "error" and "boom" in rows["failing_loop:explode"]["error"]
+    assert rows["failing_loop:leave"]["status"] == "error"  # sys.exit(0) in a loop ends its cell, not the run
+    assert rows["failing_loop:leave"]["error"] == "the loop called sys.exit(0)"
     assert rows["tensor_sum"]["status"] == "ok" and rows["baseline"]["status"] == "ok"
 
 
