@@ -223,24 +223,21 @@ def _int_at_least(minimum: int):
     return parse
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
-    return value
+def _number(accept, must_be: str):
+    """An argparse type: a finite float that `accept` takes, else one line saying what it must be."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"{text} is not {must_be}")
+        return value
+    return parse
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a non-negative number")
-    return value
+_probability = _number(lambda v: 0 < v < 1, "between 0 and 1")
+_non_negative = _number(lambda v: v >= 0, "a non-negative number")
 
 
 def build_parser() -> argparse.ArgumentParser:
