@@ -115,15 +115,14 @@ BUILTINS: dict[str, _Builtin] = {
     "fp16_grad_scaler": _train("mixed precision", "autocast(float16) + GradScaler: scaled backward, "
                                "scaler.step/update (CUDA)", "different", precision="fp16_grad_scaler"),
     # compilation
-    # inductor's fused kernels round differently; through BatchNorm the difference outgrows rounding
+    # inductor's fused kernels round differently: through BatchNorm that grows past 1e-5, yet stays within the
+    # baseline's own distance from float64 (the correctness pass's rounding envelope)
     "compile_default": _train("compilation", "forward + loss through torch.compile (default mode)",
-                              {"*": "equivalent", "cnn": "different", "resnet18": "different"}, compile="default"),
+                              "equivalent", compile="default"),
     "compile_reduce_overhead": _train("compilation", "forward + loss through torch.compile(mode='reduce-overhead')"
                                       " (CUDA graphs)", "equivalent", compile="reduce_overhead"),
     "compile_item_graph_break": _train("compilation", "a NaN guard calling loss.item() inside the compiled "
-                                       "region: a graph break",
-                                       {"*": "equivalent", "cnn": "different", "resnet18": "different"},
-                                       compile="with_item_check"),
+                                       "region: a graph break", "equivalent", compile="with_item_check"),
     # CUDA graphs
     "cuda_graph_step": _train("CUDA graphs", "the whole step (forward, backward, optimizer step, on-device loss "
                               "sum) captured once as a CUDA graph and replayed: the launch-overhead floor",
