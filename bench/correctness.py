@@ -537,7 +537,7 @@ def envelope(workload: Workload, variant: Variant, device, epochs: int, staged: 
         steps = len(staged) // epochs
         reported = [_loss_of(cell.epoch(wide[e * steps:(e + 1) * steps]), variant.kind) for e in range(epochs)]
         params = {n: p.detach() for n, p in cell.model.named_parameters()}
-    except Exception:  # noqa: BLE001 - a loop written for float32 only: no envelope, the fixed tolerance decides
+    except Exception:  # a loop written for float32 only: no envelope, the fixed tolerance decides
         return None
     base_loss = [_loss_of(r, variant.kind) for r in base.reported]
     loss = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(base_loss, reported))
