@@ -125,8 +125,18 @@ def stage_batches(workload: Workload, split: str, count: int, device: torch.devi
     loader's batch must never be the very tensor the sync pass counts as staged on the device.
     """
     loader = workload.loader(split)
-    batches = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), count)
-    return [tuple(t.to(device, copy=True) for t in batch) for batch in batches]
+    staged: list = []
+    while len(staged) < count:  # epoch after epoch, as the loader gives them
+        epoch = [tuple(t.to(device, copy=True) for t in batch)
+                 for batch in itertools.islice(loader, count - len(staged))]
+        if not epoch:  # cycling a loader that yields nothing would never end
+            data = workload.train_data if split == "train" else workload.test_data
+            size = len(data) if hasattr(data, "__len__") else "?"
+            raise ValueError(f"workload {workload.name!r} has no {split} batch: {size} sample(s), batch_size "
+                             f"{workload.batch_size}, drop_last={workload.drop_last} (a dataset smaller than one "
+                             "batch with drop_last=True, or an empty one)")
+        staged += epoch
+    return staged
 
 
 def parse_device(name: str) -> torch.device:

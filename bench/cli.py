@@ -1,21 +1,27 @@
 """The `loopmark` command line: one argparse tree with a subcommand each for list, check, run, selfcheck,
-report and compare.
+report, compare, merge and trace.
 
-Exit status: 0 success, 1 a failed check or a regression, 2 bad input (one line, no traceback), 130
+Exit status: 0 success, 1 a failed check, a regression or (`run --strict`) a failed cell, 2 bad input (one line, no
+traceback), 3 results or a report could not be written (a full disk; the cells saved before are kept), 130
 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import bench
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_WRITE = 3  # an output could not be written mid-way (a full disk): one line, what was saved before is kept
+RESULTS_ROOT = Path("results")  # `loopmark run` without --out: a new directory here per run, `latest` the newest
 
 
 class UsageError(Exception):
@@ -46,7 +52,12 @@ def _resolve_names(workloads, variants):
 
     try:
         for w in workloads or []:
-            resolve_workload(w)
+            try:
+                resolve_workload(w)
+            except BadName:
+                raise
+            except (Exception, SystemExit):  # the workload's own code raised: a fault of its cells, kept as they run
+                pass
         for v in variants or []:
             resolve_variant(v)
     except BadName as exc:
@@ -81,7 +92,14 @@ def cmd_check(args) -> int:
     device = torch.device(_devices(args.device, "cpu")[0])
     rows, failures = [], 0
     for wname in args.workload or list(WORKLOADS):
-        workload = resolve_workload(wname)
+        try:
+            workload = resolve_workload(wname)
+        except runner.CELL_FAULTS as exc:  # the user's workload function raised: a fault of each of its cells
+            for vname in args.variant or builtin_names():
+                rows.append([wname, resolve_variant(vname).name, "error", resolve_variant(vname).expected_for(wname),
+                             runner.fault_text(exc) + "  <-- FAIL"])
+                failures += 1
+            continue
         cache: dict = {}
         for vname in args.variant or builtin_names():
             variant = resolve_variant(vname)
@@ -113,47 +131,137 @@ def _status(text: str) -> None:
 
 def cmd_run(args) -> int:
     from bench import runner
+    from reports.results import OutputError
 
     _resolve_names(args.workload, args.variant)
     devices = _devices(args.device, "cpu, all")
     settings = runner.QUICK if args.quick else runner.Settings()
     settings = runner.replace_settings(settings, steps=args.steps, repeats=args.repeats, seed=args.seed,
-                                       warmup=args.warmup)
+                                       warmup=args.warmup, cell_timeout=args.cell_timeout)
     if settings.steps < 3:
         raise UsageError("--steps must be >= 3")
-    out = Path(args.out)
     groups = runner.plan(devices, args.workload, args.variant, args.extended)
-    run = runner.Runner(out, settings, resume=args.resume, progress=_progress_printer(groups))
+    if args.shard:  # this job's part of the plan; `loopmark merge` puts the shards' results together
+        try:
+            groups = runner.shard(groups, *args.shard)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    out = _out_dir(args)
+    printer = _Progress(groups)
+    try:
+        run = runner.Runner(out, settings, resume=args.resume, progress=printer, status=printer.status)
+    except ValueError as exc:  # --resume on results it cannot finish, or another run writing to --out
+        printer.close()
+        raise UsageError(str(exc)) from None
+    run.env["devices"] = devices  # `loopmark merge` puts together only runs planned for the same devices
+    if args.shard:
+        run.env["shard"] = "{}/{}".format(*args.shard)
     try:
         records = run.run(groups)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {len(run.records)} finished cell(s) kept in {out}/results.csv and results.json",
-              file=sys.stderr)
+        printer.close()
+        kept = (f"{len(run.records)} finished cell(s) kept in {out}/results.csv and results.json" if run.records
+                else f"no cell had finished, so nothing was written to {out}/results.csv or results.json")
+        print(f"\ninterrupted: {kept}", file=sys.stderr)
+        if run.untimed.cells:
+            print(f"the untimed passes of {len(run.untimed.cells)} unfinished cell(s) are kept in "
+                  f"{out}/{runner.UNTIMED_FILE}: --resume times them without running those passes again",
+                  file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OutputError as exc:  # a full disk: every cell saved before stays in results.json
+        printer.close()
+        print(f"\nloopmark run: {exc}; the cells saved before it are kept in {out}/results.json", file=sys.stderr)
+        return EXIT_WRITE
+    printer.close()
     _summary(records)
     _report([out])
     print(f"\nwrote {out}/results.csv, {out}/results.json")
+    failed = strict_failures(records) if args.strict else []
+    if failed:
+        print(f"\nloopmark run --strict: {len(failed)} failing cell(s):", *failed, sep="\n  ", file=sys.stderr)
+        return EXIT_FAIL
     return EXIT_OK
 
 
-def _progress_printer(groups):
-    """A tqdm bar over cells on a terminal, plain lines otherwise (CI logs)."""
-    from bench.runner import _plain_progress
+def strict_failures(records: list[dict]) -> list[str]:
+    """What makes `run --strict` fail, one line per cell: a fault (error, timeout, diverged, oom), a built-in's verdict
+    other than the one it declares, or a variant of yours that is broken (as `check` judges)."""
+    from bench.runner import short
+    from reports.results import FAULTS
 
-    total = sum(len(g.variants) for g in groups)
-    if not sys.stderr.isatty():
-        return _plain_progress
-    from tqdm import tqdm
+    failed = []
+    for r in records:
+        where = f"{r['device']} {r['workload']} {r['variant']}"
+        if r.get("status") in FAULTS:
+            failed.append(f"{where}: {r['status']}" + (f": {short(r['error'])}" if r.get("error") else ""))
+        elif r.get("status") == "ok" and (r.get("verdict_as_expected") is False or (
+                r.get("verdict_as_expected") is None and r.get("verdict") == "broken")):
+            expected = r.get("expected_verdict")
+            failed.append(f"{where}: verdict {r.get('verdict')}" + (f", expected {expected}" if expected else ""))
+    return failed
 
-    bar = tqdm(total=total, unit="cell", file=sys.stderr)
 
-    def progress(record):
-        bar.update(1)
-        bar.set_postfix_str(f"{record['workload']}/{record['variant']}/{record['device']} {record['status']}")
-    return progress
+def _out_dir(args) -> Path:
+    """Where this run's results go, checked writable before anything is measured. Without --out: a new directory
+    results/<UTC time> with results/latest pointing at it (with --resume: the run results/latest points at). An
+    --out holding an earlier run's results is refused unless --resume or --overwrite says what to do with them."""
+    from reports import results
+
+    if args.resume and args.overwrite:
+        raise UsageError("--resume keeps the cells in --out, --overwrite replaces them: give one")
+    try:
+        if args.out is None:
+            out = (results.latest_run(RESULTS_ROOT) if args.resume else None) or results.new_run_dir(RESULTS_ROOT)
+            latest = results.link_latest(RESULTS_ROOT, out)
+            print(f"results go to {out}/" + (f" ({latest} points there)" if latest else ""), file=sys.stderr)
+            return out
+        out = Path(args.out)
+        if results.holds_results(out) and not (args.resume or args.overwrite):
+            keep = "add --resume to finish it or " if args.command == "run" else "add "
+            raise UsageError(f"--out {out}: holds the results of an earlier run; {keep}--overwrite to replace it, or "
+                             f"choose another directory")
+        return results.check_writable(out)
+    except (ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+class _Progress:
+    """Progress of `loopmark run` on stderr. On a terminal: a tqdm bar over cells whose description says which pass
+    or timed block runs ("mlp cpu: timing block 2/5 (about 3 min left)"), and a line for each cell that failed.
+    Otherwise (CI logs): a plain line per pass, per round of timed blocks and per finished cell."""
+
+    def __init__(self, groups):
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=sum(len(g.variants) for g in groups), unit="cell", file=sys.stderr)
+
+    def __call__(self, record: dict) -> None:
+        from bench.runner import progress_line
+
+        if self.bar is None:
+            print(progress_line(record), file=sys.stderr, flush=True)
+            return
+        self.bar.update(1)
+        if record.get("status") not in ("ok", "skipped"):
+            self.bar.write(progress_line(record), file=sys.stderr)
+
+    def status(self, text: str) -> None:
+        if self.bar is None:
+            print(text, file=sys.stderr, flush=True)
+        else:
+            self.bar.set_description_str(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str("", refresh=False)
+            self.bar.close()
+            self.bar = None
 
 
 def _summary(records: list[dict]) -> None:
+    from bench.runner import short
     from reports.table import format_table
 
     def fmt(r, key, spec):
@@ -168,6 +276,10 @@ def _summary(records: list[dict]) -> None:
     print()
     print(format_table(["device", "workload", "variant", "samples/s", "ratio", "syncs", "growth B/st", "verdict",
                         "status"], rows, right=[3, 4, 5, 6]))
+    faults = [f"  {r['device']} {r['workload']} {r['variant']}: {r['status']}: {short(r['error'])}"
+              for r in records if r.get("status") != "ok" and r.get("error")]
+    if faults:
+        print("\ncells that did not finish ok:", *faults, sep="\n")
 
 
 def _report(paths) -> None:
@@ -190,7 +302,11 @@ def cmd_selfcheck(args) -> int:
 def cmd_report(args) -> int:
     from reports.report import write_report
 
-    written = write_report([Path(p) for p in args.paths], Path(args.out) if args.out else None)
+    try:
+        written = write_report([Path(p) for p in args.paths], Path(args.out) if args.out else None)
+    except OSError as exc:  # a full disk: each file is whole, old or new (atomic writes)
+        print(f"loopmark report: {exc}", file=sys.stderr)
+        return EXIT_WRITE
     for p in written:
         print(p)
     return EXIT_OK
@@ -207,6 +323,81 @@ def cmd_compare(args) -> int:
                      only_deterministic=args.only_deterministic)
     print(format_md(result) if args.format == "md" else format_text(result), end="")
     return EXIT_FAIL if result.regressions else EXIT_OK
+
+
+def cmd_merge(args) -> int:
+    from reports import results
+    from reports.merge import write_merged
+
+    out = Path(args.out)
+    if any(Path(p).resolve() in (out.resolve(), (out / "results.json").resolve()) for p in args.paths):
+        raise UsageError(f"--out {out}: is one of the runs to merge; choose another directory")
+    if results.holds_results(out) and not args.overwrite:
+        raise UsageError(f"--out {out}: holds the results of an earlier run; add --overwrite to replace them, or "
+                         "choose another directory")
+    try:
+        results.check_writable(out)
+        command = " ".join(["loopmark merge", *args.paths, "--out", str(out)] + ["--mixed-cpus"] * args.mixed_cpus)
+        records = write_merged(args.paths, out, command, args.mixed_cpus)
+    except results.OutputError as exc:
+        print(f"loopmark merge: {exc}", file=sys.stderr)
+        return EXIT_WRITE
+    except ValueError as exc:  # an unreadable input, or runs that cannot be merged
+        raise UsageError(str(exc)) from None
+    print(f"merged {len(records)} cells of {len(args.paths)} runs into {out}/results.csv, {out}/results.json "
+          f"(`loopmark report {out}` renders them)")
+    return EXIT_OK
+
+
+TRACE_OPTIONS = ("--steps", "--warmup", "--out", "--overwrite")
+
+
+def cmd_trace(args) -> int:
+    """Run a training script unmodified in this process and measure its steps (bench.trace). Exit 0 when it was
+    measured (a note says so when the script ended before every step was), 1 when the script raised, exited with
+    another status than 0 or never stepped (what it had is written all the same), 2 bad input, 3 unwritable results."""
+    from bench import trace
+    from bench.env import environment
+    from reports.findings import sync_sites
+    from reports.results import OutputError, write_results
+
+    try:
+        if args.module is not None:
+            if not args.module:
+                raise UsageError("-m: give the module to run (-m package.module [ARGS...])")
+            target = trace.module_target(args.module[0], args.module[1:])
+        elif args.script:
+            target = trace.script_target(args.script[0], args.script[1:])
+        else:
+            raise UsageError("give the script to trace: loopmark trace [OPTIONS] SCRIPT.py [ARGS...], or -m MODULE "
+                             "[ARGS...]")
+    except trace.BadTarget as exc:
+        raise UsageError(str(exc)) from None
+    out = _out_dir(args)
+    env = environment()  # before the script runs, which may be shown a GPU this machine does not have
+    steps = args.steps or trace.DEFAULT_STEPS
+    warmup = trace.DEFAULT_WARMUP if args.warmup is None else args.warmup
+    print(f"loopmark trace: {target.command}: {warmup} warm-up steps, then {steps} steps per pass "
+          f"({', '.join(trace.PHASES)})", file=sys.stderr, flush=True)
+    result = trace.trace(target, steps, warmup, device_name=env.get("cpu_model"),
+                         say=lambda text: print(f"loopmark trace: {text}", file=sys.stderr, flush=True))
+    if result.outcome.exception is not None:
+        print(result.outcome.traceback_text(), end="", file=sys.stderr)
+    print()
+    print(trace.summary(result.record, sync_sites(result.record)))
+    try:
+        write_results(out, env, [result.record])
+    except OutputError as exc:
+        print(f"loopmark trace: {exc}", file=sys.stderr)
+        return EXIT_WRITE
+    _report([out])
+    print(f"\nwrote {out}/results.csv, {out}/results.json")
+    script_args = target.argv[1:]
+    if result.outcome.exit_status == 2 and result.record.get("trace_steps_run") == 0 and any(
+            a.split("=")[0] in TRACE_OPTIONS for a in script_args):
+        print("loopmark trace: the script refused its arguments; loopmark's own options go before the script: "
+              "loopmark trace --steps N SCRIPT.py [ARGS...]", file=sys.stderr)
+    return result.exit_code
 
 
 # -- argument types: a bad value is one line and exit 2 ----------------------------------------------------
@@ -240,9 +431,22 @@ _probability = _number(lambda v: 0 < v < 1, "between 0 and 1")
 _non_negative = _number(lambda v: v >= 0, "a non-negative number")
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """`--shard I/N`: shard I (1-based) of N."""
+    index, _, count = text.partition("/")
+    try:
+        index, count = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 2/4)") from None
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"{text}: I must be between 1 and N")
+    return index, count
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="loopmark", description="Benchmark and check PyTorch training-loop idioms.",
-                epilog="exit status: 0 ok, 1 failed check or regression, 2 bad input, 130 interrupted")
+                epilog="exit status: 0 ok, 1 failed check, regression or (run --strict) failed cell, 2 bad input, "
+                       "3 results or a report could not be written, 130 interrupted")
     p.add_argument("--version", action="version", version=f"loopmark {bench.__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -272,8 +476,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repeats", type=_int_at_least(1), help="timed blocks per cell")
     r.add_argument("--warmup", type=_int_at_least(0), help="untimed steps before a cell's first block")
     r.add_argument("--seed", type=_int_at_least(0))
-    r.add_argument("--out", default="results/latest", help="output directory (default results/latest)")
-    r.add_argument("--resume", action="store_true", help="skip cells already finished in --out")
+    r.add_argument("--out", help="output directory (default: a new results/<UTC time>/, results/latest points to it)")
+    r.add_argument("--cell-timeout", type=_non_negative, metavar="SECONDS",
+                   help="stop a cell that has worked this long in all (its passes and blocks) and mark it `timeout` "
+                        "(default 600; 0: no limit)")
+    r.add_argument("--strict", action="store_true",
+                   help="exit 1 when a cell ends in error, timeout, diverged or oom, or a verdict is not as expected "
+                        "(a built-in's declared verdict, a variant of yours not broken): for CI")
+    r.add_argument("--resume", action="store_true", help="skip cells already finished in --out (default: in "
+                                                         "results/latest)")
+    r.add_argument("--overwrite", action="store_true", help="replace the results an --out directory already holds "
+                                                            "(without it, or --resume, such an --out is refused)")
+    r.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="run only shard I of N of the planned cells (a workload's cells on a device stay in one "
+                        "shard); `loopmark merge` puts the N results together")
 
     s = sub.add_parser("selfcheck", help="measure the harness itself on this machine; exit 1 if a goal is missed")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -281,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="report.md, report.html and plots from results")
     rep.add_argument("paths", nargs="+", help="results directories, results.json or pytest-benchmark JSON files")
-    rep.add_argument("--out", help="directory for the report (default: next to the first input)")
+    rep.add_argument("--out", help="directory for the report (default: the first input's results directory; "
+                                   "for a JSON file not named results.json, NAME-report/ beside it)")
 
     cmp = sub.add_parser("compare", help="compare two runs; exit 1 on a regression",
                          description="Compare a candidate loopmark run against a baseline run.",
@@ -297,15 +514,80 @@ def build_parser() -> argparse.ArgumentParser:
                      help="status, syncs/step, ops/step, verdict and retains_graph only (no time, no memory)")
     cmp.add_argument("--memory-threshold", type=_non_negative, default=5.0, metavar="PCT",
                      help="largest allowed growth of peak memory, in %% (default 5)")
+
+    mrg = sub.add_parser("merge", help="put the results of several runs (the shards of one) into one",
+                         description="Merge results directories (the shards of `loopmark run --shard I/N`) into one. "
+                                     "Refused, exit 2, when the runs differ in settings, loopmark or torch version, "
+                                     "planned devices or device model, or hold the same cell.")
+    mrg.add_argument("paths", nargs="+", help="results directories or results.json files")
+    mrg.add_argument("--out", required=True, help="directory for the merged results.json and results.csv")
+    mrg.add_argument("--overwrite", action="store_true", help="replace the results --out already holds")
+    mrg.add_argument("--mixed-cpus", action="store_true",
+                     help="accept runs on different CPU models (each cell keeps its own device_name)")
+
+    t = sub.add_parser("trace", help="run a training script unmodified and measure its steps: syncs (as on CUDA), "
+                                     "operators, time, memory, kept autograd graphs",
+                       usage="loopmark trace [-h] [--steps N] [--warmup W] [--out DIR] [--overwrite] "
+                             "(SCRIPT.py | -m MODULE) [ARGS ...]",
+                       description="Run SCRIPT.py ARGS (or -m MODULE ARGS) in this process as python would, and "
+                                   "measure its training steps (a step ends at optimizer.step()): a warm-up, then a "
+                                   "pass each counting syncs and operators, timing, and measuring memory, then the "
+                                   "script is stopped. Everything after the script (or the module) is its own.",
+                       epilog="exit status: 0 measured, 1 the script raised, exited with another status or never "
+                              "stepped, 2 bad input, 3 results could not be written")
+    t.add_argument("--steps", type=_int_at_least(1), metavar="N", help="steps per pass (default 20)")
+    t.add_argument("--warmup", type=_int_at_least(0), metavar="W", help="steps before the first pass (default 5)")
+    t.add_argument("--out", help="output directory (default: a new results/<UTC time>/, results/latest points to it)")
+    t.add_argument("--overwrite", action="store_true", help="replace the results an --out directory already holds")
+    t.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE",
+                   help="run a module as `python -m MODULE ARGS` does")
+    t.add_argument("script", nargs=argparse.REMAINDER, metavar="SCRIPT.py [ARGS]",
+                   help="the script and its own arguments")
+    t.set_defaults(resume=False)
     return p
 
 
 COMMANDS = {"list": cmd_list, "check": cmd_check, "run": cmd_run, "selfcheck": cmd_selfcheck,
-            "report": cmd_report, "compare": cmd_compare}
+            "report": cmd_report, "compare": cmd_compare, "merge": cmd_merge, "trace": cmd_trace}
+
+
+# the modules each command needs (torch alone takes seconds), imported before the command starts (`_import_for`)
+IMPORTS = {"list": ("loops", "reports.table"), "check": ("bench.runner", "reports.table"),
+           "run": ("bench.runner", "reports.report"), "selfcheck": ("bench.selfcheck",),
+           "report": ("reports.report",), "compare": ("reports.compare", "reports.load"), "merge": ("reports.merge",),
+           "trace": ("bench.trace", "reports.report", "reports.findings")}
+
+
+def _import_for(command: str) -> None:
+    """Import what `command` needs while Ctrl-C ends the process at once: one line, exit 130. An import interrupted
+    half-way can leave torch or numpy half initialised, and some of their imports swallow the KeyboardInterrupt: the
+    command would go on as if never interrupted, or fail later with a traceback. Nothing is written yet to lose."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    if previous not in (None, signal.SIG_IGN):  # not where Ctrl-C is ignored, nor outside the main thread
+
+        def stop(signum, frame):
+            os.write(2, b"interrupted\n")
+            os._exit(EXIT_INTERRUPTED)
+
+        signal.signal(signal.SIGINT, stop)
+    try:
+        for name in IMPORTS.get(command, ()):
+            importlib.import_module(name)
+    finally:
+        if previous not in (None, signal.SIG_IGN):
+            signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # Ctrl-C anywhere, while the arguments are parsed too
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str]) -> int:
     command = next((a for a in argv if a in COMMANDS), None)
     try:
         args = build_parser().parse_args(argv)
@@ -316,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     sys.path.insert(0, os.getcwd())  # so that a user's package.module:function in this directory imports
     try:
+        _import_for(args.command)
         return COMMANDS[args.command](args)
     except (UsageError, ValueError) as exc:  # report and compare raise ValueError for unusable files
         if not isinstance(exc, UsageError) and args.command not in ("report", "compare"):

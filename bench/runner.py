@@ -6,14 +6,23 @@ round-robin across repeats. No instrument runs inside a timed block.
 
 A cell is finished, and written to results.csv / results.json at once, when its last timed block ends.
 A fault stays in its cell: NaN/inf loss -> `diverged`, CUDA out-of-memory -> `oom` (memory freed),
-an exception -> `error` with its message, a GPU-only variant on CPU -> `skipped`.
+an exception -> `error` with its message, a cell past its time limit -> `timeout`, a GPU-only variant on CPU
+-> `skipped`. A workload that cannot be built or staged (its function raises, no test data for an evaluation
+variant, fewer samples than one batch) is a fault of its group's cells: `error`, and the next group runs.
+A cell's untimed-pass figures are kept in untimed.json until its group is timed, so that `--resume` after an
+interrupt does not run those passes again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +34,7 @@ from bench.cell import build_cell, graph_breaks, stage_batches
 from bench.env import EnergyMeter, environment
 from bench.memory import measure_memory
 from bench.syncs import measure_syncs
-from bench.timing import time_block
+from bench.timing import LoadWatch, time_block
 from loops import Variant, Workload, builtin_names, resolve_variant, resolve_workload
 from reports import results
 from reports.results import CellSpec, Measurement, baseline_of
@@ -43,6 +52,7 @@ class Settings:
     check_epochs: int = correctness.CHECK_EPOCHS  # correctness pass
     check_steps: int | None = None  # the workload's own size, else correctness.CHECK_STEPS
     memory_steps: int = 32  # memory pass: enough step boundaries for a slope
+    cell_timeout: float = 600.0  # seconds of work per cell (all its passes and blocks) before it is stopped; 0: none
 
 
 QUICK = Settings(steps=16, repeats=3, warmup=2, memory_steps=12)
@@ -73,6 +83,27 @@ def plan(devices: list[str], workloads: list[str] | None, variants: list[str] | 
     return groups
 
 
+def shard(groups: list[Group], index: int, count: int) -> list[Group]:
+    """Shard `index` of `count` (1-based) of the planned groups, for `loopmark run --shard I/N`: a workload's groups
+    on one device stay in one shard (a group's baseline is timed interleaved with its variants), shards get about as
+    many cells each (the largest bundles first, each to the shard with the fewest cells so far, the first on a
+    tie), and each runs its groups in plan order. The same plan always splits the same way. ValueError (one line)
+    when there are fewer bundles than shards: a shard would run nothing."""
+    bundles: dict[tuple[str, str], list[int]] = {}
+    for i, g in enumerate(groups):
+        bundles.setdefault((g.workload, g.device), []).append(i)
+    if len(bundles) < count:
+        raise ValueError(f"--shard {index}/{count}: the plan has {len(bundles)} (workload, device) pair(s) to share "
+                         f"among {count} shards; use at most {len(bundles)} shards")
+    cells = {key: sum(len(groups[i].variants) for i in members) for key, members in bundles.items()}
+    load, owner = [0] * count, {}
+    for key in sorted(bundles, key=lambda k: -cells[k]):  # stable: equal sizes keep plan order
+        target = min(range(count), key=lambda s: (load[s], s))
+        owner[key] = target
+        load[target] += cells[key]
+    return [g for g in groups if owner[(g.workload, g.device)] == index - 1]
+
+
 def cell_spec(workload: Workload, variant: Variant, device: torch.device, s: Settings) -> CellSpec:
     """What a cell is: named by the workload's own name, whatever name it was asked for by."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else environment([])["cpu_model"]
@@ -82,23 +113,95 @@ def cell_spec(workload: Workload, variant: Variant, device: torch.device, s: Set
                     repeats=s.repeats, warmup_steps=s.warmup, expected_verdict=variant.expected_for(workload.name))
 
 
-# what a cell's code may raise and stay a fault of that cell: an exception (CUDA out-of-memory included), or a
-# loop that calls sys.exit(), which must not end the run with the cells after it unmeasured
-CELL_FAULTS = (Exception, SystemExit)
+class CellTimeout(BaseException):
+    """A cell ran past its time limit (`Settings.cell_timeout`). A BaseException, as KeyboardInterrupt is, so that
+    a loop's own `except Exception` does not swallow it."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, message: str):
+    """Raise CellTimeout(message) in the main thread once `seconds` have passed (SIGALRM through setitimer).
+
+    Python runs a signal handler between bytecodes, so a loop written in Python stops at once, and a loop in torch
+    stops when the operator running returns; a single call into C that never returns (a deadlocked collective, a
+    kernel that never ends) cannot be interrupted. Without setitimer (Windows), or outside the main thread, there is
+    no limit."""
+    if not seconds or seconds <= 0 or not hasattr(signal, "setitimer") \
+            or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        if _importing(frame):  # a module left half imported would break every later cell: stop after the import
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            return
+        raise CellTimeout(message)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _importing(frame) -> bool:
+    """Whether `frame` or a caller of it is importing a module (torch imports parts of itself on first use)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class Budget:
+    """A cell's time limit, spent over every stretch of its work: its untimed passes, its warm-up, each of its timed
+    blocks (the limit is armed before a block and disarmed after it, never inside)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.spent = seconds, 0.0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if not self.seconds:
+            yield
+            return
+        message = f"the cell ran past its time limit of {self.seconds:g} s (--cell-timeout)"
+        if self.spent >= self.seconds:
+            raise CellTimeout(message)
+        start = time.monotonic()
+        try:
+            with time_limit(self.seconds - self.spent, message):
+                yield
+        finally:
+            self.spent += time.monotonic() - start
+
+
+# what a cell's code may raise and stay a fault of that cell: an exception (CUDA out-of-memory included), a loop
+# that calls sys.exit(), which must not end the run with the cells after it unmeasured, or its time limit
+CELL_FAULTS = (Exception, SystemExit, CellTimeout)
 
 
 def fault_text(exc: BaseException) -> str:
     """One line saying what went wrong in a cell."""
     if isinstance(exc, SystemExit):
         return f"the loop called sys.exit({exc.code!r})"
+    if isinstance(exc, CellTimeout):
+        return str(exc)
     return f"{type(exc).__name__}: {exc}".split("\n")[0][:300]
 
 
-def _fault(m: Measurement, exc: BaseException) -> None:
+def _fault(m: Measurement, exc: BaseException, built: bool = True) -> None:
+    """Record a cell's fault; free what a built cell left (not `built`: the cell was never built, nothing to free)."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         m.fault("oom", str(exc).split("\n")[0][:300])
+    elif isinstance(exc, CellTimeout):
+        m.fault("timeout", fault_text(exc))
     else:
         m.fault("error", fault_text(exc))
+    if not built:
+        return
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -109,13 +212,18 @@ def _warm(cell, batches: list, warmup: int) -> None:
         cell.epoch(cell.batches(batches[:warmup]))
 
 
-def untimed_passes(workload, variant, device, s: Settings, staged: list, cache: dict) -> dict:
-    """The correctness, sync and memory passes, each on a freshly built cell; their figures."""
+def untimed_passes(workload, variant, device, s: Settings, staged: list, cache: dict, say=None) -> dict:
+    """The correctness, sync and memory passes, each on a freshly built cell; their figures. `say(name)` is told
+    which pass starts."""
+    say = say or (lambda name: None)
+    say("syncs")
     cell = build_cell(workload, variant, device, s.seed)
     _warm(cell, staged, s.warmup)
     syncs = measure_syncs(cell, staged)
+    say("correctness")
     record = correctness.check(workload, variant, device, s.check_epochs, s.check_steps, s.seed, cache, syncs)
     record.update(syncs)
+    say("memory")
     cell = build_cell(workload, variant, device, s.seed)
     _warm(cell, staged, s.warmup)
     cycled = [staged[i % len(staged)] for i in range(max(s.memory_steps, len(staged)))]
@@ -131,16 +239,95 @@ def _finite(reported) -> bool:
     return math.isfinite(float(value))
 
 
+# the settings a cell's figures depend on, kept in results.json's environment: `--resume` finishes a run only under them
+MEASURED_SETTINGS = ("steps", "repeats", "warmup", "seed", "check_epochs", "check_steps", "memory_steps")
+CELL_SETTINGS = {"steps": "steps", "repeats": "repeats", "warmup": "warmup_steps"}  # also in every cell record
+
+
+def measured_settings(s: Settings) -> dict:
+    return {name: getattr(s, name) for name in MEASURED_SETTINGS}
+
+
+def check_resumable(path, env: dict, records: list[dict], s: Settings) -> None:
+    """ValueError (one line) if the cells of `path` were measured under other settings than `s`: finishing them
+    would mix two runs' settings in one file. Files written before results.json kept the settings are checked on
+    what each cell holds (steps, repeats, warm-up)."""
+    now, stored = measured_settings(s), env.get("settings")
+    if isinstance(stored, dict):
+        differ = {k: stored[k] for k in MEASURED_SETTINGS if k in stored and stored[k] != now[k]}
+    else:
+        differ = {}
+        for r in records:
+            differ.update({k: r[f] for k, f in CELL_SETTINGS.items()
+                           if k not in differ and r.get(f) is not None and r[f] != now[k]})
+    if differ:
+        then = ", ".join(f"{k} {short(v, 40)}" for k, v in differ.items())
+        raise ValueError(f"--resume: {path} was measured with {then}, this run would use "
+                         f"{', '.join(f'{k} {now[k]}' for k in differ)}; finish it with the settings it was started "
+                         "with (--quick, --steps, --repeats, --warmup, --seed), or start again with --overwrite")
+
+
+def hold_directory(out_dir: Path) -> int | None:
+    """Lock `out_dir` (made if need be) for this run: a descriptor holding an exclusive `flock` on it, until closed.
+    ValueError (one line) if another run holds it: both would rewrite results.json from their own cells, each
+    dropping the other's. None where there are no such locks."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir, os.O_RDONLY)
+    except OSError as exc:
+        raise ValueError(f"cannot write to {out_dir} ({exc.strerror or results.one_line(exc)})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"{out_dir}: another loopmark run is writing its results there; wait until it ends, "
+                         "or choose another --out") from None
+    except OSError:  # a file system without locks
+        os.close(fd)
+        return None
+    return fd
+
+
 class Runner:
-    def __init__(self, out_dir: Path, settings: Settings, resume: bool = False, progress=None):
+    """Runs groups of cells. `progress(record)` is called as each cell is saved, `status(text)` as each pass and
+    each round of timed blocks starts ("mlp cpu: timing block 2/5"), never inside a timed block."""
+
+    def __init__(self, out_dir: Path, settings: Settings, resume: bool = False, progress=None, status=None):
         self.out_dir, self.s = out_dir, settings
-        self.env = environment()
+        self.env = {**environment(), "settings": measured_settings(settings)}
         self.records: dict[tuple, dict] = {}
+        self._lock = hold_directory(Path(out_dir))  # one run at a time writes to a directory
         if resume and (out_dir / "results.json").exists():
-            for r in results.read_results(out_dir)[1]:
+            for r in self._resumable():
                 if r.get("status") in results.FINISHED:
                     self.records[results.cell_key(r)] = r
         self.progress = progress or _plain_progress
+        self.status = status or _plain_status
+        self.untimed = UntimedStore(self.out_dir, settings, resume)
+        self._eta = _Estimate()
+
+    def _resumable(self) -> list[dict]:
+        """The cells of the results.json `--resume` finishes; ValueError (one line) if it is unreadable or was
+        measured under other settings."""
+        try:
+            env, records = results.read_results(self.out_dir)
+            check_resumable(self.out_dir / "results.json", env, records, self.s)
+        except BaseException:
+            self.close()
+            raise
+        return records
+
+    def close(self) -> None:
+        """Let another run write to the output directory (at the end of `run`)."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            os.close(lock)
+
+    __del__ = close
 
     def finished(self, workload: str, variant: str, device: str) -> bool:
         return (workload, variant, device) in self.records
@@ -152,12 +339,49 @@ class Runner:
         self.progress(record)
 
     def run(self, groups: list[Group]) -> list[dict]:
+        """Run the groups; the output directory stays this run's until they end, or an interrupt ends them."""
+        try:
+            if self._lock is None:
+                self._lock = hold_directory(Path(self.out_dir))
+            return self._run(groups)
+        finally:
+            self.close()
+
+    def _run(self, groups: list[Group]) -> list[dict]:
+        self._eta.start(sum(len(g.variants) for g in groups))
         for g in groups:
-            workload = resolve_workload(g.workload)  # cells are stored under the workload's own name
+            try:
+                workload = resolve_workload(g.workload)  # cells are stored under the workload's own name
+            except CELL_FAULTS as exc:  # the user's workload function raised: a fault of its cells
+                self._group_fault(g, exc)
+                self._eta.skip(len(g.variants))
+                continue
+            if workload.name != g.workload:  # its cells' `error` from a run where the function raised, now replaced
+                for v in g.variants:
+                    self.records.pop((g.workload, v, g.device), None)
             if all(self.finished(workload.name, v, g.device) for v in g.variants):
+                self._eta.skip(len(g.variants))
                 continue
             self.run_group(g, workload)
         return list(self.records.values())
+
+    def _group_fault(self, g: Group, exc: BaseException) -> None:
+        """Every cell of a group whose workload could not be made: `error`, stored under the name it was asked by."""
+        device = torch.device(g.device)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else environment([])["cpu_model"]
+        for v in g.variants:
+            variant = resolve_variant(v)
+            spec = CellSpec(workload=g.workload, variant=variant.name, kind=variant.kind, device=device.type,
+                            idiom=variant.idiom, description=variant.description, device_name=name,
+                            torch_version=torch.__version__, steps=self.s.steps, repeats=self.s.repeats,
+                            warmup_steps=self.s.warmup, expected_verdict=variant.expected_for(g.workload))
+            m = Measurement()
+            _fault(m, exc, built=False)
+            self.save(spec, m)
+
+    def _say(self, g: str, text: str) -> None:
+        left = self._eta.left()
+        self.status(f"{g}: {text}" + (f" (about {_duration(left)} left)" if left is not None else ""))
 
     def run_group(self, g: Group, workload: Workload) -> None:
         s, device = self.s, torch.device(g.device)
@@ -165,57 +389,99 @@ class Runner:
         variants = [resolve_variant(v) for i, v in enumerate(g.variants)
                     if i == 0 or not self.finished(workload.name, v, g.device)]
         kind = variants[0].kind
-        staged = stage_batches(workload, "test" if kind == "eval" else "train", s.steps, device)
+        where = f"{workload.name} {device.type}"
+        self._eta.group(len(variants), len(g.variants))
+        try:  # no test data, a dataset smaller than one batch: a fault of every cell of the group
+            staged, group_fault = stage_batches(workload, "test" if kind == "eval" else "train", s.steps, device), None
+        except CELL_FAULTS as exc:
+            staged, group_fault = [], exc
         cache: dict = {}
         pending: dict[str, tuple[CellSpec, Measurement]] = {}
-        for variant in variants:
+        budgets = {variant.name: Budget(s.cell_timeout) for variant in variants}
+        for i, variant in enumerate(variants, 1):
             spec, m = cell_spec(workload, variant, device, s), Measurement()
             if variant.requires == "cuda" and device.type != "cuda":
                 m.fault("skipped", "needs a CUDA GPU")
                 self.save(spec, m)
                 continue
+            if group_fault is not None:
+                _fault(m, group_fault, built=False)
+                self.save(spec, m)
+                continue
+            kept = self.untimed.get(spec.key)
+            if kept is not None:  # measured before an interrupt, under the same settings
+                self._say(where, f"untimed passes {i}/{len(variants)} ({variant.name}) kept from an earlier run")
+                m.figures.update(kept)
+                pending[variant.name] = spec, m
+                continue
             try:
-                m.figures.update(untimed_passes(workload, variant, device, s, staged, cache))
+                which = f"{i}/{len(variants)} ({variant.name})"
+                with budgets[variant.name]():
+                    figures = untimed_passes(workload, variant, device, s, staged, cache,
+                                             lambda name, which=which: self._say(where, f"{name} {which}"))
+                m.figures.update(figures)
             except CELL_FAULTS as exc:
                 _fault(m, exc)
                 self.save(spec, m)
                 continue
+            self.untimed.put(spec.key, dict(m.figures))
             pending[variant.name] = spec, m
-        self._time(workload, device, variants, staged, pending)
+        timed = bool(pending)
+        if timed:
+            self._time(workload, device, variants, staged, pending, budgets)
+        self._eta.finish(timed)
+        self.untimed.drop([(workload.name, variant.name, device.type) for variant in variants])
 
-    def _time(self, workload, device, variants, staged, pending: dict) -> None:
+    def _time(self, workload, device, variants, staged, pending: dict, budgets: dict | None = None) -> None:
         """Interleaved timing of the pending cells; each is saved as its last block ends."""
         s = self.s
+        where = f"{workload.name} {device.type}"
+        budgets = budgets if budgets is not None else {}
+        budget = {v.name: budgets.get(v.name) or Budget(s.cell_timeout) for v in variants}
         cells = {}
         meter = EnergyMeter(device)
         built = {}
+        # the cells timed here, round by round, share this mark: only their blocks pair up (reports.results.derive)
+        rounds = f"{os.getpid()}-{time.time_ns()}"
+        for _, m in pending.values():
+            m.figures["timing_rounds"] = rounds
+        self._say(where, f"warm-up of {len(pending)} cell(s) before timing")
         for variant in variants:
             if variant.name in pending:
                 try:
-                    built[variant.name] = build_cell(workload, variant, device, s.seed)
+                    with budget[variant.name]():
+                        built[variant.name] = build_cell(workload, variant, device, s.seed)
                 except CELL_FAULTS as exc:
                     _fault(pending[variant.name][1], exc)
                     self.save(*pending.pop(variant.name))
         for name, cell in built.items():
             m = pending[name][1]
             try:
-                breaks, start = graph_breaks(), time.perf_counter()
-                _warm(cell, staged, s.warmup)  # compile time lands here, never in a timed block
-                m.figures.update(warmup_time_s=time.perf_counter() - start, graph_breaks=graph_breaks() - breaks)
+                with budget[name]():
+                    breaks, start = graph_breaks(), time.perf_counter()
+                    _warm(cell, staged, s.warmup)  # compile time lands here, never in a timed block
+                    m.figures.update(warmup_time_s=time.perf_counter() - start,
+                                     graph_breaks=graph_breaks() - breaks)
                 cells[name] = cell
             except CELL_FAULTS as exc:
                 _fault(m, exc)
                 self.save(*pending.pop(name))
         for r in range(s.repeats):
+            if cells:
+                self._say(where, f"timing block {r + 1}/{s.repeats}")
             for name in list(cells):
                 m = pending[name][1]
                 try:
                     e0 = meter.read()
-                    block, reported = time_block(cells[name], staged)
+                    # the limit is armed before the block's first mark and disarmed after its last; the load
+                    # readings (LoadWatch) are taken outside both
+                    with LoadWatch() as load, budget[name]():
+                        block, reported = time_block(cells[name], staged)
                     e1 = meter.read()
                     if e0 is not None and e1 is not None:
                         m.energy_j.append(e1 - e0)
                     m.blocks.append(block)
+                    m.block_load.append(load.figures)
                     if not _finite(reported):
                         m.fault("diverged", f"non-finite loss in block {r + 1}")
                 except CELL_FAULTS as exc:
@@ -225,12 +491,124 @@ class Runner:
                     self.save(*pending.pop(name))
 
 
-def _plain_progress(record: dict) -> None:
+def progress_line(record: dict) -> str:
+    """A finished cell in one line: where, status, samples/s, verdict, and a fault's message (truncated)."""
     sps = record.get("samples_per_s")
     rate = f"{sps:,.0f} samples/s" if sps else "-"
     mark = f" (expected {record['expected_verdict']})" if record.get("verdict_as_expected") is False else ""
-    print(f"{record['device']:4s} {record['workload']:<12s} {record['variant']:<38s} {record['status']:<8s} "
-          f"{rate:>18s}  verdict={record.get('verdict')}{mark}", file=sys.stderr, flush=True)
+    error = f"  {short(record['error'])}" if record.get("status") != "ok" and record.get("error") else ""
+    return (f"{record['device']:4s} {record['workload']:<12s} {record['variant']:<38s} {record['status']:<8s} "
+            f"{rate:>18s}  verdict={record.get('verdict')}{mark}{error}")
+
+
+def short(text: str, width: int = 100) -> str:
+    """One line of at most `width` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _plain_progress(record: dict) -> None:
+    print(progress_line(record), file=sys.stderr, flush=True)
+
+
+def _plain_status(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class _Estimate:
+    """The time left: seconds per cell over the groups timed so far, times the cells still to run, less the time
+    the current group has run. None until a group has been timed."""
+
+    def __init__(self):
+        self.total = self.done = 0
+        self.spent = 0.0  # in groups that were timed
+        self.cells = 0  # cells of those groups
+        self.current: tuple[int, int, float] | None = None  # (cells run, cells planned, start) of the group running
+
+    def start(self, total: int) -> None:
+        self.total, self.done, self.current = total, 0, None
+
+    def skip(self, cells: int) -> None:
+        self.done += cells
+
+    def group(self, cells: int, planned: int) -> None:
+        self.current = cells, planned, time.monotonic()
+
+    def finish(self, timed: bool) -> None:
+        """The current group has ended; only a group that reached the timing pass tells how long cells take."""
+        if self.current is not None:
+            cells, planned, start = self.current
+            if timed:
+                self.spent += time.monotonic() - start
+                self.cells += cells
+            self.done += planned
+            self.current = None
+
+    def left(self) -> float | None:
+        if not self.cells:
+            return None
+        running = time.monotonic() - self.current[2] if self.current else 0.0
+        return max(self.spent / self.cells * (self.total - self.done) - running, 0.0)
+
+
+UNTIMED_FILE = "untimed.json"
+
+
+class UntimedStore:
+    """The untimed passes' figures of cells whose group is not timed yet, in untimed.json beside results.json, so
+    that `--resume` after an interrupt does not run those passes again. A cache: rewritten (atomically) after each
+    cell's untimed passes, emptied as its group ends; one made under other settings, or unreadable, is ignored, and
+    a run without --resume starts it anew. results.json never holds these unfinished cells."""
+
+    def __init__(self, out_dir: Path, s: Settings, resume: bool):
+        import bench
+
+        self.path = Path(out_dir) / UNTIMED_FILE
+        self.settings = {"steps": s.steps, "warmup": s.warmup, "seed": s.seed, "check_epochs": s.check_epochs,
+                         "check_steps": s.check_steps, "memory_steps": s.memory_steps,
+                         "torch": torch.__version__, "loopmark": bench.__version__}
+        self.cells: dict[tuple, dict] = self._read() if resume else {}
+        self.fresh = not resume  # what an earlier run left is not this run's
+
+    def _read(self) -> dict:
+        try:
+            doc = results.read_json(self.path)  # bounded: a FIFO or /dev/zero there is refused, not read
+            if not isinstance(doc, dict) or doc.get("settings") != self.settings:
+                return {}
+            return {tuple(c["cell"]): dict(c["figures"]) for c in doc["cells"]}
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            return {}
+
+    def get(self, key: tuple) -> dict | None:
+        return self.cells.get(tuple(key))
+
+    def put(self, key: tuple, figures: dict) -> None:
+        self.cells[tuple(key)] = figures
+        self._write()
+
+    def drop(self, keys: list[tuple]) -> None:
+        dropped = [self.cells.pop(tuple(k), None) is not None for k in keys]
+        if any(dropped) or self.fresh:
+            self._write()
+
+    def _write(self) -> None:
+        self.fresh = False
+        with contextlib.suppress(OSError, ValueError, TypeError):  # a cache: losing it costs time, not results
+            if not self.cells:
+                self.path.unlink(missing_ok=True)
+                return
+            doc = {"settings": self.settings,
+                   "cells": [{"cell": list(k), "figures": f} for k, f in self.cells.items()]}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            results.atomic_write(self.path, json.dumps(results._clean(doc)))
 
 
 def replace_settings(s: Settings, **changes) -> Settings:

@@ -9,7 +9,9 @@ baseline and to the floor) and is run whenever records are written or read, so t
 always agree with each other.
 
 `results.csv` holds one row per cell (`CSV_COLUMNS`); `results.json` holds everything, raw data included
-(`RAW_FIELDS`). Both are rewritten atomically after every finished cell.
+(`RAW_FIELDS`). Both are rewritten atomically after every finished cell, results.json first: it is the source
+of truth and carries the SHA-256 of the results.csv written with it (`csv_sha256`), so a results.csv left
+behind by an interrupt between the two is found and rewritten from results.json whenever the file is read.
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
 import numbers
 import os
+import signal
+import stat
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +43,11 @@ FORMAT_VERSION = 1
 VERDICTS = ("identical", "equivalent", "different", "unverified", "broken")  # from best to worst
 BASELINES = {"train": "baseline", "eval": "eval_baseline"}  # each kind's yardstick variant
 FLOOR_VARIANT = "cuda_graph_step"  # the whole step replayed as one CUDA graph: a workload's launch-overhead floor
-FINISHED = {"ok", "diverged", "oom", "error", "skipped"}
+TRACE_VARIANT = "trace"  # the variant of a script measured by `loopmark trace` (its workload: the script's name)
+# a cell's status once it is finished: ok, or skipped, or one of the faults that stay in their cell (`timeout`: it ran
+# past `loopmark run --cell-timeout`)
+FAULTS = ("error", "timeout", "diverged", "oom")
+FINISHED = {"ok", "skipped", *FAULTS}
 
 CSV_COLUMNS = [
     "workload", "variant", "device", "device_name", "torch_version", "batch_size", "steps", "repeats",
@@ -50,13 +61,17 @@ CSV_COLUMNS = [
     "param_tensors", "warmup_steps", "warmup_time_s", "graph_breaks", "skipped_steps",
     "unsynced_reads_per_step", "ratio_to_floor", "baseline_variant", "verdict_as_expected",
     "allocator_counter_peak_bytes",
+    # growth with its error and what it means (`derive`); timing reliability from each block's load readings
+    "memory_growth_se_bytes_per_step", "memory_growth_class", "reliability", "cpu_wait_fraction_max",
+    "main_cpu_over_wall_min", "others_running_max",
 ]
 # what only results.json keeps, per cell
-RAW_FIELDS = ["step_times_s", "block_medians_s", "memory_trace_bytes", "sync_sites", "description"]
+RAW_FIELDS = ["step_times_s", "block_medians_s", "memory_trace_bytes", "sync_sites", "description",
+              "sync_kinds", "sync_site_details", "block_load", "timing_rounds"]
 BOOL_COLUMNS = ["retains_graph", "noisy", "verdict_as_expected"]
 TEXT_COLUMNS = [
     "workload", "variant", "device", "device_name", "torch_version", "verdict", "expected_verdict", "status",
-    "error", "kind", "idiom", "verdict_reason", "baseline_variant",
+    "error", "kind", "idiom", "verdict_reason", "baseline_variant", "memory_growth_class", "reliability",
 ]
 NUMERIC_COLUMNS = [c for c in CSV_COLUMNS if c not in BOOL_COLUMNS and c not in TEXT_COLUMNS]
 COUNT_COLUMNS = {"batch_size", "steps", "repeats", "warmup_steps", "param_tensors", "peak_memory_bytes",
@@ -131,6 +146,8 @@ class Measurement:
     figures: dict = field(default_factory=dict)  # correctness, syncs, memory: each pass's own fields
     blocks: list[list[float]] = field(default_factory=list)  # per-step seconds, one list per timed block
     energy_j: list[float] = field(default_factory=list)  # per timed block, where the GPU reports it
+    # per timed block, read just outside it (`bench.timing.LoadWatch`): wall and CPU seconds, other runnable processes
+    block_load: list[dict] = field(default_factory=list)
 
     def fault(self, status: str, error: str) -> None:
         self.status, self.error = status, error
@@ -143,6 +160,7 @@ def record(spec: CellSpec, m: Measurement, seed: int = stats.SEED) -> dict:
     samples = [t for block in m.blocks for t in block]
     r["step_times_s"] = samples
     r["block_medians_s"] = [float(np.median(b)) for b in m.blocks if b]
+    r["block_load"] = [dict(x) for x in m.block_load] or None
     if samples:
         r.update(stats.summarize(samples, seed))
         if spec.batch_size:
@@ -156,11 +174,28 @@ def record(spec: CellSpec, m: Measurement, seed: int = stats.SEED) -> dict:
 def derive(records: list[dict], seed: int = stats.SEED) -> list[dict]:
     """Fill in, in place, what a record's value depends on other records for: `baseline_variant`,
     `verdict_as_expected`, `ratio_to_baseline` with its CI (against the baseline of the same workload,
-    device and kind in these records) and `ratio_to_floor` (CUDA training cells)."""
+    device and kind in these records), `reliability` (interference seen in its timed blocks or its baseline's),
+    `ratio_to_floor` (CUDA training cells), and the memory growth's error and class (`growth`).
+
+    The ratio is `stats.block_ratio_with_ci` of `stats.block_ratios`, the per-block samples `loopmark compare` gates
+    on: the median over timed blocks of (block median / the baseline's block median of the same round), with a 95 %
+    interval over blocks.
+    A cell whose blocks do not pair with its baseline's (a pytest-benchmark file: each test timed on its own; a cell
+    kept by `--resume` beside a re-timed baseline: `timing_rounds` differ) gets the ratio of the median step times,
+    its CI over single steps, and a `reliability` saying so."""
     for r in records:
         if not r.get("baseline_variant"):
             r["baseline_variant"] = baseline_of(r.get("kind"))
         r["verdict_as_expected"] = as_expected(r.get("status"), r.get("verdict"), r.get("expected_verdict"))
+        growth(r)
+        loads = r.get("block_load") if isinstance(r.get("block_load"), list) else []
+        ratios = [x for x in map(stats.main_cpu_over_wall, loads) if x is not None]
+        waits = [x for x in map(stats.wait_fraction, loads) if x is not None]
+        others = [x for x in map(stats.max_others, loads) if x is not None]
+        r["main_cpu_over_wall_min"] = min(ratios) if ratios else None
+        r["cpu_wait_fraction_max"] = max(waits) if waits else None
+        r["others_running_max"] = max(others) if others else None
+        r["reliability"] = stats.reliability(loads, r.get("device"))
     bases = {(r["workload"], r["device"], r["baseline_variant"]): r for r in records
              if r["variant"] == r["baseline_variant"]}
     for r in records:
@@ -168,10 +203,25 @@ def derive(records: list[dict], seed: int = stats.SEED) -> list[dict]:
         r["ratio_to_baseline"] = r["ratio_ci_low"] = r["ratio_ci_high"] = None
         if base is None or not (positive(base.get("step_time_median_s")) and positive(r.get("step_time_median_s"))):
             continue
+        if r is base:
+            r["ratio_to_baseline"] = 1.0
+            continue
+        # blocks pair up when they were timed in the same rounds: not a cell kept by --resume beside a re-timed baseline
+        same_rounds = r.get("timing_rounds") == base.get("timing_rounds")
+        paired = stats.block_ratio_with_ci(r.get("block_medians_s"), base.get("block_medians_s")) \
+            if same_rounds else None
+        if paired is not None:
+            r["ratio_to_baseline"], r["ratio_ci_low"], r["ratio_ci_high"] = paired
+            r["reliability"] = stats.reliability(r.get("block_load"), r.get("device"), base.get("block_load"),
+                                                 r["baseline_variant"])
+            continue
         r["ratio_to_baseline"] = r["step_time_median_s"] / base["step_time_median_s"]
         times, base_times = r.get("step_times_s"), base.get("step_times_s")
-        if r is not base and times and base_times and len(times) > 1 and len(base_times) > 1:
+        if times and base_times and len(times) > 1 and len(base_times) > 1:
             r["ratio_ci_low"], r["ratio_ci_high"] = stats.median_ratio_ci(base_times, times, seed=seed)
+            r["reliability"] = (f"unreliable: not timed in rounds with {r['baseline_variant']} (no paired blocks): "
+                                "the ratio is of the median step times and its interval treats single steps as "
+                                "independent, which they are not")
     floors = {r["workload"]: r["step_time_median_s"] for r in records
               if r["variant"] == FLOOR_VARIANT and r["device"] == "cuda" and positive(r.get("step_time_median_s"))}
     for r in records:
@@ -181,17 +231,80 @@ def derive(records: list[dict], seed: int = stats.SEED) -> list[dict]:
     return records
 
 
+def growth(r: dict) -> None:
+    """`memory_growth_se_bytes_per_step` (where the harness did not record it: from `memory_trace_bytes` when that
+    is the series the growth was fitted to) and `memory_growth_class` ("leak", "grows", "none": `stats.growth_class`)
+    of a record, in place."""
+    slope, se = r.get("memory_growth_bytes_per_step"), r.get("memory_growth_se_bytes_per_step")
+    trace = r.get("memory_trace_bytes")
+    n = len(trace) - 1 if isinstance(trace, list) and len(trace) > 3 else None
+    if not isinstance(se, numbers.Real) and isinstance(slope, numbers.Real) and n is not None:
+        fitted, fitted_se, n = stats.growth_per_step(trace)
+        if math.isfinite(fitted) and abs(fitted - slope) <= 1e-6 * max(1.0, abs(slope)):
+            se = fitted_se
+    r["memory_growth_se_bytes_per_step"] = se if isinstance(se, numbers.Real) and math.isfinite(se) else None
+    r["memory_growth_class"] = stats.growth_class(slope, r["memory_growth_se_bytes_per_step"], n)
+
+
 # -- files ----------------------------------------------------------------------------------------------
 
 def write_results(out_dir: Path, environment: dict, records: list[dict]) -> None:
-    """results.json and results.csv in `out_dir`, each replaced atomically (temporary file + rename)."""
+    """results.json and results.csv in `out_dir`, each replaced atomically (temporary file + rename): results.json
+    first, holding the SHA-256 of the results.csv written with it, which is made from the same cells. Ctrl-C waits
+    until both are written. A file that cannot be written raises `OutputError` and keeps its earlier version."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(out_dir, exc) from None
     derive(records)
-    doc = {"format": FORMAT, "version": FORMAT_VERSION, "environment": environment,
-           "cells": [_clean(r) for r in records]}
-    atomic_write(out_dir / "results.json", json.dumps(doc, indent=1))
-    atomic_write(out_dir / "results.csv", csv_text(records))
+    cells = [_clean(r) for r in records]
+    table = csv_text(cells)
+    doc = {"format": FORMAT, "version": FORMAT_VERSION, "environment": environment, "csv_sha256": _sha256(table),
+           "cells": cells}
+    with _interrupts_deferred():
+        atomic_write(out_dir / "results.json", json.dumps(doc, indent=1))
+        atomic_write(out_dir / "results.csv", table)
+
+
+def _mend_csv(doc: dict, path: Path) -> None:
+    """Rewrite, from the cells of a results.json, the results.csv beside it that is not the one written with it (an
+    interrupt or a full disk between the two writes). Files without `csv_sha256` (written before it existed) and
+    directories that cannot be written are left as they are."""
+    expected, path = doc.get("csv_sha256"), Path(path)
+    if not isinstance(expected, str) or path.name != "results.json":
+        return
+    csv_path = path.with_name("results.csv")
+    try:
+        if csv_path.exists() and (not csv_path.is_file() or _sha256(csv_path.read_bytes()) == expected):
+            return  # the pair, or not a file of ours (a FIFO, /dev/null): left alone
+    except OSError:
+        return
+    with contextlib.suppress(OSError):
+        atomic_write(csv_path, csv_text(doc["cells"]))
+
+
+def _sha256(content: str | bytes) -> str:
+    return hashlib.sha256(content.encode("utf-8") if isinstance(content, str) else content).hexdigest()
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C (SIGINT) during the block takes effect when the block has run, as it would have without it.
+    Python handles signals in the main thread only, where a handler set from Python can be swapped."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    pending: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending and callable(previous):
+            previous(signal.SIGINT, pending[0])
+        elif pending and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 def read_results(path) -> tuple[dict, list[dict]]:
@@ -216,18 +329,44 @@ def parse_results(doc: dict, path) -> tuple[dict, list[dict]]:
         raise ValueError(f"{path}: loopmark results file without a list of cells")
     for i, cell in enumerate(cells):
         check_record(cell, f"{path}: cell {i}")
+    _mend_csv(doc, path)
     return dict(doc.get("environment") or {}), derive([dict(c) for c in cells])
 
 
+MAX_INPUT_BYTES = 512 * 2**20  # a results file larger than this is refused (a full run's results.json: a few MiB)
+
+
 def read_json(path: Path):
+    """The JSON document in the regular file `path`; ValueError, one line naming it, for anything else: no such
+    file, a directory, a FIFO or device (`/dev/zero`: refused, never read), a file over `MAX_INPUT_BYTES`, text that
+    is not JSON, or JSON nested too deeply to parse."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        _check_input(path, os.stat(path))  # a FIFO or a device is refused before it is opened
+        # O_NONBLOCK: should a FIFO take the file's place meanwhile, opening it returns at once instead of waiting
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            _check_input(path, os.fstat(f.fileno()))
+            data = f.read(MAX_INPUT_BYTES + 1)  # bounded, should the file grow while it is read
+        if len(data) > MAX_INPUT_BYTES:
+            raise ValueError(f"{path}: more than the {MAX_INPUT_BYTES:,} bytes a results file may have")
+        return json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ValueError(f"{path}: is a directory") from None
+    except RecursionError:  # json's parser recurses once per level of [ or {
+        raise ValueError(f"{path}: not readable JSON (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not readable JSON ({one_line(exc)})") from None
+
+
+def _check_input(path, info: os.stat_result) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    if info.st_size > MAX_INPUT_BYTES:
+        raise ValueError(f"{path}: {info.st_size:,} bytes, more than the {MAX_INPUT_BYTES:,} a results file may have")
 
 
 def check_record(record, what: str) -> None:
@@ -236,6 +375,9 @@ def check_record(record, what: str) -> None:
     missing = [k for k in ("workload", "variant", "device") if not record.get(k)]
     if missing:
         raise ValueError(f"{what} has no {', '.join(missing)}")
+    other = [k for k in TEXT_COLUMNS if record.get(k) is not None and not isinstance(record[k], str)]
+    if other:
+        raise ValueError(f"{what}: {', '.join(other)} {'is' if len(other) == 1 else 'are'} not text")
 
 
 def csv_text(records: list[dict]) -> str:
@@ -270,9 +412,14 @@ def _clean(v):
 
 
 def atomic_write(path: Path, content: str | bytes) -> None:
-    """Replace `path` with `content` in one step: a temporary file in the same directory, then a rename."""
+    """Replace `path` with `content` in one step: a temporary file in the same directory, then a rename. Every
+    output file is written through it. An OSError (a full disk, a read-only directory) becomes `OutputError`;
+    `path` then still holds what it held."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as exc:
+        raise OutputError(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(content.encode("utf-8") if isinstance(content, str) else content)
@@ -280,10 +427,99 @@ def atomic_write(path: Path, content: str | bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for sharing
         os.replace(tmp, path)
-    except BaseException:  # an interrupt may land after the rename: then there is nothing to remove
+    except BaseException as exc:  # an interrupt may land after the rename: then there is nothing to remove
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise OutputError(path, exc) from None
         raise
+
+
+class OutputError(OSError):
+    """An output file or directory could not be written; its message is one line naming it."""
+
+    def __init__(self, path, exc: OSError):
+        super().__init__(f"cannot write {path} ({exc.strerror or one_line(exc)})")
+
+
+# -- where a run's results go ------------------------------------------------------------------------------
+
+LATEST = "latest"  # under a results root: a symlink to the newest run directory
+
+
+def holds_results(directory) -> bool:
+    """Whether `directory` holds the results of a run (results.json or results.csv)."""
+    return any((Path(directory) / name).exists() for name in ("results.json", "results.csv"))
+
+
+def check_writable(directory) -> Path:
+    """Create `directory` if needed and write (then remove) a file there; ValueError, one line, if that fails: an
+    output directory is checked before anything is measured."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".loopmark-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = "not a directory" if directory.exists() and not directory.is_dir() else exc.strerror or one_line(exc)
+        raise ValueError(f"cannot write to {directory} ({reason})") from None
+    return directory
+
+
+def new_run_dir(root, when: float | None = None) -> Path:
+    """A new, empty directory under `root` named by the UTC time (`20261125-194500`; `-2`, `-3`, ... after it when
+    that name is taken): each run gets its own and never writes over another's."""
+    root = check_writable(root)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(when))
+    for n in range(1, 10_000):
+        path = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ValueError(f"{root}: no free run directory name for {stamp}")
+
+
+def latest_run(root) -> Path | None:
+    """The run directory `root/latest` points to, if any. A real directory found there (written by a loopmark
+    before run directories existed) is first moved to a run directory of its own, named by its time."""
+    latest = Path(root) / LATEST
+    if latest.is_symlink():
+        target = Path(root) / os.readlink(latest)
+        return target if target.is_dir() else None
+    if latest.is_dir():
+        moved = new_run_dir(root, latest.stat().st_mtime)
+        try:
+            os.replace(latest, moved)  # onto the empty directory just made
+        except OSError:
+            moved.rmdir()
+            return latest
+        return moved
+    return None
+
+
+def link_latest(root, run_dir) -> Path | None:
+    """Point `root/latest` at `run_dir`, replacing the link in one step (a new link, then a rename); returns the
+    link, or None where links cannot be made (the run's own path is then the only name for it)."""
+    root, run_dir = Path(root), Path(run_dir)
+    latest = root / LATEST
+    if latest.is_dir() and not latest.is_symlink():
+        latest_run(root)  # an older loopmark's directory: kept, under a name of its own
+    if latest.exists() and not latest.is_symlink():  # what could not be moved is not replaced
+        return None
+    tmp = root / f".{LATEST}.{os.getpid()}"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(os.path.relpath(run_dir, root), tmp, target_is_directory=True)
+        os.replace(tmp, latest)
+    except (OSError, NotImplementedError):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return None
+    return latest
 
 
 def one_line(exc: BaseException) -> str:
