@@ -26,10 +26,11 @@ import ctypes.util
 import os
 import sys
 
-import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
+
+from reports.stats import growth_per_step
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -68,11 +69,14 @@ def rss_bytes() -> int | None:
 
 def slope_per_step(trace: list) -> float:
     """Least-squares slope over the step boundaries from the end of the first step on: before it the
-    loop's locals (last batch, last loss) do not exist yet, which would read as one step of growth."""
-    values = [v for v in trace[1:] if v is not None]
-    if len(values) < 3:
-        return float("nan")
-    return float(np.polyfit(np.arange(len(values)), np.asarray(values, dtype=np.float64), 1)[0])
+    loop's locals (last batch, last loss) do not exist yet, which would read as one step of growth.
+    `reports.stats.growth_per_step` fits it, with its standard error."""
+    return growth_per_step(trace)[0]
+
+
+def slope_se_per_step(trace: list) -> float:
+    """The standard error of `slope_per_step`."""
+    return growth_per_step(trace)[1]
 
 
 class _Roots:
@@ -238,9 +242,10 @@ def measure_memory(cell, batches: list) -> dict:
     steps = ledger.steps()
     peak, counter_peak = cpu_peaks(steps)
     live = [s["roots"] + s["start"] for s in steps]
-    growth = slope_per_step(heap) if heap[0] is not None else slope_per_step(live)
+    growth, growth_se, _ = growth_per_step(heap if heap[0] is not None else live)
     return {"peak_memory_bytes": peak, "allocator_counter_peak_bytes": counter_peak,
-            "memory_growth_bytes_per_step": growth, "tensor_growth_bytes_per_step": slope_per_step(live),
+            "memory_growth_bytes_per_step": growth, "memory_growth_se_bytes_per_step": growth_se,
+            "tensor_growth_bytes_per_step": slope_per_step(live),
             "rss_growth_bytes_per_step": slope_per_step(rss),
             "memory_trace_bytes": heap if heap[0] is not None else live}
 
@@ -253,6 +258,7 @@ def _measure_cuda(cell, batches: list) -> dict:
     torch.cuda.synchronize()
     return {"peak_memory_bytes": torch.cuda.max_memory_allocated(),
             "memory_growth_bytes_per_step": slope_per_step(sampler.trace),
+            "memory_growth_se_bytes_per_step": slope_se_per_step(sampler.trace),
             "tensor_growth_bytes_per_step": slope_per_step(sampler.trace),
             "allocator_counter_peak_bytes": torch.cuda.max_memory_allocated(),
             "rss_growth_bytes_per_step": None, "memory_trace_bytes": sampler.trace}

@@ -1,11 +1,11 @@
 """Compare a candidate run against a baseline run, cell by cell: `loopmark compare BASELINE CANDIDATE`.
 
 Cells match on (workload, variant, device). A cell that was ok in the baseline and is not in the candidate
-(error, oom, diverged, skipped) regresses; otherwise only cells ok in both are compared, and a matched cell
+(error, timeout, oom, diverged, skipped) regresses; otherwise only cells ok in both are compared, and a matched cell
 regresses when any gate fails:
 
-- deterministic metrics change at all: syncs_per_step (beyond 1e-9), verdict, retains_graph, and
-  ops_per_step when both runs used the same torch version;
+- deterministic metrics change at all: syncs_per_step (beyond 1e-9; the sync sites whose count changed are named),
+  verdict, retains_graph, and ops_per_step when both runs used the same torch version;
 - peak_memory_bytes grows by more than `memory_pct` percent;
 - memory_growth_bytes_per_step goes from about zero (<= 1 KiB/step: the CPU heap slope's noise stays
   under it) to a leak (> 4 KiB/step: one step of a retained autograd graph on the smallest workload);
@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
-from reports.results import baseline_of
-from reports.stats import ratio_with_ci
+from reports.results import TRACE_VARIANT, baseline_of
+from reports.stats import block_ratios, ratio_with_ci
 from reports.table import format_table
 from reports.units import human_bytes
 
@@ -190,6 +190,9 @@ def _compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory
     if key == _reference_key(b, key):
         result.notes.append("time not gated: the baseline variant is the yardstick of the others")
         return result
+    if key[1] == TRACE_VARIANT:
+        result.notes.append("time not gated: a trace times one block of steps, with no baseline to divide by")
+        return result
     base_times, cand_times = _normalised(b, references[0]), _normalised(c, references[1])
     if base_times is None or cand_times is None:
         which = " and ".join(w for w, t in [("baseline", base_times), ("candidate", cand_times)] if t is None)
@@ -218,7 +221,53 @@ def _deterministic(result: CellResult, b: dict, c: dict, check_ops: bool, check_
             continue
         changed = abs(float(old) - float(new)) > tolerance if tolerance is not None else old != new
         if changed:
-            result.regressions.append(f"{name} changed: {_show(old)} -> {_show(new)}")
+            where = _sync_site_changes(b, c) if column == "syncs_per_step" else ""
+            result.regressions.append(f"{name} changed: {_show(old)} -> {_show(new)}"
+                                      + (f" ({where})" if where else ""))
+
+
+MAX_SITES_SHOWN = 5
+
+
+def _sync_site_changes(b: dict, c: dict) -> str:
+    """Where syncs/step changed, from the cells' `sync_sites` ({file:line: syncs over the sync pass's `steps`}): the
+    sites whose syncs per step went up first, then those that went down or are gone. A site whose line only moved (a
+    line added above it) is matched by its code where the cells keep it (`sync_site_details`), so it is not reported."""
+    base, cand = _sites_per_step(b), _sites_per_step(c)
+    if base is None or cand is None:
+        return ""
+    moved = {}  # candidate site -> baseline site: the same code in the same file, at another line
+    gone = [s for s in base if s not in cand]
+    for site in [s for s in cand if s not in base]:
+        code = cand[site][1]
+        match = next((g for g in gone if code and base[g][1] == code and _file(g) == _file(site)), None)
+        if match is not None:
+            moved[site] = match
+            gone.remove(match)
+    changes = []
+    for site, (n, code) in cand.items():
+        old = base[moved.get(site, site)][0] if moved.get(site, site) in base else 0.0
+        if abs(n - old) > SYNCS_TOLERANCE:
+            changes.append((old - n, f"{n - old:+g}/step at {site}" + (f" `{code}`" if code else "")))
+    changes += [(n, f"{-n:+g}/step at {site} (gone)") for site, (n, _) in base.items() if site in gone]
+    shown = [text for _, text in sorted(changes, key=lambda change: change[0])]
+    return ", ".join(shown[:MAX_SITES_SHOWN]) + (f", {len(shown) - MAX_SITES_SHOWN} more" if len(shown) >
+                                                 MAX_SITES_SHOWN else "")
+
+
+def _sites_per_step(record: dict) -> dict[str, tuple[float, str]] | None:
+    """{site: (syncs per step, code or "")} of a cell, None when it has no sites or no steps."""
+    sites, steps = record.get("sync_sites"), _value(record.get("steps"))
+    if not isinstance(sites, dict) or not steps:
+        return None
+    details = record.get("sync_site_details")
+    code = {d.get("site"): d.get("code") or "" for d in details if isinstance(d, dict)} if isinstance(details, list) \
+        else {}
+    return {str(site): (float(n) / float(steps), code.get(site, "")) for site, n in sites.items()}
+
+
+def _file(site: str) -> str:
+    return site.rpartition(":")[0]
 
 
 def _memory(result: CellResult, b: dict, c: dict, memory_pct: float) -> None:
@@ -266,9 +315,9 @@ def _normalised(record: dict, reference: dict | None) -> np.ndarray | None:
     same round (None if unavailable)."""
     blocks = _samples(record.get("block_medians_s"))
     reference_blocks = _samples((reference or {}).get("block_medians_s"))
-    if blocks is None or reference_blocks is None or len(blocks) != len(reference_blocks):
+    if blocks is None or reference_blocks is None:
         return None
-    return blocks / reference_blocks
+    return block_ratios(blocks, reference_blocks)  # the report's estimator too (reports.results.derive)
 
 
 def _samples(v, minimum: int = MIN_TIME_SAMPLES) -> np.ndarray | None:

@@ -9,17 +9,20 @@ Cells with a broken verdict are red and hatched, their names red and bold.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import EngFormatter, FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
+from reports.findings import growth_text
 from reports.load import by_workload_device, in_display_order, is_baseline
+from reports.stats import LEAK_BYTES_PER_STEP, growth_interval
+from reports.units import human_bytes
 
-MEMORY_GROWTH_MIN_BYTES_PER_STEP = 64  # above this a variant's memory counts as growing
 MAX_LABEL_CHARS = 56
 WIDTH_IN = 11.0
 ROW_IN = 0.26  # height per variant
@@ -31,8 +34,8 @@ LEGEND_LABELS = {
     "broken": "verdict: BROKEN",
 }
 BROKEN_HATCH = "///"
-LINE_STYLES = ["-", "--", "-.", ":"]
-LINE_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#8172b3", "#937860"]  # no red: red is for broken
+# one per variant in the memory-over-steps panels (tab10 less its red, for broken, and grey, for baselines)
+DISTINCT_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
 CPU_VS_GPU_METRICS = [("samples_per_s", "samples/s (log scale)"),
                       ("ratio_to_baseline", "step time / baseline (< 1 is faster)")]
 MiB = 2**20
@@ -55,12 +58,19 @@ def ratio_to_baseline(df: pd.DataFrame) -> Figure | None:
     """Step time relative to the baseline (bars from 1.0; left of the line is faster), with its 95% CI."""
     def draw(ax, cells):
         ratio = cells["ratio_to_baseline"]
-        _bars(ax, cells, ratio, cells["ratio_ci_low"], cells["ratio_ci_high"], origin=1.0,
-              fmt=lambda v: f"{v:.2f}x")
+        unreliable = cells["reliability"].map(lambda r: isinstance(r, str) and r.startswith("unreliable"))
+        # an unreliable timing (interference seen during its blocks) gets no interval: its bar is hatched instead
+        low, high = cells["ratio_ci_low"].mask(unreliable), cells["ratio_ci_high"].mask(unreliable)
+        _bars(ax, cells, ratio, low, high, origin=1.0, fmt=lambda v: f"{v:.2f}x")
+        for patch, flag in zip(ax.patches, unreliable[ratio.notna()].tolist()):
+            if flag:
+                patch.set_hatch("..")
+                patch.set_alpha(0.5)
         ax.axvline(1.0, color="black", linewidth=1)
         if _wide(ratio):
             _log_x(ax)
-        ax.set_xlabel("step time / baseline step time (< 1 is faster)")
+        ax.set_xlabel("step time / baseline's, 95% CI (< 1 is faster; dotted, pale, no interval: unreliable timing)"
+                      if unreliable.any() else "step time / baseline's, 95% CI (< 1 is faster)")
     return _panels(df, "Step time relative to the baseline", draw, metric="ratio_to_baseline")
 
 
@@ -73,17 +83,62 @@ def syncs_per_step(df: pd.DataFrame) -> Figure | None:
 
 
 def memory(df: pd.DataFrame) -> Figure | None:
-    """Peak memory (left) and memory growth per step (right)."""
+    """Peak memory (left) and memory growth per step with its 95 % interval (right). The growth axis is linear
+    within the leak threshold and logarithmic beyond it (symlog), so 8 MiB/step and 10 KiB/step read in one panel; a
+    dashed line marks the threshold. On CPU the peak is tensor bytes and the growth the C heap's (as in the tables)."""
     def draw_peak(ax, cells):
         _bars(ax, cells, cells["peak_memory_bytes"] / MiB, fmt=lambda v: f"{v:.1f}")
-        ax.set_xlabel("peak memory (MiB)")
+        what = "tensor memory" if _device(cells) == "cpu" else "CUDA memory allocated"
+        ax.set_xlabel(f"peak {what} (MiB)")
 
     def draw_growth(ax, cells):
-        _bars(ax, cells, cells["memory_growth_bytes_per_step"] / KiB, fmt=lambda v: f"{v:.2f}")
+        growth = cells["memory_growth_bytes_per_step"].astype(float)
+        growth = growth.where(~(growth.abs() < 0.5), 0.0)  # under half a byte a step: the fit's rounding
+        bounds = [growth_interval(g, se, _points(t)) if np.isfinite(g) and np.isfinite(se) else (np.nan, np.nan)
+                  for g, se, t in zip(growth, cells["memory_growth_se_bytes_per_step"].astype(float),
+                                      cells["memory_trace_bytes"])]
+        low, high = [b[0] for b in bounds], [b[1] for b in bounds]
+        _bars(ax, cells, growth, low, high, fmt=lambda v: human_bytes(v))
+        ax.set_xscale("symlog", linthresh=LEAK_BYTES_PER_STEP, linscale=0.6)
+        left, right = ax.get_xlim()
+        ticks = [t for t in (-(2**20), -(2**10), 0, 2**10, 2**13, 2**16, 2**20, 2**25, 2**30) if left <= t <= right]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _short_bytes(v)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_xlabel("memory growth (KiB/step)")
+        ax.axvline(LEAK_BYTES_PER_STEP, color=COLORS["broken"], linewidth=0.8, linestyle="--")
+        what = "C-heap growth" if _device(cells) == "cpu" else "CUDA memory growth"
+        ax.set_xlabel(f"{what}/step ± 95% CI (symlog scale)\ndashed: the {human_bytes(LEAK_BYTES_PER_STEP)}/step leak "
+                      "threshold")
     return _panels(df, "Memory", draw_peak, draw_growth,
                    metric=("peak_memory_bytes", "memory_growth_bytes_per_step"))
+
+
+def _device(cells: pd.DataFrame) -> str:
+    return str(cells["device"].iloc[0]) if len(cells) else ""
+
+
+def _points(trace) -> int | None:
+    return len(trace) - 1 if _has_samples(trace) and len(trace) > 3 else None
+
+
+def _short_bytes(v: float) -> str:
+    """0, 1 KiB, 32 KiB, 1 MiB: a tick label of a power-of-two byte count."""
+    if not v:
+        return "0"
+    size, sign = abs(v), "-" if v < 0 else ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{sign}{size:g} {unit}"
+        size /= 1024
+    return str(v)
+
+
+def _byte_unit(largest: float) -> tuple[str, float]:
+    for unit, scale in (("MiB", MiB), ("KiB", KiB)):
+        if largest >= scale:
+            return unit, scale
+    return "B", 1.0
 
 
 def step_time_distributions(df: pd.DataFrame) -> Figure | None:
@@ -92,9 +147,11 @@ def step_time_distributions(df: pd.DataFrame) -> Figure | None:
         series = [np.asarray(t, dtype=float) * 1e3 if _has_samples(t) else np.array([])
                   for t in cells["step_times_s"]]
         present = [i for i, s in enumerate(series) if len(s)]
+        # a panel whose cells all failed has no box to draw (boxplot takes an empty list for one empty box)
         boxes = ax.boxplot([series[i] for i in present], positions=present, orientation="horizontal",
                            widths=0.6, patch_artist=True, showfliers=True,
-                           flierprops={"markersize": 2, "alpha": 0.4}, medianprops={"color": "black"})
+                           flierprops={"markersize": 2, "alpha": 0.4},
+                           medianprops={"color": "black"}) if present else {"boxes": []}
         styles = _styles(cells)
         for patch, i in zip(boxes["boxes"], present):
             patch.set_facecolor(styles[i][0])
@@ -109,38 +166,55 @@ def step_time_distributions(df: pd.DataFrame) -> Figure | None:
 
 
 def memory_over_steps(df: pd.DataFrame) -> Figure | None:
-    """Memory in use at each step boundary for the variants whose memory grows; baselines in grey."""
-    growing = df[(df["memory_growth_bytes_per_step"] > MEMORY_GROWTH_MIN_BYTES_PER_STEP)
-                 & df["memory_trace_bytes"].map(_has_samples)]
-    keys = set(zip(growing["workload"], growing["device"]))
-    facets = [(key, cells) for key, cells in by_workload_device(df) if key in keys]
-    if not facets:
+    """A panel per variant whose memory grows (`memory_growth_class` "leak" or "grows": significant, see
+    `reports.stats.growth_class`): the memory in use at each step boundary, less its value at the end of the first
+    step, which is the series its growth is fitted to (on CPU the whole C heap, on CUDA the allocator's allocated
+    bytes), with the fitted line and, in grey, its baseline's trace. Each panel has its own scale, so a few KiB a
+    step stay visible beside MiB a step; each variant has a colour of its own."""
+    growing = df[df["memory_growth_class"].isin(["leak", "grows"]) & df["memory_trace_bytes"].map(_has_samples)]
+    if growing.empty:
         return None
-    fig = _figure(WIDTH_IN, 0.8 + 3.2 * len(facets))
-    axes = fig.subplots(len(facets), 1, squeeze=False)[:, 0]
-    for ax, ((workload, device), cells) in zip(axes, facets):
-        broken_styles, colors = iter(LINE_STYLES * len(cells)), iter(LINE_COLORS * len(cells))
-        for cell in cells.to_dict("records"):
-            trace = cell["memory_trace_bytes"]
-            if not _has_samples(trace):
-                continue
-            values = np.asarray(trace, dtype=float) / MiB
-            if is_baseline(cell):  # grey: train solid, eval dashed
-                style = "--" if cell["kind"] == "eval" else "-"
-                ax.plot(values, color=COLORS["baseline"], linestyle=style, label=_label(cell["variant"]))
-            elif cell["memory_growth_bytes_per_step"] <= MEMORY_GROWTH_MIN_BYTES_PER_STEP:
-                continue
-            elif cell["verdict"] == "broken":  # red, told apart by line style
-                ax.plot(values, color=COLORS["broken"], linewidth=2.2, linestyle=next(broken_styles),
-                        label=_label(cell["variant"]) + " (BROKEN)")
-            else:
-                ax.plot(values, color=next(colors), linewidth=1.5, label=_label(cell["variant"]))
-        ax.set_title(_facet_title(workload, device, cells), loc="left", fontsize=10)
+    growing = pd.concat([in_display_order(cells) for key, cells in by_workload_device(growing)], ignore_index=True)
+    cols = 1 if len(growing) == 1 else 2
+    rows = math.ceil(len(growing) / cols)
+    fig = _figure(WIDTH_IN, 1.0 + 2.9 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    colors = dict(zip(dict.fromkeys(growing["variant"]), itertools.cycle(DISTINCT_COLORS)))
+    for ax, cell in zip(axes, growing.to_dict("records")):
+        values = np.asarray(cell["memory_trace_bytes"][1:], dtype=float)
+        steps = np.arange(1, len(values) + 1)
+        base = df[(df["workload"] == cell["workload"]) & (df["device"] == cell["device"])
+                  & (df["variant"] == cell["baseline_variant"])]
+        base_trace = base["memory_trace_bytes"].iloc[0] if len(base) else None
+        curves = [values - values[0]]
+        if _has_samples(base_trace) and cell["variant"] != cell["baseline_variant"]:
+            base_values = np.asarray(base_trace[1:], dtype=float)
+            curves.append(base_values - base_values[0])
+        unit, scale = _byte_unit(max(float(np.nanmax(np.abs(c))) for c in curves))
+        if len(curves) > 1:
+            ax.plot(np.arange(1, len(curves[1]) + 1), curves[1] / scale, color=COLORS["baseline"], linewidth=1.2,
+                    label=_label(cell["baseline_variant"]))
+        broken = cell["verdict"] == "broken"
+        ax.plot(steps, curves[0] / scale, color=colors[cell["variant"]], linewidth=2, marker="o", markersize=3,
+                label=_label(cell["variant"]) + (" (BROKEN)" if broken else ""))
+        slope = cell["memory_growth_bytes_per_step"]
+        if np.isfinite(slope):
+            fit = slope * (steps - steps.mean()) + (curves[0].mean())
+            ax.plot(steps, fit / scale, color="black", linewidth=0.8, linestyle="--", label="least-squares fit")
+        growth = growth_text(cell).replace("**", "")
+        ax.set_title(_label(cell["variant"]) + _literal(f" on {cell['workload']}/{cell['device']}"
+                                                        + (" (BROKEN)" if broken else "") + f"\n{growth}"), loc="left",
+                     fontsize=9, color=COLORS["broken"] if broken else "black",
+                     fontweight="bold" if broken else "normal")
         ax.set_xlabel("step")
-        ax.set_ylabel("memory in use (MiB)")
+        what = "C heap in use" if cell["device"] == "cpu" else "CUDA memory allocated"
+        ax.set_ylabel(f"{what}, change\nsince step 1 ({unit})", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.suptitle("Memory over steps (variants whose memory grows)", fontsize=12)
+        ax.legend(loc="upper left", fontsize=7, frameon=False)
+    for ax in axes[len(growing):]:
+        ax.set_visible(False)
+    fig.suptitle("Memory over steps: the variants whose memory grows (significantly), each on its own scale",
+                 fontsize=12)
     return fig
 
 
@@ -180,7 +254,7 @@ def cpu_vs_gpu(df: pd.DataFrame) -> Figure | None:
             verdicts = ["broken" if n in broken_names else None for n in names]
             _variant_axis(ax, pd.DataFrame({"variant": names, "verdict": verdicts}), labels=col == 0)
             ax.set_xlabel(xlabel)
-            ax.set_title(f"{workload}", loc="left", fontsize=10)
+            ax.set_title(_literal(workload), loc="left", fontsize=10)
     handles = [Patch(color=color, label=device) for device, color in DEVICE_COLORS.items()]
     handles.append(Patch(facecolor="white", edgecolor=COLORS["broken"], hatch=BROKEN_HATCH,
                          label="verdict: BROKEN"))
@@ -272,7 +346,7 @@ def _log_x(ax, engineering: bool = False) -> None:
 
 def _note(ax, y, text: str) -> None:
     """A grey note in place of a missing bar (x in axes coordinates: safe on log scales)."""
-    ax.text(0.01, y, text, transform=ax.get_yaxis_transform(), va="center", fontsize=7, color="#777777",
+    ax.text(0.01, y, _literal(text), transform=ax.get_yaxis_transform(), va="center", fontsize=7, color="#777777",
             style="italic")
 
 
@@ -296,7 +370,7 @@ def _style_key(cell: dict) -> str:
 
 def _facet_title(workload: str, device: str, cells: pd.DataFrame) -> str:
     names = [n for n in dict.fromkeys(cells["device_name"]) if n]
-    return f"{workload} on {device}" + (f" ({names[0]})" if names else "")
+    return _literal(f"{workload} on {device}" + (f" ({names[0]})" if names else ""))
 
 
 def _figure(width_in: float, height_in: float) -> Figure:
@@ -316,7 +390,13 @@ def _height(counts) -> float:
 
 
 def _label(name: str) -> str:
-    return name if len(name) <= MAX_LABEL_CHARS else name[: MAX_LABEL_CHARS - 1] + "…"
+    return _literal(name if len(name) <= MAX_LABEL_CHARS else name[: MAX_LABEL_CHARS - 1] + "…")
+
+
+def _literal(text) -> str:
+    """`text` (a name from a results file) as matplotlib must draw it: literally. Text between two `$` would be
+    parsed as TeX math (mathtext): `a$b$` drawn as a math b, `$\\x$` failing the whole figure; `\\$` is a `$`."""
+    return str(text).replace("$", r"\$")
 
 
 def _short(v: float) -> str:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports import plots, results
-from reports.load import PYTEST_BENCHMARK, by_workload_device, is_baseline, load_records, to_frame
-from reports.results import FLOOR_VARIANT
+from reports import plots, results, stats
+from reports.findings import findings, growth_text, ratio_text, sync_sites
+from reports.load import PYTEST_BENCHMARK, by_workload_device, in_display_order, load_records, to_frame
+from reports.results import FLOOR_VARIANT, TRACE_VARIANT
 from reports.units import human_bytes
 
 FIGURES = {  # plot_<name>.png -> (title, figure function)
@@ -30,13 +31,20 @@ FIGURES = {  # plot_<name>.png -> (title, figure function)
     "cpu_vs_gpu": ("CPU vs GPU", plots.cpu_vs_gpu),
 }
 DPI = 110
-TABLE_HEADER = ["variant", "samples/s", "ratio to baseline (95% CI)", "syncs/step", "peak memory",
-                "growth/step", "param tensors", "verdict", "reason"]
-TABLE_NUMERIC = {1, 2, 3, 4, 5, 6}  # right-aligned columns
+RATIO_HEADER = "step time / baseline's (below 1 is faster) [95% CI]"
+MEMORY_HEADERS = {  # device -> (peak column, growth column): what each figure is on that device
+    "cpu": ("peak tensor memory", "C-heap growth/step ± 95% CI"),
+    "cuda": ("peak CUDA memory (allocated)", "CUDA memory growth/step ± 95% CI"),
+}
+TABLE_HEADER = ["variant", "samples/s", RATIO_HEADER, "syncs/step", *MEMORY_HEADERS["cpu"], "param tensors",
+                "verdict", "reason"]
+TABLE_NUMERIC = {1, 2, 3, 4, 6}  # right-aligned columns (the growth, with its words, wraps)
 FLOOR_HEADER = f"ratio to floor ({FLOOR_VARIANT})"
+# committed GPU reference runs, `results/reference/<gpu>/results.json`: shown beside a run without CUDA cells
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "results" / "reference"
 CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1250px;
-       padding: 0 1em; color: #222; line-height: 1.45; }
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1340px;
+       padding: 0 1em; color: #222; line-height: 1.4; font-size: 15px; }
 h1, h2, h3 { font-weight: 600; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: .6em 0 1.2em; font-size: 14px; }
 th, td { border: 1px solid #d0d0d0; padding: 4px 8px; vertical-align: top; }
@@ -46,14 +54,23 @@ tr.broken td { background: #fde4e4; } tr.broken strong, li strong { color: #b000
 tr.mismatch td { background: #fff4d6; } tr.notok td { color: #777; }
 code { background: #f3f3f3; padding: 0 .25em; border-radius: 3px; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
+h3 + p { margin-top: .3em; } li { margin: .25em 0; }
+table.findings { width: 100%; font-size: 12.5px; } table.findings td, table.findings th { line-height: 1.25; }
+table.findings td:nth-child(1) { width: 22%; } table.findings td:nth-child(2) { width: 13%; }
+table.findings td:nth-child(3) { width: 30%; } table.findings td:nth-child(4) { width: 16%; }
 """
 
 
-def write_report(paths: list, out_dir=None) -> list[Path]:
+def write_report(paths: list, out_dir=None, reference_dir=REFERENCE_DIR) -> list[Path]:
     """Write the report for the results at `paths` (cells concatenated); returns the files written.
 
-    Files go to `out_dir`, by default next to the first results. A pytest-benchmark JSON also gets a
-    results.csv next to it. Raises ValueError (one line) for unusable input.
+    Where the results hold no CUDA cell, committed GPU reference runs found under `reference_dir` (each
+    `<name>/results.json` with CUDA cells) are shown beside them (`gpu_reference`); none found, the report says so.
+
+    Files go to `out_dir`, by default `report_dir` of the first input; nothing is written anywhere else. The cells
+    of pytest-benchmark JSON inputs also go to a results.csv there, unless it is a run's directory (results.json):
+    a run's results.csv is its results.json's. Raises ValueError (one line) for unusable input or an unwritable
+    `out_dir`, `results.OutputError` when a file cannot be written (each file stays whole, old or new).
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -61,19 +78,24 @@ def write_report(paths: list, out_dir=None) -> list[Path]:
     loaded = [load_records(p) for p in paths]
     envs = [env for env, _ in loaded]
     df = pd.concat([to_frame(records) for _, records in loaded], ignore_index=True)
-    out = Path(out_dir) if out_dir is not None else Path(envs[0]["source"]).parent
-    out.mkdir(parents=True, exist_ok=True)
+    out = results.check_writable(Path(out_dir) if out_dir is not None else report_dir(Path(envs[0]["source"])))
 
     written = []
-    for env, records in loaded:  # a pytest-benchmark JSON gets the results.csv a run writes
-        if env["source_format"] == PYTEST_BENCHMARK:
-            csv_path = Path(env["source"]).parent / "results.csv"
-            results.atomic_write(csv_path, results.csv_text(records))
-            written.append(csv_path)
+    benchmarked = {Path(env["source"]).resolve(): records for env, records in loaded
+                   if env["source_format"] == PYTEST_BENCHMARK}
+    run_json = (out / "results.json").resolve()  # a run's results.csv is written with its results.json only
+    if benchmarked and (run_json in benchmarked or not run_json.exists()):
+        csv_path = out / "results.csv"
+        results.atomic_write(csv_path, results.csv_text([r for records in benchmarked.values() for r in records]))
+        written.append(csv_path)
+    reference = gpu_reference(reference_dir) if not (df["device"] == "cuda").any() else None
     images = {}
     for name, (title, figure) in FIGURES.items():
         png_path = out / f"plot_{name}.png"
-        fig = figure(df)
+        if name == "cpu_vs_gpu" and reference is not None:  # this run's CPU cells beside the GPU reference
+            fig = figure(pd.concat([df, reference["df"]], ignore_index=True))
+        else:
+            fig = figure(df)
         if fig is None:
             png_path.unlink(missing_ok=True)  # stale from an earlier report
             continue
@@ -83,25 +105,69 @@ def write_report(paths: list, out_dir=None) -> list[Path]:
         images[name] = (title, png_path.name, buffer.getvalue())
         written.append(png_path)
 
-    blocks = document(envs, df, images)
+    blocks = document(envs, df, images, reference)
     md_path, html_path = out / "report.md", out / "report.html"
     results.atomic_write(md_path, to_markdown(blocks))
     results.atomic_write(html_path, to_html(blocks))
     return [md_path, html_path, *written]
 
 
-def document(envs: list[dict], df: pd.DataFrame, images: dict) -> list[tuple]:
+def report_dir(source: Path) -> Path:
+    """Where the report of one results file goes by default: the run's directory for a results.json; for any other
+    file (a pytest-benchmark JSON, a renamed results file) a directory beside it named after it (out.json ->
+    out-report/): its own files never land loose in the JSON's directory, often the current one."""
+    return source.parent if source.name == "results.json" else source.with_name(f"{source.stem}-report")
+
+
+def gpu_reference(directory) -> dict | None:
+    """The committed GPU reference runs under `directory`: every `<name>/results.json` holding CUDA cells that
+    finished ok, their CUDA cells together (`df`), named by their GPUs (`name`), their files (`source`) and
+    environments (`envs`); None when there are none (no directory, CPU-only or unreadable references)."""
+    if directory is None or not Path(directory).is_dir():
+        return None
+    frames, names, sources, envs = [], [], [], []
+    for path in sorted(Path(directory).glob("*/results.json")):
+        try:
+            env, records = load_records(path)
+        except (ValueError, OSError):
+            continue  # a reference that cannot be read is left out, not the report
+        frame = to_frame(records)
+        cuda = frame[frame["device"] == "cuda"]
+        if not (cuda["status"] == "ok").any():
+            continue
+        gpu = env.get("gpu") if isinstance(env.get("gpu"), dict) else {}
+        names.append(gpu.get("name") or next((n for n in cuda["device_name"] if n), path.parent.name))
+        frames.append(cuda)
+        sources.append(_shown_path(path))
+        envs.append(env)
+    if not frames:
+        return None
+    return {"df": pd.concat(frames, ignore_index=True), "name": ", ".join(dict.fromkeys(names)),
+            "source": ", ".join(sources), "envs": envs}
+
+
+def document(envs: list[dict], df: pd.DataFrame, images: dict, reference: dict | None = None) -> list[tuple]:
     """The report as blocks: ("h1"|"h2"|"h3"|"p", text), ("list", items),
-    ("table", header, rows, row_classes, numeric column indices), ("image", title, file name, png bytes)."""
+    ("table", header, rows, row_classes, numeric column indices), ("image", title, file name, png bytes).
+
+    First the run (settings, the load it ran under), then the findings (`reports.findings`: per idiom, what it costs,
+    whether it is correct, where its syncs are), the summary, a table per workload and device, the sync sites, the
+    GPU reference beside a CPU-only run, the plots."""
     blocks: list[tuple] = [("h1", "loopmark report")]
-    for env in envs:
-        blocks += [("list", _environment_lines(env))]
+    for i, env in enumerate(envs, 1):  # the load the timed blocks saw, of all the inputs, under the last one
+        blocks += [("list", _environment_lines(env) + _settings_lines(env, df) + (_load_lines(df) if i == len(envs)
+                                                                                   else []))]
+    measured = df[df["variant"] != TRACE_VARIANT]  # a traced script has its own section below its table
+    ref = reference or {}
+    blocks += findings(measured, ref.get("df"), ref.get("name"), ref.get("source"))
     blocks += _summary(df)
+    if len(df):
+        blocks += _reading_guide(df)
     for (workload, device), cells in by_workload_device(df):
         names = [n for n in dict.fromkeys(cells["device_name"]) if n]
         blocks.append(("h2", f"{workload} on {device}" + (f" ({names[0]})" if names else "")))
         rows, classes = zip(*(_row(cell) for cell in cells.to_dict("records")))
-        header, numeric = TABLE_HEADER, TABLE_NUMERIC
+        header, numeric = _table_header(device), TABLE_NUMERIC
         if cells["ratio_to_floor"].notna().any():  # a CUDA group with its whole-step CUDA graph timed
             header = [*header[:3], FLOOR_HEADER, *header[3:]]
             rows = [[*row[:3], _floor(cell), *row[3:]] for row, cell in zip(rows, cells.to_dict("records"))]
@@ -109,6 +175,17 @@ def document(envs: list[dict], df: pd.DataFrame, images: dict) -> list[tuple]:
         blocks.append(("table", header, list(rows), list(classes), numeric))
         if cells["noisy"].eq(True).any():
             blocks.append(("p", "(noisy): the step time's IQR is more than 10% of its median."))
+        unreliable = [c for c in cells.to_dict("records") if _unreliable(c)]
+        if unreliable:
+            blocks += [("p", "**Unreliable timings** (interference seen during the timed blocks; their intervals "
+                             "are not given, rerun on a quiet machine):"),
+                       ("list", [f"`{c['variant']}`: {c['reliability'].removeprefix('unreliable: ')}"
+                                 for c in unreliable])]
+        for cell in cells.to_dict("records"):
+            blocks += _trace_blocks(cell)
+    blocks += _sync_section(measured)
+    if reference is not None:
+        blocks += _reference_section(reference, df)
     if images:
         blocks.append(("h2", "Plots"))
         for title, name, png in images.values():
@@ -146,14 +223,15 @@ def to_html(blocks: list[tuple]) -> str:
         elif kind == "list":
             body.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in block[1]) + "</ul>")
         elif kind == "table":
-            header, rows, classes, numeric = block[1:]
+            header, rows, classes, numeric = block[1:5]
+            css = f' class="{block[5]}"' if len(block) > 5 and block[5] else ""  # an optional class of the table
             head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
             body_rows = "".join(
                 (f'<tr class="{cls}">' if cls else "<tr>") + "".join(
                     f'<td class="num">{_inline(c)}</td>' if i in numeric else f"<td>{_inline(c)}</td>"
                     for i, c in enumerate(row)) + "</tr>"
                 for row, cls in zip(rows, classes))
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body_rows}</tbody></table>")
+            body.append(f"<table{css}><thead><tr>{head}</tr></thead><tbody>{body_rows}</tbody></table>")
         elif kind == "image":
             data = base64.b64encode(block[3]).decode("ascii")
             body.append(f'<p><img alt="{html.escape(block[1])}" src="data:image/png;base64,{data}"></p>')
@@ -226,27 +304,216 @@ def _row(cell: dict) -> tuple[list[str], str]:
     """A table row and its class: broken, mismatch, notok or empty."""
     status, verdict = cell["status"], cell["verdict"]
     sps = _number(cell["samples_per_s"]) + (" (noisy)" if cell["noisy"] is True else "")
-    if is_baseline(cell):
-        ratio = "1 (baseline)" if _finite(cell["ratio_to_baseline"]) else "–"
-    else:
-        ratio = _ratio(cell["ratio_to_baseline"], cell["ratio_ci_low"], cell["ratio_ci_high"])
-    growth = cell["memory_growth_bytes_per_step"]
-    growth_text = f"{'+' if growth > 0 else ''}{human_bytes(growth)}/step" if _finite(growth) else "–"
+    ratio = ratio_text(cell)
+    if _unreliable(cell):
+        ratio = ratio.replace("unreliable", "**unreliable**")
+    growth = growth_text(cell)
     verdict_text, reason, cls = verdict or "", cell["verdict_reason"] or "", ""
     if verdict == "broken":
         verdict_text, cls = "**broken**", "broken"
     if status == "ok" and cell["verdict_as_expected"] is False:
         verdict_text += f" (expected {cell['expected_verdict']}) **MISMATCH**"
         cls = cls or "mismatch"
-    if status != "ok":  # skipped, error, oom, diverged: the status first, the error as the reason
+    if status != "ok":  # skipped, error, timeout, oom, diverged: the status first, the error as the reason
         verdict_text = f"{status}; {verdict_text}" if verdict_text else str(status)
         reason, cls = cell["error"] or reason, cls or "notok"
     variant = f"**{cell['variant']}**" if verdict == "broken" else cell["variant"]
     peak = human_bytes(cell["peak_memory_bytes"]) if _finite(cell["peak_memory_bytes"]) else "–"
     syncs = _number(cell["syncs_per_step"])
-    tensors = _number(cell.get("param_tensors"))
+    # the zeroing cost it stands beside is the optimizer's: no optimizer in an evaluation loop
+    tensors = "n/a" if cell.get("kind") == "eval" and status == "ok" else _number(cell.get("param_tensors"))
     reason = "; ".join([reason, *_notes(cell)]) if reason else "; ".join(_notes(cell))
-    return [variant, sps, ratio, syncs, peak, growth_text, tensors, verdict_text, reason], cls
+    return [variant, sps, ratio, syncs, peak, growth, tensors, verdict_text, reason], cls
+
+
+def _table_header(device: str) -> list[str]:
+    peak, growth = MEMORY_HEADERS.get(device, ("peak memory", "memory growth/step ± 95% CI"))
+    return ["variant", "samples/s", RATIO_HEADER, "syncs/step", peak, growth, "param tensors", "verdict", "reason"]
+
+
+def _settings_lines(env: dict, df: pd.DataFrame) -> list[str]:
+    """Steps, blocks, warm-up, seed and threads the cells were measured with."""
+    settings = env.get("settings") if isinstance(env.get("settings"), dict) else {}
+
+    def one(key, column):
+        if settings.get(key) is not None:
+            return settings[key]
+        values = [int(v) for v in df[column].dropna().unique()] if column in df else []
+        return values[0] if len(values) == 1 else ("/".join(map(str, sorted(values))) if values else None)
+
+    steps, repeats, warmup = one("steps", "steps"), one("repeats", "repeats"), one("warmup", "warmup_steps")
+    parts = []
+    if steps is not None or repeats is not None:
+        parts.append(f"{steps if steps is not None else '?'} timed steps × {repeats if repeats is not None else '?'} "
+                     "blocks per cell, each block interleaved with its baseline's, round by round")
+    if warmup is not None:
+        parts.append(f"{warmup} warm-up steps (not timed)")
+    if settings.get("seed") is not None:
+        parts.append(f"seed {settings['seed']}")
+    threads = env.get("torch_threads")
+    if threads:
+        parts.append(f"{threads} torch threads" + (f" on {env['cpu_cores']} cores" if env.get("cpu_cores") else ""))
+    return [f"settings: {', '.join(parts)}"] if parts else []
+
+
+def _load_lines(df: pd.DataFrame) -> list[str]:
+    """The load the run's timed blocks saw (`bench.timing.LoadWatch` readings) and how many timings it spoiled."""
+    blocks = [(b, cell["device"]) for cell in df.to_dict("records") if isinstance(cell.get("block_load"), list)
+              for b in cell["block_load"] if isinstance(b, dict)]
+    if not blocks:
+        return ["load during timing: not recorded (results written before loopmark read it, or not timed by "
+                "`loopmark run`)"]
+    disturbed = sum(1 for b, device in blocks if stats.block_interference(b, device))
+    waits = sorted(w for w in (stats.wait_fraction(b) for b, _ in blocks) if w is not None)
+    others = sorted(n for n in (stats.max_others(b) for b, _ in blocks) if n is not None)
+    parts = [f"{disturbed} of {len(blocks)} timed blocks disturbed"]
+    if waits:
+        parts.append(f"time the process's threads waited for a CPU: {waits[len(waits) // 2]:.0%} of a block at the "
+                     f"median, {waits[-1]:.0%} at most (flagged above {stats.MAX_WAIT_FRACTION:.0%})")
+    if others:
+        parts.append(f"other runnable processes at a block's start or end: {others[len(others) // 2]} at the median, "
+                     f"{others[-1]} at most")
+    timed = df[df["ratio_to_baseline"].map(_finite) | df["reliability"].map(lambda r: isinstance(r, str))]
+    unreliable = int(timed["reliability"].map(lambda r: isinstance(r, str) and r.startswith("unreliable")).sum())
+    parts.append(f"{unreliable} of {len(timed)} timed cells unreliable")
+    return ["load during timing: " + "; ".join(parts)]
+
+
+def _reading_guide(df: pd.DataFrame) -> list[tuple]:
+    devices = set(df["device"])
+    items = [f"**{RATIO_HEADER}**: the median over timed blocks of (the block's median step time / the baseline's "
+             "block of the same round) — the per-block samples `loopmark compare` gates on — with a 95 % interval over "
+             "blocks (Student's t on their logarithms). A timing disturbed by other processes is marked "
+             "**unreliable**, with the reason, instead."]
+    if "cpu" in devices:
+        items.append("On CPU, **peak tensor memory** is the most tensor bytes the CPU allocator had handed out "
+                     "within a step; **C-heap growth/step** is the least-squares slope of the whole C heap in use "
+                     "(tensors and the autograd graph's nodes, which `running += loss` keeps on the host) over the "
+                     "step boundaries, ± its 95 % interval; the memory-over-steps plot shows the same heap.")
+    if "cuda" in devices:
+        items.append("On CUDA, both memory figures are the caching allocator's allocated bytes.")
+    items.append(f"A growth is a **leak** when its 95 % interval lies above 0 and it exceeds "
+                 f"{human_bytes(stats.LEAK_BYTES_PER_STEP)}/step; it **grows** when significant and above "
+                 f"{stats.GROWS_BYTES_PER_STEP} B/step; else **no growth** (the interval includes 0, it falls, or a "
+                 "few bytes a step); a slope under half a byte a step prints as 0. **n/a**: the column does not apply "
+                 "(param tensors, the zeroing cost of an optimizer step, in an evaluation loop); **–**: not measured.")
+    return [("h2", "Reading the tables"), ("list", items)]
+
+
+def _sync_section(df: pd.DataFrame) -> list[tuple]:
+    """Every sync site of every variant, per device: where (file:line), how often, the operation, the code."""
+    cells = df[df["status"] == "ok"]
+    if cells.empty or not cells["syncs_per_step"].map(_finite).any():
+        return []
+    blocks: list[tuple] = [("h2", "Where the syncs are"), (
+        "p", "Each host-device sync the sync pass counted, at the line of the loop that caused it: on CUDA each one "
+             "makes the host wait for the GPU to finish its queued work. Remove them line by line; the counts are "
+             "exact on both devices.")]
+    for device in dict.fromkeys(cells["device"]):
+        rows, none = {}, []
+        for (_, d), group in by_workload_device(cells):
+            if d != device:
+                continue
+            for cell in in_display_order(group).to_dict("records"):
+                sites = sync_sites(cell)
+                if not sites and cell["syncs_per_step"] == 0:
+                    none.append(cell["variant"])
+                for site in sites:
+                    key = (cell["variant"], site["site"], site["when"], site["operation"], site["code"])
+                    rows.setdefault(key, []).append(cell["workload"])
+        if len(set(cells["device"])) > 1:
+            blocks.append(("h3", f"on {device}"))
+        if rows:
+            table = [[f"**{v}**" if _is_broken(cells, v) else v, f"`{site}`", when, op,
+                      f"`{code}`" if code else "", ", ".join(dict.fromkeys(workloads))]
+                     for (v, site, when, op, code), workloads in rows.items()]
+            blocks.append(("table", ["variant", "where", "how often", "operation", "code", "workloads"], table,
+                           [""] * len(table), set()))
+        if none:
+            blocks.append(("p", "No sync: " + ", ".join(f"`{v}`" for v in dict.fromkeys(none)) + "."))
+    return blocks
+
+
+def _reference_section(reference: dict, df: pd.DataFrame) -> list[tuple]:
+    """The committed GPU reference beside this run's CPU cells: the ratio where a sync costs time, and the syncs."""
+    ref = reference["df"]
+    env = reference["envs"][0] if reference["envs"] else {}
+    about = ", ".join(str(x) for x in (f"torch {env['torch']}" if env.get("torch") else None,
+                                      env.get("timestamp")) if x)
+    blocks: list[tuple] = [("h2", f"GPU reference ({reference['name']}): committed results, not this run"), (
+        "p", f"From `{reference['source']}`" + (f" ({about})" if about else "") + ". The same cells on a GPU, where "
+             "the time a sync costs shows in the step time; beside them this run's CPU figures.")]
+    for (workload, _device), cells in by_workload_device(ref):
+        rows = []
+        for cell in cells.to_dict("records"):
+            mine = df[(df["workload"] == workload) & (df["variant"] == cell["variant"])]
+            cpu = mine.iloc[0] if len(mine) else None
+            rows.append([f"**{cell['variant']}**" if cell["verdict"] == "broken" else cell["variant"],
+                         ratio_text(cell), _number(cell["syncs_per_step"]),
+                         ratio_text(cpu) if cpu is not None else "not run", _number(cpu["syncs_per_step"])
+                         if cpu is not None else "–", cell["verdict"] or cell["status"]])
+        blocks += [("h3", f"{workload}: GPU reference beside this run"),
+                   ("table", ["variant", f"GPU: {RATIO_HEADER}", "GPU syncs/step", f"this run: {RATIO_HEADER}",
+                              "this run: syncs/step", "verdict (GPU)"], rows, [""] * len(rows), {1, 2, 3, 4})]
+    return blocks
+
+
+def _is_broken(cells: pd.DataFrame, variant: str) -> bool:
+    return bool((cells.loc[cells["variant"] == variant, "verdict"] == "broken").any())
+
+
+def _unreliable(cell) -> bool:
+    reliability = cell.get("reliability")
+    return isinstance(reliability, str) and reliability.startswith("unreliable")
+
+
+def _shown_path(path: Path) -> str:
+    """`path` relative to the current directory where it lies below it (results/reference/h100/results.json)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+TRACE_SITES = 10  # the sync sites a traced script's section lists, most syncs first
+
+
+def _trace_blocks(cell: dict) -> list[tuple]:
+    """A script traced by `loopmark trace` (variant `trace`): its per-step figures beyond the table and its costliest
+    sync sites (file:line in the script, the operation, syncs per step, the line's code)."""
+    if cell["variant"] != TRACE_VARIANT:
+        return []
+    name = cell["workload"]
+    passes = cell.get("trace_passes") if isinstance(cell.get("trace_passes"), dict) else {}
+    items = [f"command: `{cell['description']}`" if cell.get("description") else None,
+             f"{_number(cell.get('warmup_steps'))} warm-up steps, then "
+             + ", ".join(f"{n} {p}" for p, n in passes.items()) + " steps (count, time and memory passes)",
+             f"operators: {_number(cell.get('ops_per_step'))}/step",
+             f"step time: median {cell['step_time_median_s'] * 1e3:.3g} ms"
+             + (f", IQR {cell['step_time_iqr_s'] * 1e3:.2g} ms" if _finite(cell.get("step_time_iqr_s")) else "")
+             if _finite(cell.get("step_time_median_s")) else None,
+             "**autograd graph kept across steps**: the loss's graph of "
+             f"{_number(cell.get('graph_retained_steps'))} step(s) outlived them" if cell.get("retains_graph") is True
+             else None]
+    nonfinite = cell.get("nonfinite_loss_steps")
+    if isinstance(nonfinite, list) and nonfinite:
+        items.append(f"**non-finite loss** at step(s) {', '.join(str(s) for s in nonfinite[:10])}")
+    if _finite(cell.get("skipped_steps")) and cell["skipped_steps"] > 0:
+        items.append(f"{int(cell['skipped_steps'])} optimizer step(s) skipped by a GradScaler")
+    if _finite(cell.get("eval_passes")) and cell["eval_passes"] > 0:
+        items.append(f"evaluation, left out of the steps: {int(cell['eval_passes'])} pass(es) in the count pass, "
+                     f"{_number(cell.get('eval_syncs'))} syncs, {_number(cell.get('eval_ops'))} operators")
+    notes = cell.get("trace_notes")
+    items += [f"note: {n}" for n in notes] if isinstance(notes, list) else []
+    blocks: list[tuple] = [("h3", f"{name}: traced steps"), ("list", [i for i in items if i])]
+    sites = sync_sites(cell)
+    if sites:
+        shown = sites[:TRACE_SITES]
+        rows = [[f"`{s['site']}`", s["operation"], _number(s["per_step"]), f"`{s['code']}`" if s["code"] else ""]
+                for s in shown]
+        blocks += [("h3", f"{name}: sync sites ({len(shown)} of {len(sites)}, most syncs first)"),
+                   ("table", ["site", "operation", "syncs/step", "code"], rows, [""] * len(rows), {2})]
+    return blocks
 
 
 def _floor(cell: dict) -> str:
@@ -279,24 +546,18 @@ def _number(v) -> str:
     return f"{v:.0f}" if float(v).is_integer() else f"{v:.3g}"
 
 
-def _ratio(ratio, low, high) -> str:
-    if not _finite(ratio):
-        return "–"
-    text = f"{ratio:.2f}x"
-    return text + (f" [{low:.2f}, {high:.2f}]" if _finite(low) and _finite(high) else "")
-
-
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _md_row(cells: list[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+    """A Markdown table row; a line break within a cell becomes `; `."""
+    return "| " + " | ".join(c.replace("|", "\\|").replace("\n", "; ") for c in cells) + " |"
 
 
 def _inline(text: str) -> str:
-    """HTML for a block's text: escaped, with **strong** and `code`."""
+    """HTML for a block's text: escaped, with **strong**, `code` and line breaks."""
     text = html.escape(str(text))
     text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text).replace("\n", "<br>")
 

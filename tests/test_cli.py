@@ -60,7 +60,8 @@ def _cells(out) -> dict:
 
 
 def _measured(cell: dict) -> dict:
-    return {k: v for k, v in cell.items() if not k.startswith("ratio")}
+    """What a cell measured itself: not its ratios, nor their `reliability`, which follow its baseline's blocks."""
+    return {k: v for k, v in cell.items() if not k.startswith("ratio") and k != "reliability"}
 
 
 def test_list_shows_variants_and_workloads(capsys):

@@ -16,7 +16,7 @@ from reports import plots
 from reports.load import load, to_frame
 from reports.report import FIGURES, write_report
 from reports.results import CSV_COLUMNS
-from reports.stats import median_ratio_ci
+from reports.stats import block_ratio_with_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -48,12 +48,13 @@ def test_report_from_results_json(tmp_path):
     for heading in ["## mlp on cpu", "## mlp on cuda", "## cnn on cpu", "## cnn on cuda"]:
         assert heading in md
     graph_sum_row = next(line for line in md.splitlines() if line.startswith("| **graph_sum** |"))
-    assert "| **broken** |" in graph_sum_row and "+58.6 KiB/step" in graph_sum_row
+    # an exactly linear synthetic trace: no error, growth above the threshold
+    assert "| **broken** |" in graph_sum_row and "+58.6 KiB ± 0 B/step: **leak**" in graph_sum_row
     tensor_sum_row = next(line for line in md.splitlines() if line.startswith("| tensor_sum |"))
-    low, high = median_ratio_ci(*(next(r["step_times_s"] for r in full_run() if r["variant"] == v
-                                       and r["workload"] == "mlp" and r["device"] == "cpu")
-                                  for v in ("baseline", "tensor_sum")))
-    assert f"| 0.80x [{low:.2f}, {high:.2f}] |" in tensor_sum_row
+    ratio, low, high = block_ratio_with_ci(*(next(r["block_medians_s"] for r in full_run() if r["variant"] == v
+                                                  and r["workload"] == "mlp" and r["device"] == "cpu")
+                                             for v in ("tensor_sum", "baseline")))
+    assert f"| {ratio:.2f}x [{low:.2f}, {high:.2f}] |" in tensor_sum_row and f"{ratio:.2f}" == "0.80"
     assert "MISMATCH" in next(line for line in md.splitlines() if line.startswith("| set_to_none_false |"))
     assert "| cuda_graphs | – | – | – | – | – | – | skipped | needs a CUDA device |" in md
     assert not re.search(r"\bnan\b", md, re.IGNORECASE)  # nulls are shown as –, never as nan
@@ -108,15 +109,17 @@ def test_pytest_benchmark_json_gets_a_results_csv(tmp_path):
     path.write_text(json.dumps(pytest_benchmark_doc(records)))
     written = write_report([path])
 
-    assert tmp_path / "results.csv" in written
-    with open(tmp_path / "results.csv", newline="") as f:
+    out = tmp_path / "bench-report"  # a directory of its own beside the JSON, never the JSON's (often the current one)
+    assert out / "results.csv" in written and out / "report.md" in written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench-report", "bench.json"]
+    with open(out / "results.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == CSV_COLUMNS
     assert len(rows) == 1 + len(records)
     first = dict(zip(rows[0], rows[1]))
     assert first["variant"] == "baseline" and first["batch_size"] == "64"
     assert first["energy_j_per_sample"] == ""  # null
-    assert (tmp_path / "report.html").exists()
+    assert (out / "report.html").exists()
 
 
 def test_pytest_benchmark_timing_fields(tmp_path):
@@ -125,6 +128,8 @@ def test_pytest_benchmark_timing_fields(tmp_path):
     slow = make_record("mlp", "tensor_sum", "cpu", times=[2 * t for t in times])
     evals = [make_record("mlp", "eval_baseline", "cpu", times=times),
              make_record("mlp", "eval_inference_mode", "cpu", times=[0.5 * t for t in times])]
+    for record in (base, slow, *evals):  # each test timed on its own, as the pytest plugin's records are
+        record["block_medians_s"] = None
     doc = pytest_benchmark_doc([base, slow, *evals])
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(doc))
@@ -143,6 +148,8 @@ def test_pytest_benchmark_timing_fields(tmp_path):
     low, high = df.loc[1, "ratio_ci_low"], df.loc[1, "ratio_ci_high"]
     assert 2 * 0.009 / 0.013 <= low <= 2.0 <= high <= 2 * 0.013 / 0.009
     assert np.isnan(df.loc[0, "ratio_ci_low"])  # the baseline itself: ratio 1 by definition
+    # no blocks timed in rounds with the baseline: an interval over single steps, and said to be unreliable
+    assert df.loc[1, "reliability"].startswith("unreliable: not timed in rounds with baseline")
 
 
 def test_pytest_benchmark_steps_per_round_and_no_saved_data(tmp_path):
