@@ -41,6 +41,7 @@ loopmark counts a copy made with `non_blocking=True`, even from pageable memory.
 
 from __future__ import annotations
 
+import linecache
 import os
 import sys
 import warnings
@@ -342,6 +343,7 @@ class SyncCounter:
         self.syncs = 0
         self.sites: Counter = Counter()
         self.kinds: Counter = Counter()
+        self.site_kinds: Counter = Counter()  # (site, kind): which operation synchronised where
         self.pending = WeakTensorKeyDictionary()  # non-blocking device-to-host copies not yet synchronised
         self.hazards = 0
         self.hazard_sites: Counter = Counter()
@@ -361,9 +363,11 @@ class SyncCounter:
             self.tracker.mark(t)
 
     def hit(self, kind: str) -> None:
+        site = _site()
         self.syncs += 1
         self.kinds[kind] += 1
-        self.sites[_site()] += 1
+        self.sites[site] += 1
+        self.site_kinds[site, kind] += 1
         self.pending = WeakTensorKeyDictionary()  # a sync completes every copy queued before it
 
     def hazard(self) -> None:
@@ -404,9 +408,18 @@ def device_state(cell, batches: list) -> list:
     model, optimizer = cell.model, cell.optimizer
     tensors = [*model.parameters(), *model.buffers(), batches, *cell.device_tensors(), *_module_caches(model)]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    return tensors + optimizer_device_state(optimizer)
+
+
+def optimizer_device_state(optimizer, keep=None) -> list:
+    """The optimizer's state that lives with its parameters (of the parameters `keep(p)` is true for, if given):
+    everything but the host-side `step` counters, which are on the device only with `capturable` or `fused`."""
+    tensors = []
     for group in optimizer.param_groups:
         on_device_step = group.get("capturable", False) or group.get("fused", False)
         for p in group["params"]:
+            if keep is not None and not keep(p):
+                continue
             for key, value in optimizer.state.get(p, {}).items():
                 if key != "step" or on_device_step:
                     tensors.append(value)
@@ -428,17 +441,52 @@ def _module_caches(model: torch.nn.Module) -> list:
     return found
 
 
-def count_cuda_debug_syncs(fn) -> int:
-    """Run `fn()` under `torch.cuda.set_sync_debug_mode("warn")` and count the warnings."""
-    previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
+class CudaDebugSyncs:
+    """While entered, `torch.cuda.set_sync_debug_mode("warn")` is on and its warnings are recorded (all warnings
+    are: `caught`); `count` is the number of syncs it flagged."""
+
+    def __enter__(self):
+        self._previous = torch.cuda.get_sync_debug_mode()
+        self._catch = warnings.catch_warnings(record=True)
+        self.caught = self._catch.__enter__()
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
         try:
-            fn()
+            torch.cuda.set_sync_debug_mode(self._previous)
         finally:
-            torch.cuda.set_sync_debug_mode(previous)
-    return sum("synchroniz" in str(w.message) for w in caught)
+            self._catch.__exit__(*exc)
+        return False
+
+    @property
+    def count(self) -> int:
+        return sum(is_sync_warning(w) for w in self.caught)
+
+
+def is_sync_warning(w) -> bool:
+    return "synchroniz" in str(w.message)
+
+
+def count_cuda_debug_syncs(fn) -> int:
+    """Run `fn()` under `torch.cuda.set_sync_debug_mode("warn")` and count the warnings."""
+    with CudaDebugSyncs() as debug:
+        fn()
+    return debug.count
+
+
+def site_details(sites: Counter, site_kinds: Counter, steps: int) -> list[dict]:
+    """Each sync site, most syncs first: `site` (file:line), `per_step`, `count` (over the pass's `steps` steps),
+    `operations` ({operation: count}) and `code` (the line's source, stripped; "" where it cannot be read)."""
+    out = []
+    for site, count in sorted(sites.items(), key=lambda kv: (-kv[1], kv[0])):
+        operations = {kind: n for (s, kind), n in sorted(site_kinds.items(), key=lambda kv: -kv[1]) if s == site}
+        path, _, line = site.rpartition(":")
+        code = linecache.getline(os.path.abspath(path), int(line)).strip() if line.isdigit() else ""
+        out.append({"site": site, "per_step": count / steps, "count": count, "operations": operations,
+                    "code": code})
+    return out
 
 
 def measure_syncs(cell, batches: list) -> dict:
@@ -446,16 +494,21 @@ def measure_syncs(cell, batches: list) -> dict:
     device = cell.device
     counter = SyncCounter(device)
     counter.track(device_state(cell, batches))
+    # a live DataLoader's batches are drawn before counting: the main process unpickles a batch (aten::empty, set_
+    # per tensor) when a worker's result arrives, which with 2 workers may fall in an earlier block, so ops/step
+    # changed between runs (79, 80); the loop's own work on them, its copies and their syncs, is counted as before
+    epoch = list(cell.batches(batches)) if cell.variant.input_loader else cell.batches(batches)
     if device.type == "cpu":
         cell.device = STAND_IN
     try:
         with counter:
-            cell.epoch(cell.batches(batches))
+            cell.epoch(epoch)
     finally:
         cell.device = device
     steps = len(batches)
     record = {"syncs_per_step": counter.syncs / steps, "ops_per_step": counter.ops / steps,
               "sync_sites": dict(counter.sites), "sync_kinds": dict(counter.kinds),
+              "sync_site_details": site_details(counter.sites, counter.site_kinds, steps),
               "unsynced_reads_per_step": counter.hazards / steps, "unsynced_read_sites": dict(counter.hazard_sites)}
     if device.type == "cuda":
         record["syncs_per_step_cuda_debug"] = count_cuda_debug_syncs(lambda: cell.epoch(cell.batches(batches))) / steps

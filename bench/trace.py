@@ -1,0 +1,1040 @@
+"""`loopmark trace`: syncs, ops, step time, memory and kept autograd graphs per step of an unmodified training script.
+
+The script runs in this process as `python SCRIPT.py ARGS` (or `python -m MODULE ARGS`) would run it: `__name__` is
+`"__main__"`, `sys.argv` is the script's, the script's directory comes first on `sys.path`. Nothing is added to it.
+
+**Steps.** A step ends at `optimizer.step()`, seen through torch's global optimizer step post-hook. With several
+optimizers a step is one round of them: it ends at the step of the optimizer that stepped first last (a GAN's
+generator after its discriminator, a WGAN's generator after five critic steps); an optimizer stepping for the first
+time later on becomes the end of the round from then. Gradient accumulation needs nothing: the backward passes of the
+micro-batches fall in the step that consumes them. A `GradScaler` that finds inf/NaN gradients skips
+`optimizer.step()`; `GradScaler.step()` is watched too, so a skipped step still ends a step (`skipped_steps`). A step
+runs from one boundary to the next: what a script does after `optimizer.step()` (a log line with `loss.item()`, a
+scheduler step) falls in the next step.
+
+**Passes.** After `warmup` steps, three passes of `steps` steps each, one after the other on the running script, so
+that no instrument distorts another's figure (as `loopmark run`'s passes):
+
+1. *count*: host-device syncs with their sites (`bench.syncs.SyncCounter`, the counter `loopmark run` uses) and
+   dispatched operators, per step; on a GPU also `torch.cuda.set_sync_debug_mode("warn")`'s count;
+2. *time*: each step's time (`perf_counter_ns`; on a GPU one CUDA event per boundary, read after the pass, so no
+   sync is added), and the C heap and RSS at each boundary (the host's growth per step);
+3. *memory*: the peak (CPU: the allocator's own records, `bench.memory.AllocatorLedger`; CUDA: the caching allocator's
+   peak) and the tensor bytes alive at each boundary.
+
+Then the script is stopped: an exception of loopmark's own (a `BaseException`, which `except Exception` does not
+catch) is raised from the step hook, so the script's `finally` blocks and context managers run and its DataLoader
+workers end. In every pass: the loss of each backward pass is checked for inf/NaN (on a GPU without a sync: the flags
+stay on the device until the end), and each loss's autograd graph carries a sentinel (a pre-hook on its `grad_fn`);
+a graph still alive `GRAPH_LAG` steps after its backward pass is one the script keeps across steps (`running += loss`).
+
+**Evaluation between training steps** is left out of the step: from `.eval()` on a module holding all parameters of
+an optimizer to its `.train()` (or the next backward pass), syncs, operators and time are counted apart
+(`eval_*` fields); the memory pass's peak includes it. Validation that never calls `.eval()` counts in its step.
+
+**Without a GPU the count is the CUDA count.** The script runs as on a machine with one: `torch.cuda.is_available()`
+and `torch.accelerator.is_available()` are true, and every CUDA device argument (`"cuda"`, `"cuda:0"`,
+`torch.device("cuda")`, an index, `.cuda()`, `.to(device)`, `device=...` of any factory, `Module.to`) means
+`bench.syncs.STAND_IN` (`cpu:0`) during the warm-up and the count pass: what lands there is tracked as device memory
+by the counter, and what a tensor's storage shares with a tracked one is too (a `Parameter` made of a tracked tensor,
+`param.data = ...`). The time and memory passes run with CUDA arguments meaning `cpu`, so their figures are those of
+the script on this CPU. `torch.cuda.synchronize()` does nothing (the count pass counts it), `pin_memory()` keeps the
+tensor, and the DataLoader pins nothing (it sees no accelerator). See the README ("Trace your own script") for the
+scripts whose CPU count equals their CUDA count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.util
+import math
+import multiprocessing
+import os
+import runpy
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
+
+from bench.memory import AllocatorLedger, cpu_peaks, heap_bytes, rss_bytes, slope_per_step
+from bench.syncs import STAND_IN, CudaDebugSyncs, SyncCounter, is_sync_warning, optimizer_device_state, site_details
+from reports.results import TRACE_VARIANT, CellSpec, Measurement, record
+from reports.table import format_table
+from reports.units import human_bytes
+
+PHASES = ("count", "time", "memory")
+DEFAULT_STEPS, DEFAULT_WARMUP = 20, 5
+GRAPH_LAG = 2  # a loss's graph still alive this many step boundaries after its step ended is kept across steps
+TOP_SITES = 10  # the sync sites `loopmark trace` prints, most syncs first
+
+
+class BadTarget(ValueError):
+    """No script to trace: no such file or module, a syntax error. One line."""
+
+
+class _Stop(BaseException):
+    """Raised from the optimizer step hook once the passes are done: it unwinds the script like any exception (its
+    `finally` blocks run, DataLoader workers end), and `except Exception` in the script does not catch it."""
+
+
+class _Sentinel:
+    """Hung on a loss's autograd graph (a pre-hook of its `grad_fn`): alive exactly as long as that graph."""
+
+    __slots__ = ("__weakref__",)
+
+    def __call__(self, grad_outputs):
+        return None
+
+
+# -- what to run ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # the cell's workload: the script's file name, or the module's name
+    argv: tuple  # the script's sys.argv; argv[0] as `python` would set it
+    path: str | None = None  # the script, absolute
+    module: str | None = None
+
+    @property
+    def command(self) -> str:
+        shown = [f"-m {self.module}"] if self.module else [self.argv[0]]
+        return " ".join(["python", *shown, *self.argv[1:]])
+
+
+def script_target(script: str, args=()) -> Target:
+    """A script to run as `python SCRIPT ARGS`; BadTarget (one line) if it does not exist or does not compile."""
+    path = Path(script)
+    if not path.exists():
+        raise BadTarget(f"{script}: no such file")
+    if path.is_dir():
+        raise BadTarget(f"{script}: is a directory (give the script, or -m for a package)")
+    try:
+        compile(path.read_bytes(), str(path), "exec")
+    except SyntaxError as exc:
+        raise BadTarget(f"{script}: syntax error at line {exc.lineno}: {exc.msg}") from None
+    except (OSError, ValueError) as exc:
+        raise BadTarget(f"{script}: cannot read it ({exc})") from None
+    return Target(name=path.name, argv=(script, *args), path=str(path.resolve()))
+
+
+def module_target(name: str, args=()) -> Target:
+    """A module to run as `python -m MODULE ARGS` (a package runs its `__main__`); BadTarget if it is not found or
+    does not compile. Finding it imports its parent packages, as `python -m` does."""
+    try:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations is not None:
+            spec = importlib.util.find_spec(f"{name}.__main__")
+            if spec is None:
+                raise BadTarget(f"-m {name}: a package without a __main__ module")
+        if spec is None or spec.loader is None:
+            raise BadTarget(f"-m {name}: no module named {name!r}")
+        code = spec.loader.get_code(spec.name)
+    except BadTarget:
+        raise
+    except SyntaxError as exc:
+        raise BadTarget(f"-m {name}: syntax error in {exc.filename} at line {exc.lineno}: {exc.msg}") from None
+    except Exception as exc:  # ModuleNotFoundError for a parent, or a parent package's __init__ that raises
+        raise BadTarget(f"-m {name}: {type(exc).__name__}: {exc}".split("\n")[0]) from None
+    if code is None:
+        raise BadTarget(f"-m {name}: no code to run")
+    return Target(name=name, argv=(spec.origin or name, *args), module=name)
+
+
+# -- CUDA arguments on a machine without one ---------------------------------------------------------------
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, str):
+        return device == "cuda" or device.startswith("cuda:")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, int) and not isinstance(device, bool)  # an index: a CUDA device
+
+
+_TO, _CUDA, _PIN = torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.pin_memory
+_LoaderIter = torch.utils.data.dataloader._BaseDataLoaderIter
+
+
+class _CudaArguments(TorchFunctionMode):
+    """Every CUDA device argument of a torch call means `target`: `device=` of any function, `.to(device)`,
+    `.cuda()`. There is no pinned memory without a GPU: `pin_memory()` keeps the tensor as it is, and `pin_memory=True`
+    of a factory is dropped."""
+
+    def __init__(self, target: torch.device):
+        super().__init__()
+        self.target = target
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if kwargs:
+            device = kwargs.get("device")
+            if device is not None and _is_cuda(device):
+                kwargs = {**kwargs, "device": self.target}
+            if kwargs.get("pin_memory"):
+                kwargs = {**kwargs, "pin_memory": False}
+        else:
+            kwargs = {}
+        if func is _TO:
+            if len(args) > 1 and not isinstance(args[1], (torch.dtype, torch.Tensor)) and _is_cuda(args[1]):
+                args = (args[0], self.target, *args[2:])
+        elif func is _CUDA:
+            return self._cuda(*args, **kwargs)
+        elif func is _PIN:
+            return args[0]
+        return func(*args, **kwargs)
+
+    def _cuda(self, tensor, device=None, non_blocking=False, memory_format=torch.preserve_format):
+        return tensor.to(self.target, non_blocking=non_blocking, memory_format=memory_format)
+
+
+def _torch_asks() -> bool:
+    """Whether the caller's caller is torch itself, outside its mixed-precision code: torch is told the truth (no GPU),
+    so that it starts no CUDA runtime of its own (pinned memory, streams, graph-capture checks, RNG states), while the
+    script and torch.amp (GradScaler, autocast) see one GPU."""
+    name = sys._getframe(2).f_globals.get("__name__", "")
+    return (name == "torch" or name.startswith("torch.")) and not name.startswith(("torch.amp", "torch.cuda.amp"))
+
+
+def _cuda_shims() -> list[tuple[object, str, object]]:
+    """(owner, attribute, replacement): torch as the script sees it with one GPU, on a machine without one."""
+    accelerator = getattr(torch, "accelerator", None)
+    real_accelerator = getattr(accelerator, "current_accelerator", None)
+
+    def available():
+        return not _torch_asks()
+
+    def device_count():
+        return 0 if _torch_asks() else 1
+
+    def current_accelerator(check_available=False):
+        if _torch_asks():
+            return None if check_available else real_accelerator(False)
+        return torch.device("cuda")
+
+    shims = [(torch.cuda, "is_available", available), (torch.cuda, "device_count", device_count),
+             (torch.cuda, "current_device", lambda: 0), (torch.cuda, "set_device", lambda device: None),
+             (torch.cuda, "get_device_name", lambda device=None: "loopmark CUDA stand-in (cpu:0)"),
+             (torch.cuda, "get_device_capability", lambda device=None: (8, 0)),
+             (torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True),
+             (torch.cuda, "synchronize", lambda device=None: None),
+             (torch.cuda, "reset_peak_memory_stats", lambda device=None: None)]
+    if accelerator is not None:
+        shims += [(accelerator, "is_available", available), (accelerator, "device_count", device_count),
+                  (accelerator, "current_accelerator", current_accelerator),
+                  (accelerator, "current_device_index", lambda: 0),
+                  (accelerator, "set_device_index", lambda device: None),
+                  (accelerator, "synchronize", lambda device=None: None)]
+    return [(owner, name, value) for owner, name, value in shims if hasattr(owner, name)]
+
+
+@contextlib.contextmanager
+def _unobserved():
+    """Our own tensor operations, hidden from every mode (the counter, the device mapping)."""
+    with torch._C.DisableTorchFunction(), _disable_current_modes():
+        yield
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, meta: no plain storage
+        return 0
+
+
+def _live_tensors() -> list[torch.Tensor]:
+    """Every tensor the garbage collector knows (type() only: no object's __class__ is looked up)."""
+    kinds: dict[type, bool] = {}
+    found = []
+    for o in gc.get_objects():
+        kind = type(o)
+        is_tensor = kinds.get(kind)
+        if is_tensor is None:
+            is_tensor = kinds[kind] = issubclass(kind, torch.Tensor)
+        if is_tensor:
+            found.append(o)
+    return found
+
+
+# -- the tracer ---------------------------------------------------------------------------------------------
+
+_ACTIVE: list = []  # the tracer running in this process, if any (for the fork handler)
+
+
+def _after_fork_in_child() -> None:
+    """A DataLoader worker forked during a trace: it runs the dataset without loopmark's modes (nothing it does is
+    on the device, and the counter's bookkeeping would only slow it down)."""
+    if _ACTIVE:
+        _ACTIVE[0].disarmed = True
+        with contextlib.suppress(Exception):
+            while torch._C._len_torch_function_stack():
+                torch._C._pop_torch_function_stack()
+            while torch._C._len_torch_dispatch_stack():
+                torch._C._pop_torch_dispatch_stack()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _FilteredStderr:
+    """File descriptor 2 goes to a temporary file while entered; on exit what was written is passed on, less the lines
+    holding one of `drop`: notices the profiler's C++ side prints (a block allocated before the memory pass freed in
+    it), which Python cannot catch and which say nothing about the script."""
+
+    def __init__(self, *drop: bytes):
+        self.drop = drop
+        self.file = None
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile()
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is None:
+            return False
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        lines = self.file.read().splitlines(keepends=True)
+        self.file.close()
+        self.file = None
+        kept = b"".join(line for line in lines if not any(d in line for d in self.drop))
+        if kept:
+            os.write(2, kept)
+        return False
+
+
+class _Clock:
+    """Timestamps: `perf_counter_ns` on CPU; on CUDA a recorded event, read once the pass is over."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter_ns()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else (b - a) / 1e9
+
+
+@dataclass
+class _Eval:
+    """Evaluation between training steps, counted apart."""
+
+    passes: Counter = field(default_factory=Counter)  # per pass
+    syncs: int = 0
+    ops: int = 0
+    debug_syncs: int = 0
+    sites: Counter = field(default_factory=Counter)
+    site_kinds: Counter = field(default_factory=Counter)
+    time_s: float = 0.0
+
+
+class Tracer:
+    """Watches a script through torch's hooks; `figures()` once the script has ended."""
+
+    def __init__(self, steps: int, warmup: int, device: torch.device | None = None, say=None):
+        if steps < 1 or warmup < 0:
+            raise ValueError("steps must be >= 1 and warmup >= 0")
+        self.steps, self.warmup = steps, warmup
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.cuda = self.device.type == "cuda"
+        self.say = say or (lambda text: None)
+        self.counter = SyncCounter(self.device if self.cuda else STAND_IN)
+        self.counting = False  # the counter's modes are on
+        self.mapping: _CudaArguments | None = None
+        self.phase = "setup"  # setup (before the first step), warmup, count, time, memory, done
+        self.steps_run = 0  # step boundaries so far
+        self.done: Counter = Counter()  # measured steps per pass
+        self.disarmed = False
+        self.notes: list[str] = []
+        self.stopped = False  # the passes are done and the script was stopped
+        # optimizers and rounds
+        self.optimizers: list[weakref.ref] = []
+        self.param_ids: list[set[int]] = []
+        self.optimizer_names: list[str] = []
+        self.anchor: weakref.ref | None = None
+        self.step_counts: Counter = Counter()
+        self.skipped: Counter = Counter()  # per pass: steps whose optimizer.step() a GradScaler skipped
+        # count pass
+        self.base: dict = {}
+        self.syncs_by_step: list[float] = []
+        self.ops_by_step: list[float] = []
+        self.debug: CudaDebugSyncs | None = None
+        self.debug_by_step: list[int] = []
+        self.data_ops = 0  # operators inside DataLoader iteration (collation, unpickling a worker's batch)
+        self.data_ops_counted = 0  # ... before the count pass
+        self.counted: dict = {}
+        # time pass
+        self.clock = _Clock(self.cuda)
+        self.step_marks: list[tuple] = []  # (start, end, [(eval start, eval end)])
+        self.step_times: list[float] = []
+        self.start_mark = None
+        self.evals_in_step: list[tuple] = []
+        self.heap: list = []
+        self.rss: list = []
+        # memory pass
+        self.ledger: AllocatorLedger | None = None
+        self.stderr: _FilteredStderr | None = None
+        self.allocated: list[int] = []
+        self.memory: dict = {}
+        # in every pass
+        self.eval = _Eval()
+        self.in_eval = False
+        self.eval_mark: tuple | None = None
+        self.graphs: list[tuple[int, weakref.ref]] = []
+        self.retained_steps: list[int] = []
+        self.finite_flags: list[tuple[int, torch.Tensor]] = []
+        self.nonfinite_steps: list[int] = []
+        self.backward_passes = 0
+        self._saved: list[tuple[object, str, object]] = []
+        self._hook = None
+        self._train_depth = 0
+
+    # -- arming and disarming ---------------------------------------------------------------------------
+
+    def __enter__(self):
+        if _ACTIVE:
+            raise RuntimeError("a trace is already running in this process")
+        _ACTIVE.append(self)
+        try:
+            self._arm()
+        except BaseException:
+            self._disarm()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.finish()
+        return False
+
+    def _arm(self) -> None:
+        patches = [] if self.cuda else _cuda_shims()
+        patches += [(torch.autograd, "backward", self._backward(torch.autograd.backward)),
+                    (torch.nn.Module, "train", self._train(torch.nn.Module.train)),
+                    (torch.amp.GradScaler, "step", self._scaler_step(torch.amp.GradScaler.step)),
+                    (_LoaderIter, "__next__", self._next_batch(_LoaderIter.__next__))]
+        self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        self._hook = register_optimizer_step_post_hook(self._on_optimizer_step)
+        if not self.cuda:  # the counter tracks what lands on the stand-in from the start
+            self._counter_on()
+        self.phase = "warmup"
+        if self.warmup == 0:
+            self._begin("count")
+
+    def finish(self) -> None:
+        """After the script: close the pass under way (its complete steps count) and undo every change."""
+        try:
+            if self.in_eval:
+                self._eval_end()
+            if self.phase in PHASES:
+                self._end(self.phase)
+        finally:
+            self._disarm()
+
+    def _stderr_back(self) -> None:
+        stderr, self.stderr = self.stderr, None
+        if stderr is not None:
+            stderr.__exit__(None, None, None)
+
+    def _disarm(self) -> None:
+        if self.ledger is not None:
+            with contextlib.suppress(Exception):
+                self.ledger.__exit__(None, None, None)
+            self.ledger = None
+        self._stderr_back()
+        self._counter_off(remap=False)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for owner, name, value in reversed(self._saved):
+            setattr(owner, name, value)
+        self._saved = []
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+
+    def _counter_on(self) -> None:
+        self.counter.__enter__()
+        self.counting = True
+        if not self.cuda:
+            self.mapping = _CudaArguments(STAND_IN)
+            self.mapping.__enter__()
+
+    def _counter_off(self, remap: bool = True) -> None:
+        """The counter's modes off (and the device mapping on top of them, which comes back meaning `cpu`)."""
+        if self.debug is not None:
+            self.debug.__exit__(None, None, None)
+            for w in self.debug.caught:  # the script's own warnings, which the debug mode's recording caught
+                if not is_sync_warning(w):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+            self.debug = None
+        if self.mapping is not None:
+            self.mapping.__exit__(None, None, None)
+            self.mapping = None
+        if self.counting:
+            self.counter.__exit__(None, None, None)
+            self.counting = False
+        if remap and not self.cuda:
+            self.mapping = _CudaArguments(torch.device("cpu"))
+            self.mapping.__enter__()
+
+    def _modes_on_top(self) -> bool:
+        """Whether loopmark's modes are the innermost ones, so that they can be taken off here."""
+        functions, dispatch = _get_current_function_mode_stack(), _get_current_dispatch_mode_stack()
+        top = self.mapping or (self.counter._modes[0] if self.counting else None)
+        return (top is None or (bool(functions) and functions[-1] is top)) and (
+            not self.counting or (bool(dispatch) and dispatch[-1] is self.counter._modes[1]))
+
+    # -- the script's events -------------------------------------------------------------------------------
+
+    def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self.disarmed:
+            return
+        self.step_counts[id(optimizer)] += 1
+        self._stepped(optimizer, skipped=False)
+
+    def _scaler_step(self, original):
+        tracer = self
+
+        def step(scaler, optimizer, *args, **kwargs):
+            before = tracer.step_counts[id(optimizer)]
+            out = original(scaler, optimizer, *args, **kwargs)
+            if not tracer.disarmed and tracer.step_counts[id(optimizer)] == before:
+                tracer._stepped(optimizer, skipped=True)  # the scaler found inf/NaN gradients: a step all the same
+            return out
+        return step
+
+    def _next_batch(self, original):
+        """The operators of DataLoader iteration are the input pipeline's, not the step's: the main process unpickles
+        a worker's batch when it arrives, which with several workers is not always in the step that uses it."""
+        tracer = self
+
+        def __next__(iterator):
+            if not tracer.counting or tracer.in_eval:
+                return original(iterator)
+            before = tracer.counter.ops
+            try:
+                return original(iterator)
+            finally:
+                tracer.data_ops += tracer.counter.ops - before
+        return __next__
+
+    def _stepped(self, optimizer, skipped: bool) -> None:
+        if not any(ref() is optimizer for ref in self.optimizers):
+            self.optimizers.append(weakref.ref(optimizer))
+            self.param_ids.append({id(p) for group in optimizer.param_groups for p in group["params"]})
+            self.optimizer_names.append(type(optimizer).__name__)
+            self.anchor = weakref.ref(optimizer)
+            if self.phase in PHASES:
+                self.notes.append(f"a {type(optimizer).__name__} stepped for the first time at step "
+                                  f"{self.steps_run + 1}, after the warm-up; from then on a step ends at its step()")
+        if self.anchor is not None and self.anchor() is optimizer:
+            self._boundary(skipped)
+
+    def _backward(self, original):
+        tracer = self
+
+        def backward(tensors, *args, **kwargs):
+            if not tracer.disarmed:
+                tracer._saw_backward(tensors)
+            return original(tensors, *args, **kwargs)
+        backward.__wrapped__ = original
+        return backward
+
+    def _saw_backward(self, tensors) -> None:
+        if self.in_eval:
+            self._eval_end()
+        loss = tensors if isinstance(tensors, torch.Tensor) else next(iter(tensors or ()), None)
+        if not isinstance(loss, torch.Tensor):
+            return
+        step = self.steps_run + 1
+        self.backward_passes += 1
+        with _unobserved():
+            if loss.grad_fn is not None:
+                sentinel = _Sentinel()
+                loss.grad_fn.register_prehook(sentinel)
+                self.graphs.append((step, weakref.ref(sentinel)))
+            if loss.numel() == 1 and loss.is_floating_point():
+                finite = torch.isfinite(loss.detach()).all()
+                if loss.is_cuda:
+                    self.finite_flags.append((step, finite))  # read after the passes: no sync now
+                elif not bool(finite):
+                    self.nonfinite_steps.append(step)
+
+    def _train(self, original):
+        tracer = self
+
+        def train(module, mode=True):
+            tracer._train_depth += 1
+            try:
+                out = original(module, mode)
+            finally:
+                tracer._train_depth -= 1
+            if tracer._train_depth == 0 and not tracer.disarmed and tracer._holds_an_optimizer(module):
+                if not mode and not tracer.in_eval:
+                    tracer._eval_begin()
+                elif mode and tracer.in_eval:
+                    tracer._eval_end()
+            return out
+        train.__wrapped__ = original
+        return train
+
+    def _holds_an_optimizer(self, module) -> bool:
+        if not self.param_ids:
+            return False
+        ids = {id(p) for p in module.parameters()}
+        return any(params and params <= ids for params in self.param_ids)
+
+    # -- evaluation, counted apart --------------------------------------------------------------------------
+
+    def _eval_begin(self) -> None:
+        self.in_eval = True
+        if self.phase in PHASES:
+            self.eval.passes[self.phase] += 1
+        if self.phase == "count":
+            c = self.counter
+            self.eval_mark = (c.syncs, c.ops, Counter(c.sites), Counter(c.site_kinds),
+                              self.debug.count if self.debug else 0)
+        elif self.phase == "time":
+            self.eval_mark = (self.clock.now(),)
+
+    def _eval_end(self) -> None:
+        self.in_eval = False
+        mark, self.eval_mark = self.eval_mark, None
+        if mark is None:
+            return
+        if self.phase == "count" and len(mark) == 5:
+            c = self.counter
+            self.eval.syncs += c.syncs - mark[0]
+            self.eval.ops += c.ops - mark[1]
+            self.eval.sites.update(_difference(c.sites, mark[2]))
+            self.eval.site_kinds.update(_difference(c.site_kinds, mark[3]))
+            self.eval.debug_syncs += (self.debug.count if self.debug else 0) - mark[4]
+        elif self.phase == "time" and len(mark) == 1:
+            self.evals_in_step.append((mark[0], self.clock.now()))
+
+    # -- steps and passes -------------------------------------------------------------------------------
+
+    def _boundary(self, skipped: bool) -> None:
+        if self.in_eval:
+            self._eval_end()
+        self.steps_run += 1
+        self._check_graphs()
+        phase = self.phase
+        if phase == "done":
+            raise _Stop
+        if phase == "warmup":
+            if self.steps_run >= self.warmup:
+                self._begin("count")
+            return
+        self.skipped[phase] += skipped
+        self.done[phase] += 1
+        last = self.done[phase] == self.steps
+        if phase == "count":
+            self._count_step()
+        elif phase == "time":
+            self._time_step(last)
+        elif phase == "memory":
+            self._memory_step(last)
+        if last:
+            if phase == "count" and not self._modes_on_top():
+                self.notes.append("the script runs a torch mode of its own around its optimizer step: loopmark cannot "
+                                  "switch its passes there, so it stopped after the count pass")
+                self._end_count(self.done[phase])
+                self.phase, self.stopped = "done", True
+                raise _Stop
+            self._end(phase)
+            following = PHASES.index(phase) + 1
+            if following == len(PHASES):
+                self.phase, self.stopped = "done", True
+                raise _Stop
+            self._begin(PHASES[following])
+
+    def _begin(self, phase: str) -> None:
+        self.phase = phase
+        n = self.steps
+        if phase == "count":
+            self.say(f"step {self.steps_run}: counting syncs and operators over {n} steps")
+            if self.cuda:
+                self._counter_on()
+                self.debug = CudaDebugSyncs().__enter__()
+            else:
+                self._mark_device_tensors()
+            c = self.counter
+            self.base = {"syncs": c.syncs, "ops": c.ops, "sites": Counter(c.sites), "site_kinds": Counter(c.site_kinds),
+                         "kinds": Counter(c.kinds), "hazards": c.hazards, "hazard_sites": Counter(c.hazard_sites)}
+            self._last = self._totals()
+            self.data_ops_counted = self.data_ops
+        elif phase == "time":
+            self.say(f"step {self.steps_run}: timing {n} steps")
+            self.evals_in_step = []
+            self._sample_host()
+            self.start_mark = self.clock.now()
+        elif phase == "memory":
+            self.say(f"step {self.steps_run}: measuring memory over {n} steps")
+            if self.cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                self.allocated = [torch.cuda.memory_allocated()]
+            else:
+                with _unobserved():
+                    self.ledger = AllocatorLedger(_live_tensors())
+                self.stderr = _FilteredStderr(b"was allocated before the profiling started").__enter__()
+                self.ledger.__enter__()
+                self.ledger.mark()
+
+    def _totals(self) -> tuple[int, int, int]:
+        """Syncs, operators and debug-mode syncs so far, less evaluation's (and for operators the DataLoader's)."""
+        c = self.counter
+        debug = self.debug.count - self.eval.debug_syncs if self.debug else 0
+        return c.syncs - self.eval.syncs, c.ops - self.eval.ops - self.data_ops, debug
+
+    def _count_step(self) -> None:
+        totals = self._totals()
+        self.syncs_by_step.append(totals[0] - self._last[0])
+        self.ops_by_step.append(totals[1] - self._last[1])
+        self.debug_by_step.append(totals[2] - self._last[2])
+        self._last = totals
+
+    def _time_step(self, last: bool) -> None:
+        end = self.clock.now()
+        self.step_marks.append((self.start_mark, end, self.evals_in_step))
+        self.evals_in_step = []
+        self._sample_host()
+        self.start_mark = None if last else self.clock.now()  # sampling the heap is not part of the next step
+
+    def _sample_host(self) -> None:
+        self.heap.append(heap_bytes())
+        self.rss.append(rss_bytes())
+
+    def _memory_step(self, last: bool) -> None:
+        if self.cuda:
+            self.allocated.append(torch.cuda.memory_allocated())
+        elif not last:
+            self.ledger.mark()
+
+    def _end(self, phase: str) -> None:
+        """Figures of a pass, from its complete steps (all of them, or as many as the script got through)."""
+        n = self.done[phase]
+        if phase == "count":
+            self._end_count(n)
+            self._counter_off()
+        elif phase == "time":
+            times = []
+            for start, end, evals in self.step_marks:
+                if self.cuda:
+                    end.synchronize()
+                times.append(self.clock.seconds(start, end) - sum(self.clock.seconds(a, b) for a, b in evals))
+                self.eval.time_s += sum(self.clock.seconds(a, b) for a, b in evals)
+            self.step_times = times
+        elif phase == "memory":
+            self._end_memory(n)
+        self.phase = "ended"
+
+    def _end_count(self, n: int) -> None:
+        c, base = self.counter, self.base
+        sites = _difference(_difference(c.sites, base["sites"]), self.eval.sites)
+        site_kinds = _difference(_difference(c.site_kinds, base["site_kinds"]), self.eval.site_kinds)
+        self.counted = {"steps": n, "sites": sites, "site_kinds": site_kinds,
+                        "kinds": _kinds(site_kinds), "hazards": c.hazards - base["hazards"],
+                        "hazard_sites": _difference(c.hazard_sites, base["hazard_sites"])}
+
+    def _end_memory(self, n: int) -> None:
+        if self.cuda:
+            trace = self.allocated[:n + 1]
+            self.memory = {"peak_memory_bytes": torch.cuda.max_memory_allocated(),
+                           "allocator_counter_peak_bytes": torch.cuda.max_memory_allocated(),
+                           "memory_growth_bytes_per_step": slope_per_step(trace),
+                           "tensor_growth_bytes_per_step": slope_per_step(trace), "memory_trace_bytes": trace}
+            return
+        ledger, self.ledger = self.ledger, None
+        try:
+            ledger.__exit__(None, None, None)
+        finally:
+            self._stderr_back()
+        steps = ledger.steps()[:n]
+        if not steps:
+            return
+        peak, counter_peak = cpu_peaks(steps)
+        live = [s["roots"] + s["start"] for s in steps]
+        self.memory = {"peak_memory_bytes": peak, "allocator_counter_peak_bytes": counter_peak,
+                       "tensor_growth_bytes_per_step": slope_per_step(live), "memory_trace_bytes": live}
+
+    def _mark_device_tensors(self) -> None:
+        """At the start of the count pass: what would be on the GPU by now. The counter tracked every tensor made
+        on, moved to or computed from the stand-in; add the tensors sharing a tracked tensor's storage (a Parameter
+        made of one, `param.data = ...` by `Module.to`) and then the optimizers' state of tracked parameters."""
+        tracker = self.counter.tracker
+        with _unobserved():
+            storages = {_storage_ptr(t) for t in list(tracker.tracked.keys())} - {0}
+            for t in _live_tensors():
+                if not tracker.on_device(t) and _storage_ptr(t) in storages:
+                    tracker.mark(t)
+            for ref in self.optimizers:
+                optimizer = ref()
+                if optimizer is None:
+                    continue
+                grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                         if tracker.on_device(p) and p.grad is not None]
+                self.counter.track(grads, optimizer_device_state(optimizer, keep=tracker.on_device))
+
+    def _check_graphs(self) -> None:
+        """Losses of steps that ended GRAPH_LAG or more boundaries ago whose autograd graph is still alive."""
+        keep = []
+        for step, ref in self.graphs:
+            if step > self.steps_run - GRAPH_LAG:
+                keep.append((step, ref))
+            elif ref() is not None and step not in self.retained_steps:
+                self.retained_steps.append(step)
+        self.graphs = keep
+
+    # -- results ---------------------------------------------------------------------------------------
+
+    def measured(self, step: int) -> bool:
+        return step > self.warmup and step <= self.warmup + sum(self.done.values())
+
+    def figures(self) -> dict:
+        """The record's measured fields (what `Measurement.figures` holds), from whatever passes ran."""
+        for step, flag in self.finite_flags:
+            if not bool(flag):
+                self.nonfinite_steps.append(step)
+        self.finite_flags = []
+        f: dict = {"trace_steps_run": self.steps_run, "trace_passes": {p: self.done[p] for p in PHASES},
+                   "trace_backward_passes": self.backward_passes,
+                   "trace_optimizers": self.optimizer_names,
+                   "skipped_steps": sum(self.skipped.values()),
+                   "param_tensors": len({i for ids in self.param_ids for i in ids}) or None}
+        counted = self.counted
+        n = counted.get("steps", 0)
+        if n:
+            f["syncs_per_step"] = sum(self.syncs_by_step) / n
+            f["ops_per_step"] = sum(self.ops_by_step) / n
+            f["syncs_by_step"] = self.syncs_by_step
+            f["ops_by_step"] = self.ops_by_step
+            f["data_ops_per_step"] = (self.data_ops - self.data_ops_counted) / n
+            f["sync_sites"] = dict(counted["sites"])
+            f["sync_kinds"] = dict(counted["kinds"])
+            f["sync_site_details"] = site_details(counted["sites"], counted["site_kinds"], n)
+            f["unsynced_reads_per_step"] = counted["hazards"] / n
+            f["unsynced_read_sites"] = dict(counted["hazard_sites"])
+            if self.cuda:
+                f["syncs_per_step_cuda_debug"] = sum(self.debug_by_step) / n
+            f["eval_passes"] = self.eval.passes["count"]
+            f["eval_syncs"] = self.eval.syncs
+            f["eval_ops"] = self.eval.ops
+            f["eval_sync_sites"] = dict(self.eval.sites)
+        if self.done["time"]:
+            f["eval_time_s"] = self.eval.time_s
+            heap = self.heap[:self.done["time"] + 1]
+            rss = self.rss[:self.done["time"] + 1]
+            host = slope_per_step(heap) if heap and heap[0] is not None else float("nan")
+            f["host_memory_growth_bytes_per_step"] = host
+            f["rss_growth_bytes_per_step"] = slope_per_step(rss) if rss and rss[0] is not None else None
+            if not self.cuda:
+                f["memory_growth_bytes_per_step"] = host  # CPU: the C heap, as `loopmark run` on CPU
+        f.update(self.memory)
+        if not self.cuda and "memory_growth_bytes_per_step" not in f and "tensor_growth_bytes_per_step" in f:
+            f["memory_growth_bytes_per_step"] = f["tensor_growth_bytes_per_step"]
+        measured_retained = [s for s in self.retained_steps if self.measured(s)]
+        if sum(self.done.values()):
+            f["retains_graph"] = bool(measured_retained)
+            f["graph_retained_steps"] = len(measured_retained)
+        f["nonfinite_loss_steps"] = sorted(s for s in self.nonfinite_steps if self.measured(s))
+        f["trace_notes"] = list(self.notes)
+        return f
+
+
+def _difference(a: Counter, b: Counter) -> Counter:
+    out = Counter(a)
+    out.subtract(b)
+    return Counter({k: v for k, v in out.items() if v > 0})
+
+
+def _kinds(site_kinds: Counter) -> Counter:
+    kinds: Counter = Counter()
+    for (_, kind), n in site_kinds.items():
+        kinds[kind] += n
+    return kinds
+
+
+# -- running a script -------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    """How the script ended: `stopped` (the passes were done), `ended` (by itself: returned or sys.exit(0)),
+    `exited` (sys.exit with another status), `raised`."""
+
+    how: str
+    detail: str = ""
+    exit_status: object = None
+    exception: BaseException | None = None  # what the script raised (`raised`), its traceback kept
+
+    def traceback_text(self) -> str:
+        """The script's traceback, from its own frames on (the frames of runpy and loopmark left out)."""
+        if self.exception is None:
+            return ""
+        tb = self.exception.__traceback__
+        while tb is not None and _is_ours(tb.tb_frame.f_code.co_filename):
+            tb = tb.tb_next
+        return "".join(traceback.format_exception(type(self.exception), self.exception, tb))
+
+
+def _is_ours(filename: str) -> bool:
+    return filename == __file__ or os.path.basename(filename) == "runpy.py" or filename.startswith("<frozen runpy")
+
+
+def run_target(target: Target) -> Outcome:
+    """Run the script as `python` would (argv, `__main__`, its directory first on sys.path); how it ended. The
+    working directory, sys.argv and sys.path are loopmark's again afterwards."""
+    saved_argv, saved_path, saved_cwd = sys.argv, list(sys.path), os.getcwd()
+    sys.argv = list(target.argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator")
+            if target.module:
+                runpy.run_module(target.module, run_name="__main__", alter_sys=True)
+            else:
+                sys.path.insert(0, os.path.dirname(target.path))
+                runpy.run_path(target.path, run_name="__main__")
+        return Outcome("ended")
+    except _Stop:
+        return Outcome("stopped")
+    except SystemExit as exc:
+        code = exc.code
+        if code is None or code == 0:
+            return Outcome("ended", "sys.exit(0)")
+        return Outcome("exited", f"the script exited with status {code!r}", code)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        return Outcome("raised", f"the script raised {type(exc).__name__}: {exc}".split("\n")[0][:300], exception=exc)
+    finally:
+        sys.argv = saved_argv
+        sys.path[:] = saved_path
+        os.chdir(saved_cwd)
+        if multiprocessing.active_children():
+            gc.collect()  # DataLoader workers whose iterator is in a cycle with the script's globals end here
+
+
+@dataclass
+class Trace:
+    record: dict  # the cell record, as `loopmark run` writes it
+    outcome: Outcome
+    exit_code: int  # 0 measured (maybe fewer steps than asked: a note says so), 1 the script failed or never stepped
+
+
+def trace(target: Target, steps: int = DEFAULT_STEPS, warmup: int = DEFAULT_WARMUP, device_name: str | None = None,
+          say=None) -> Trace:
+    """Run `target` under a Tracer and make its cell record (workload = the script's name, variant = "trace")."""
+    tracer = Tracer(steps, warmup, say=say)
+    with tracer:
+        outcome = run_target(target)
+    figures = tracer.figures()
+    planned = warmup + len(PHASES) * steps
+    status, error, exit_code = "ok", None, 0
+    if tracer.steps_run == 0:
+        status, exit_code = "error", 1
+        error = "the script never called optimizer.step()" + (
+            f": {outcome.detail}" if outcome.how in ("exited", "raised") else " (it ended without one)")
+    elif outcome.how in ("exited", "raised"):
+        status, error, exit_code = "error", f"{outcome.detail} at step {tracer.steps_run + 1}", 1
+    elif figures["nonfinite_loss_steps"]:
+        status = "diverged"
+        error = f"non-finite loss at step(s) {_steps_text(figures['nonfinite_loss_steps'])}"
+    if not tracer.stopped and tracer.steps_run:
+        figures["trace_notes"].append(
+            f"the script {'ended' if outcome.how == 'ended' else 'stopped'} after {tracer.steps_run} of the "
+            f"{planned} steps planned ({warmup} warm-up + {len(PHASES)} passes of {steps}): passes "
+            + ", ".join(f"{p} {tracer.done[p]}/{steps}" for p in PHASES))
+    spec = CellSpec(workload=target.name, variant=TRACE_VARIANT, kind="train", device=tracer.device.type, idiom="trace",
+                    description=target.command,
+                    device_name=torch.cuda.get_device_name() if tracer.cuda else device_name,
+                    torch_version=torch.__version__, steps=tracer.done["count"] or None,
+                    repeats=1 if tracer.done["time"] else None, warmup_steps=warmup)
+    blocks = [tracer.step_times] if tracer.done["time"] else []
+    return Trace(record(spec, Measurement(status=status, error=error, figures=figures, blocks=blocks)), outcome,
+                 exit_code)
+
+
+def _steps_text(steps: list[int], limit: int = 8) -> str:
+    shown = ", ".join(str(s) for s in steps[:limit])
+    return shown + (f" and {len(steps) - limit} more" if len(steps) > limit else "")
+
+
+# -- what `loopmark trace` prints ----------------------------------------------------------------------------
+
+def summary(r: dict, sites: list[dict] | None = None) -> str:
+    """The per-step table and the costliest sync sites of a trace record. `sites`: the sites as a report renders them
+    (`site`, `per_step`, `operation`, `code`), by default the record's with the counter's names of the operations."""
+    def number(key, spec=".3g"):
+        v = r.get(key)
+        return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "-"
+
+    def size(key, per_step=""):
+        v = r.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return "-"
+        return ("+" if v > 0 and per_step else "") + human_bytes(v) + per_step
+
+    passes = r.get("trace_passes") or {}
+    where = "cuda" if r["device"] == "cuda" else f"cpu (the CUDA count, with {STAND_IN} standing for the GPU)"
+    lines = [f"trace of {r['workload']} on {where}: {r.get('warmup_steps')} warm-up steps, then "
+             + ", ".join(f"{passes.get(p, 0)} {p}" for p in PHASES) + " steps"]
+    median = r.get("step_time_median_s")
+    rows = [["host-device syncs", number("syncs_per_step"), ", ".join(str(int(s)) if float(s).is_integer() else
+                                                                     f"{s:g}" for s in r.get("syncs_by_step") or [])],
+            ["operators", number("ops_per_step", ".1f"), "dispatched aten operators, DataLoader iteration apart"],
+            ["step time (median)", f"{median * 1e3:.3g} ms" if isinstance(median, float) else "-",
+             f"IQR {r['step_time_iqr_s'] * 1e3:.2g} ms" if isinstance(r.get("step_time_iqr_s"), float) else ""],
+            ["peak memory", size("peak_memory_bytes"), "CUDA allocator" if r["device"] == "cuda"
+             else "CPU tensors (host and stand-in device)"],
+            ["memory growth", size("memory_growth_bytes_per_step", "/step"),
+             "device allocator" if r["device"] == "cuda" else "C heap"],
+            ["graph kept across steps", {True: "YES", False: "no"}.get(r.get("retains_graph"), "-"),
+             f"{r.get('graph_retained_steps')} step(s) whose loss's graph outlived them by {GRAPH_LAG} steps"
+             if r.get("retains_graph") else ""],
+            ["non-finite loss", str(len(r.get("nonfinite_loss_steps") or [])) + " step(s)",
+             _steps_text(r.get("nonfinite_loss_steps") or [])],
+            ["optimizer steps skipped", str(r.get("skipped_steps") or 0), "by a GradScaler (inf/NaN gradients)"]]
+    if r["device"] == "cuda":
+        rows.insert(5, ["host memory growth", size("host_memory_growth_bytes_per_step", "/step"), "C heap"])
+    if r.get("syncs_per_step_cuda_debug") is not None:
+        rows.insert(1, ["syncs (CUDA debug mode)", number("syncs_per_step_cuda_debug"),
+                        "torch.cuda.set_sync_debug_mode: misses torch.cuda.synchronize()"])
+    if r.get("eval_passes"):
+        rows.append(["evaluation (left out)", f"{r['eval_passes']} pass(es)",
+                     f"{r.get('eval_syncs', 0)} syncs, {r.get('eval_ops', 0)} operators in the count pass"
+                     + (f", {r['eval_time_s']:.3g} s in the time pass" if r.get("eval_time_s") else "")])
+    lines += ["", format_table(["per step", "value", ""], rows, right=[1])]
+    if sites is None:
+        sites = [{**d, "operation": ", ".join(d["operations"])} for d in r.get("sync_site_details") or []]
+    if sites:
+        lines += ["", f"sync sites, most syncs first ({min(len(sites), TOP_SITES)} of {len(sites)}):",
+                  format_table(["site", "operation", "per step", "code"],
+                               [[d["site"], d["operation"], f"{d['per_step']:g}", d["code"]]
+                                for d in sites[:TOP_SITES]], right=[2])]
+    for note in r.get("trace_notes") or []:
+        lines.append(f"note: {note}")
+    if r.get("status") != "ok":
+        lines.append(f"{r['status']}: {r.get('error')}")
+    return "\n".join(lines)
