@@ -263,16 +263,23 @@ def _expected(parts: list[_Builtin], changes: dict) -> tuple[dict, Interaction |
 def resolve_variant(name: str) -> Variant:
     """A built-in name, a `+` composition of built-ins, or a user's `package.module:function`."""
     if ":" in name:
-        fn = load_object(name, "variant")
-        kind = getattr(fn, "loopmark_kind", "train")
-        return Variant(name, getattr(fn, "loopmark_idiom", "user"), (fn.__doc__ or "").strip().split("\n")[0],
-                       kind, fn, None, getattr(fn, "loopmark_requires", None))
+        return user_variant(load_object(name, "variant"), name)
     parts = name.split("+")
     unknown = [p for p in parts if p not in BUILTINS]
     if unknown:
         raise BadName(f"unknown variant {unknown[0]!r}; valid: {', '.join(BUILTINS)}, "
                       "a '+' composition of them, or package.module:function")
     return _compose(parts)
+
+
+def user_variant(fn: Callable, name: str | None = None) -> Variant:
+    """A user's loop function as a variant, named `module:function` (what `loopmark run --variant` takes) unless
+    `name` is given; `@evaluation` marks an evaluation loop."""
+    name = name or (f"{getattr(fn, '__module__', None) or '__main__'}:"
+                    f"{getattr(fn, '__qualname__', None) or getattr(fn, '__name__', None) or type(fn).__name__}")
+    kind = getattr(fn, "loopmark_kind", "train")
+    return Variant(name, getattr(fn, "loopmark_idiom", "user"), (fn.__doc__ or "").strip().split("\n")[0],
+                   kind, fn, None, getattr(fn, "loopmark_requires", None))
 
 
 def evaluation(fn: Callable) -> Callable:

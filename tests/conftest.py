@@ -17,6 +17,22 @@ MAX_WORKERS = 4
 BENCHMARKING = ("benchmark_only", "benchmark_json", "benchmark_save", "benchmark_autosave", "benchmark_compare")
 
 
+@pytest.fixture(scope="session")
+def measured_once():
+    """One cell measured in this process before a `pytester` session runs in it (request it in such tests). A cell's
+    first measurement imports hundreds of modules (the profiler, dynamo, libraries torch registers in C++); an
+    in-process session would import them and unload them as it ends, and torch refuses to register a library twice
+    when they are imported again ("Only a single TORCH_LIBRARY can be used to register the namespace")."""
+    from bench import runner
+    from bench.cell import stage_batches
+    from loops import resolve_variant, resolve_workload
+
+    workload, device = resolve_workload("loops.example_user:regression"), torch.device("cpu")
+    settings = runner.Settings(steps=3, repeats=1, warmup=1, memory_steps=3, check_steps=2, cell_timeout=0)
+    runner.untimed_passes(workload, resolve_variant("baseline"), device, settings,
+                          stage_batches(workload, "train", 3, device), {})
+
+
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pyproject.toml's addopts) means one worker per core, up to MAX_WORKERS, each test on one thread;
     none when benchmarks are to be timed or saved (`--benchmark-only`, `--benchmark-json`, ...) or with `--pdb`."""

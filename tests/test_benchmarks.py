@@ -2,10 +2,12 @@
 
 Parametrized over the registry (the default matrix of `loopmark run`: training variants on mlp and cnn,
 evaluation variants on cnn; the idioms beyond the seed on mlp), so a new variant is benchmarked without
-touching this file. One round is one block of `steps_per_round` steps of the variant's own loop; on CUDA the
-target ends with one synchronize, so the benchmark's timer never stops before the device is done. The
-untimed passes (correctness, syncs, memory) run before timing and travel in `extra_info["loopmark"]`, so
-`--benchmark-json` holds every metric and `loopmark report out.json` renders it.
+touching this file. One round is one block of `steps_per_round` steps of the variant's own loop, timed as the
+pytest plugin's `loopmark` fixture times it (bench/pytest_plugin.py): on CUDA the block ends with one synchronize,
+so the benchmark's timer never stops before the device is done. The untimed passes (correctness, syncs, memory) run
+before timing and travel in `extra_info["loopmark"]` with loopmark's per-step times of the timed blocks, so
+`--benchmark-json` holds every metric, `loopmark report out.json` renders it and `loopmark compare` gates two of
+them.
 
     pytest tests/test_benchmarks.py --benchmark-only --benchmark-json out.json && loopmark report out.json
 
@@ -19,7 +21,8 @@ import pytest
 import torch
 
 from bench import runner
-from bench.cell import build_cell, stage_batches
+from bench.cell import stage_batches
+from bench.pytest_plugin import alone_record, time_with_benchmark
 from loops import builtin_names, resolve_variant, resolve_workload, verdict_matches
 from reports import results
 
@@ -45,30 +48,19 @@ def pytest_generate_tests(metafunc):
 
 
 def benchmark_cell(benchmark, workload: str, variant: str, settings: runner.Settings, warmup_rounds: int = 1):
-    """Benchmark one cell: its untimed passes into `extra_info["loopmark"]`, then `settings.repeats` rounds of one
-    block of `settings.steps` steps each. Returns the cell's record."""
+    """Benchmark one cell as the pytest plugin's `loopmark` fixture does: its untimed passes, then `settings.repeats`
+    rounds of one block of `settings.steps` steps each, timed by pytest-benchmark (`time_with_benchmark`); the record,
+    with loopmark's per-step times of those very blocks, in `extra_info["loopmark"]`. Returns the cell's record."""
     wl = _workloads.setdefault(workload, resolve_workload(workload))
     v = resolve_variant(variant)
     if v.requires == "cuda" and DEVICE.type != "cuda":
         pytest.skip("needs a CUDA GPU")
     staged = stage_batches(wl, "test" if v.kind == "eval" else "train", settings.steps, DEVICE)
-    figures = runner.untimed_passes(wl, v, DEVICE, settings, staged, _caches.setdefault(workload, {}))
-    record = results.record(runner.cell_spec(wl, v, DEVICE, settings), results.Measurement(figures=figures),
-                            settings.seed)
-    for timing in ("step_times_s", "block_medians_s", "memory_trace_bytes"):  # pytest-benchmark times the cell
-        record.pop(timing, None)
-    record["steps_per_round"] = settings.steps
-    benchmark.extra_info["loopmark"] = record
-
-    cell = build_cell(wl, v, DEVICE)
-    cell.epoch(staged[:settings.warmup])
-
-    def block():
-        cell.epoch(staged)
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(block, rounds=settings.repeats, iterations=1, warmup_rounds=warmup_rounds)
+    m = results.Measurement(figures=runner.untimed_passes(wl, v, DEVICE, settings, staged,
+                                                          _caches.setdefault(workload, {})))
+    time_with_benchmark(benchmark, wl, v, DEVICE, settings, staged, m, warmup_rounds)
+    record = alone_record(runner.cell_spec(wl, v, DEVICE, settings), m, settings.seed)
+    benchmark.extra_info["loopmark"] = results._clean({**record, "steps_per_round": settings.steps})
     return record
 
 

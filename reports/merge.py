@@ -1,0 +1,99 @@
+"""`loopmark merge DIR... --out DIR`: the results of several runs, typically the shards of one (`loopmark run --shard
+I/N` in N jobs), as one run.
+
+Runs are merged only when they could have been one: the same measured settings (steps, repeats, warm-up, seed, the
+correctness and memory passes' sizes), the same loopmark and torch versions, the same planned devices, the same
+device model for each device type they share (the CPU model of cpu cells, the GPU of cuda cells), and no cell in
+two of them. Anything else is refused with one line naming the two runs and what differs. Each workload's cells come
+from one run (a shard keeps a workload's groups together), so the ratios to the baseline stay those of one machine.
+
+Torch-free, like every module of `reports`: the merged cells are written by `reports.results.write_results`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reports import results
+
+CELL_SETTINGS = {"steps": "steps", "repeats": "repeats", "warmup": "warmup_steps"}  # settings every cell records
+
+
+def merge(paths, mixed_cpus: bool = False) -> tuple[dict, list[dict]]:
+    """(environment, records) of the runs at `paths` (results directories or results.json files) put together;
+    ValueError (one line) when they cannot be. `mixed_cpus`: accept runs on different CPU models (each cell keeps
+    its own `device_name`)."""
+    runs = []
+    for path in paths:
+        env, records = results.read_results(path)
+        runs.append((str(path), env, records))
+    if not runs:
+        raise ValueError("nothing to merge")
+    first = runs[0]
+    for run in runs[1:]:
+        _check_same(first, run, mixed_cpus)
+    seen: dict[tuple, str] = {}
+    for path, _, records in runs:
+        for r in records:
+            key = results.cell_key(r)
+            if key in seen:
+                raise ValueError(f"{'/'.join(key)} is in both {seen[key]} and {path}: runs to merge must not "
+                                 "overlap (each shard of a run holds different cells)")
+            seen[key] = path
+    env = {k: v for k, v in first[1].items() if k not in ("shard", "source", "source_format")}
+    env["merged_from"] = [{"path": path, "command": e.get("command"), "timestamp": e.get("timestamp"),
+                           "shard": e.get("shard"), "cpu_model": e.get("cpu_model")} for path, e, _ in runs]
+    return env, [dict(r) for _, _, records in runs for r in records]
+
+
+def write_merged(paths, out_dir, command: str, mixed_cpus: bool = False) -> list[dict]:
+    """Merge `paths` into `out_dir`/results.json and results.csv (the one results writer); the merged records."""
+    env, records = merge(paths, mixed_cpus)
+    env["command"] = command
+    results.write_results(Path(out_dir), env, records)
+    return records
+
+
+def _check_same(a: tuple, b: tuple, mixed_cpus: bool) -> None:
+    (path_a, env_a, cells_a), (path_b, env_b, cells_b) = a, b
+
+    def refuse(what: str, x, y):
+        raise ValueError(f"{path_a} and {path_b} differ in {what} ({_show(x)} vs {_show(y)}): merged, their cells "
+                         "would not be one run's")
+
+    settings_a, settings_b = env_a.get("settings"), env_b.get("settings")
+    if isinstance(settings_a, dict) and isinstance(settings_b, dict):
+        differ = [k for k in sorted(set(settings_a) | set(settings_b)) if settings_a.get(k) != settings_b.get(k)]
+        if differ:
+            refuse("settings", ", ".join(f"{k} {settings_a.get(k)}" for k in differ),
+                   ", ".join(f"{k} {settings_b.get(k)}" for k in differ))
+    for name, field in CELL_SETTINGS.items():  # what each cell records, for files written without the settings
+        values_a, values_b = _values(cells_a, field), _values(cells_b, field)
+        if values_a and values_b and values_a != values_b:
+            refuse(f"settings ({name})", values_a, values_b)
+    for what, key in (("loopmark version", "loopmark_version"), ("torch version", "torch")):
+        if env_a.get(key) and env_b.get(key) and env_a[key] != env_b[key]:
+            refuse(what, env_a[key], env_b[key])
+    torch_a, torch_b = _values(cells_a, "torch_version"), _values(cells_b, "torch_version")
+    if torch_a and torch_b and torch_a != torch_b:
+        refuse("torch version", torch_a, torch_b)
+    if env_a.get("devices") and env_b.get("devices") and sorted(env_a["devices"]) != sorted(env_b["devices"]):
+        refuse("devices (--device)", env_a["devices"], env_b["devices"])
+    for device in sorted({r["device"] for r in cells_a} & {r["device"] for r in cells_b}):
+        if device == "cpu" and mixed_cpus:
+            continue
+        models_a = _values([r for r in cells_a if r["device"] == device], "device_name")
+        models_b = _values([r for r in cells_b if r["device"] == device], "device_name")
+        if models_a and models_b and models_a != models_b:
+            refuse(f"{device} device" + (" (--mixed-cpus accepts other CPU models)" if device == "cpu" else ""),
+                   models_a, models_b)
+
+
+def _values(records: list[dict], field: str) -> list:
+    return sorted({r.get(field) for r in records if r.get(field) is not None}, key=str)
+
+
+def _show(v) -> str:
+    if isinstance(v, list):
+        return ", ".join(map(str, v)) if v else "none"
+    return str(v)
