@@ -26,7 +26,6 @@ do not use the fixture are as they were.
 
 from __future__ import annotations
 
-import argparse
 import json
 import linecache
 import shutil
@@ -36,6 +35,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+
+from bench.cli import _int_at_least  # one parser of numeric options: a bad value is one line
 
 # a test's defaults: enough blocks for `loopmark compare`'s time gate (p < 0.01 needs 5), short blocks, no time limit
 # of loopmark's own (its SIGALRM timer would cancel pytest-timeout's; pytest-timeout is the tool for that here)
@@ -47,23 +48,11 @@ STATE = pytest.StashKey["_Session"]()
 
 # -- hooks ------------------------------------------------------------------------------------------------------
 
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
-        return value
-    return parse
-
-
 def pytest_addoption(parser):
     group = parser.getgroup("loopmark", "loopmark (the `loopmark` fixture measures a training loop)")
     group.addoption("--loopmark-device", choices=("cpu", "cuda"), default=None,
                     help="device of the cells measured by tests that do not give device= (default cpu)")
-    group.addoption("--loopmark-steps", type=_at_least(3), default=None, metavar="N",
+    group.addoption("--loopmark-steps", type=_int_at_least(3), default=None, metavar="N",
                     help=f"timed steps per block for tests that do not give steps= (default {DEFAULTS['steps']})")
     group.addoption("--loopmark-out", default=None, metavar="DIR",
                     help="write every cell measured in the session to DIR/results.json and DIR/results.csv "
