@@ -338,7 +338,7 @@ def cmd_merge(args) -> int:
     try:
         results.check_writable(out)
         command = " ".join(["loopmark merge", *args.paths, "--out", str(out)] + ["--mixed-cpus"] * args.mixed_cpus)
-        records = write_merged(args.paths, out, command, args.mixed_cpus)
+        records = write_merged(args.paths, out, command, args.mixed_cpus, args.partial)
     except results.OutputError as exc:
         print(f"loopmark merge: {exc}", file=sys.stderr)
         return EXIT_WRITE
@@ -524,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     mrg.add_argument("--overwrite", action="store_true", help="replace the results --out already holds")
     mrg.add_argument("--mixed-cpus", action="store_true",
                      help="accept runs on different CPU models (each cell keeps its own device_name)")
+    mrg.add_argument("--partial", action="store_true",
+                     help="accept shards that are not every shard of one run (by default a missing shard is refused)")
 
     t = sub.add_parser("trace", help="run a training script unmodified and measure its steps: syncs (as on CUDA), "
                                      "operators, time, memory, kept autograd graphs",

@@ -212,16 +212,20 @@ def _warm(cell, batches: list, warmup: int) -> None:
         cell.epoch(cell.batches(batches[:warmup]))
 
 
-def untimed_passes(workload, variant, device, s: Settings, staged: list, cache: dict, say=None) -> dict:
-    """The correctness, sync and memory passes, each on a freshly built cell; their figures. `say(name)` is told
-    which pass starts."""
+def untimed_passes(workload, variant, device, s: Settings, staged: list, cache: dict, say=None,
+                   record: dict | None = None) -> dict:
+    """The correctness, sync and memory passes, each on a freshly built cell; their figures, added to `record`
+    as each pass ends (a fault or a time limit in a later pass keeps the earlier passes' figures). `say(name)` is
+    told which pass starts."""
     say = say or (lambda name: None)
+    record = record if record is not None else {}
     say("syncs")
     cell = build_cell(workload, variant, device, s.seed)
     _warm(cell, staged, s.warmup)
     syncs = measure_syncs(cell, staged)
+    record.update(syncs)
     say("correctness")
-    record = correctness.check(workload, variant, device, s.check_epochs, s.check_steps, s.seed, cache, syncs)
+    record.update(correctness.check(workload, variant, device, s.check_epochs, s.check_steps, s.seed, cache, syncs))
     record.update(syncs)
     say("memory")
     cell = build_cell(workload, variant, device, s.seed)
@@ -417,10 +421,9 @@ class Runner:
             try:
                 which = f"{i}/{len(variants)} ({variant.name})"
                 with budgets[variant.name]():
-                    figures = untimed_passes(workload, variant, device, s, staged, cache,
-                                             lambda name, which=which: self._say(where, f"{name} {which}"))
-                m.figures.update(figures)
-            except CELL_FAULTS as exc:
+                    untimed_passes(workload, variant, device, s, staged, cache,
+                                   lambda name, which=which: self._say(where, f"{name} {which}"), m.figures)
+            except CELL_FAULTS as exc:  # the figures of the passes that ended before it are kept
                 _fault(m, exc)
                 self.save(spec, m)
                 continue
@@ -498,7 +501,7 @@ def progress_line(record: dict) -> str:
     mark = f" (expected {record['expected_verdict']})" if record.get("verdict_as_expected") is False else ""
     error = f"  {short(record['error'])}" if record.get("status") != "ok" and record.get("error") else ""
     return (f"{record['device']:4s} {record['workload']:<12s} {record['variant']:<38s} {record['status']:<8s} "
-            f"{rate:>18s}  verdict={record.get('verdict')}{mark}{error}")
+            f"{rate:>18s}  verdict={record.get('verdict') or '-'}{mark}{error}")
 
 
 def short(text: str, width: int = 100) -> str:

@@ -19,10 +19,11 @@ from reports import results
 CELL_SETTINGS = {"steps": "steps", "repeats": "repeats", "warmup": "warmup_steps"}  # settings every cell records
 
 
-def merge(paths, mixed_cpus: bool = False) -> tuple[dict, list[dict]]:
+def merge(paths, mixed_cpus: bool = False, partial: bool = False) -> tuple[dict, list[dict]]:
     """(environment, records) of the runs at `paths` (results directories or results.json files) put together;
     ValueError (one line) when they cannot be. `mixed_cpus`: accept runs on different CPU models (each cell keeps
-    its own `device_name`)."""
+    its own `device_name`). `partial`: accept shards that are not every shard of one run (a gate on the merge
+    would otherwise pass on the cells that are there, silent about those that are not)."""
     runs = []
     for path in paths:
         env, records = results.read_results(path)
@@ -32,6 +33,8 @@ def merge(paths, mixed_cpus: bool = False) -> tuple[dict, list[dict]]:
     first = runs[0]
     for run in runs[1:]:
         _check_same(first, run, mixed_cpus)
+    if not partial:
+        _check_complete(runs)
     seen: dict[tuple, str] = {}
     for path, _, records in runs:
         for r in records:
@@ -46,9 +49,31 @@ def merge(paths, mixed_cpus: bool = False) -> tuple[dict, list[dict]]:
     return env, [dict(r) for _, _, records in runs for r in records]
 
 
-def write_merged(paths, out_dir, command: str, mixed_cpus: bool = False) -> list[dict]:
+def _check_complete(runs: list) -> None:
+    """ValueError (one line) unless the runs are every shard of one run, once each (`--shard I/N`: all of 1..N)
+    or runs none of which is a shard."""
+    shards = {path: env.get("shard") for path, env, _ in runs}
+    if not any(shards.values()):
+        return
+    whole = [path for path, shard in shards.items() if not shard]
+    if whole:
+        raise ValueError(f"{whole[0]} is not a shard, {next(p for p, s in shards.items() if s)} is: merge the "
+                         "shards of one run (or pass --partial)")
+    counts = {str(s).partition("/")[2] for s in shards.values()}
+    if len(counts) > 1:
+        raise ValueError(f"shards of different splits ({', '.join(sorted(str(s) for s in shards.values()))}): merge "
+                         "the shards of one run (or pass --partial)")
+    n = counts.pop()
+    have = sorted(str(s).partition("/")[0] for s in shards.values())
+    missing = [f"{i}/{n}" for i in range(1, int(n) + 1) if str(i) not in have] if n.isdigit() else []
+    if missing:
+        raise ValueError(f"shard {', '.join(missing)} missing: a gate on a merge without it would pass on the cells "
+                         "that are there; merge every shard (or pass --partial)")
+
+
+def write_merged(paths, out_dir, command: str, mixed_cpus: bool = False, partial: bool = False) -> list[dict]:
     """Merge `paths` into `out_dir`/results.json and results.csv (the one results writer); the merged records."""
-    env, records = merge(paths, mixed_cpus)
+    env, records = merge(paths, mixed_cpus, partial)
     env["command"] = command
     results.write_results(Path(out_dir), env, records)
     return records

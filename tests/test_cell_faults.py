@@ -76,6 +76,16 @@ def sleeps(run):
     time.sleep(60)
 
 
+CALLS = {"sleeps_in_correctness": 0}
+
+
+def sleeps_in_correctness(run):
+    CALLS["sleeps_in_correctness"] += 1  # the sync pass calls it twice (warm-up, its epoch), then correctness
+    if CALLS["sleeps_in_correctness"] > 2:
+        time.sleep(60)
+    return loops.train_epoch(run)
+
+
 def sleeps_when_timed(run):
     if isinstance(run.batches, StepClock):
         time.sleep(60)
@@ -200,7 +210,8 @@ def test_a_cell_past_its_time_limit_is_timeout_and_the_run_goes_on(user, tmp_pat
 
     run(["baseline"], cell_timeout=0)  # no limit: first-use imports and allocations are not the limited run's
     start = time.monotonic()
-    records = run(["baseline", f"{USER}:sleeps", f"{USER}:sleeps_when_timed"], cell_timeout=1.0)
+    records = run(["baseline", f"{USER}:sleeps", f"{USER}:sleeps_when_timed", f"{USER}:sleeps_in_correctness"],
+                  cell_timeout=1.0)
     assert time.monotonic() - start < 30  # each loop would sleep 60 s
     cells = {r["variant"]: r for r in records}
     assert cells["baseline"]["status"] == "ok" and len(cells["baseline"]["step_times_s"]) == 3 * 2
@@ -208,11 +219,13 @@ def test_a_cell_past_its_time_limit_is_timeout_and_the_run_goes_on(user, tmp_pat
         assert cells[variant]["status"] == "timeout"
         assert cells[variant]["error"] == "the cell ran past its time limit of 1 s (--cell-timeout)"
     assert cells[f"{USER}:sleeps_when_timed"]["verdict"] == "identical"  # its untimed passes ended in time
+    stopped = cells[f"{USER}:sleeps_in_correctness"]  # the sync pass ended before the limit: its figures are kept
+    assert stopped["status"] == "timeout" and stopped["syncs_per_step"] is not None and stopped.get("verdict") is None
     before = [{**r, "status": "ok", "error": None} for r in records]
     result = compare({}, to_frame(before), {}, to_frame(records))
     assert {c.key[1]: c.regressions for c in result.regressions} == {
         v: ["status ok -> timeout: the cell ran past its time limit of 1 s (--cell-timeout)"]
-        for v in (f"{USER}:sleeps", f"{USER}:sleeps_when_timed")}
+        for v in (f"{USER}:sleeps", f"{USER}:sleeps_when_timed", f"{USER}:sleeps_in_correctness")}
 
 
 def test_a_cell_budget_spans_its_passes_and_stops_a_python_loop():

@@ -124,3 +124,20 @@ def test_merge_does_not_write_over_results_or_into_an_input(tmp_path, capsys):
     assert "holds the results of an earlier run" in capsys.readouterr().err
     doc = json.loads((tmp_path / "m" / "results.json").read_text())
     assert doc["environment"]["command"].startswith("loopmark merge ")
+
+
+@pytest.mark.parametrize("shards, needle", [
+    (["1/2"], "shard 2/2 missing"),
+    (["1/3", "3/3"], "shard 2/3 missing"),
+    (["1/2", None], "is not a shard"),
+    (["1/2", "2/3"], "shards of different splits"),
+])
+def test_merge_refuses_an_incomplete_set_of_shards_unless_partial(shards, needle, tmp_path, capsys):
+    """A missing shard's artifact must not let the gate on the merge pass on the cells that are there."""
+    paths = [_run(tmp_path / f"r{i}", (w,), env={"shard": s} if s else None)
+             for i, (s, w) in enumerate(zip(shards, ("mlp", "cnn")))]
+    assert main(["merge", *paths, "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not results.holds_results(tmp_path / "m")
+    assert main(["merge", *paths, "--out", str(tmp_path / "m"), "--partial"]) == 0
