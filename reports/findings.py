@@ -191,7 +191,8 @@ def _fastest_sentences(cells: pd.DataFrame, df: pd.DataFrame, base_name: str) ->
     if unreliable:
         verb = "is" if unreliable == 1 else "are"
         out.append(f"{_count(unreliable, 'timing')} of this idiom marked unreliable (interference during the timed "
-                   f"blocks; reasons under the tables) {verb} left out of these comparisons.")
+                   f"blocks, or not timed in rounds with the baseline; reasons under the tables) {verb} left out of "
+                   "these comparisons.")
     return out
 
 

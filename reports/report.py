@@ -177,8 +177,8 @@ def document(envs: list[dict], df: pd.DataFrame, images: dict, reference: dict |
             blocks.append(("p", "(noisy): the step time's IQR is more than 10% of its median."))
         unreliable = [c for c in cells.to_dict("records") if _unreliable(c)]
         if unreliable:
-            blocks += [("p", "**Unreliable timings** (interference seen during the timed blocks; their intervals "
-                             "are not given, rerun on a quiet machine):"),
+            blocks += [("p", "**Timings without an interval** (interference seen during the timed blocks: rerun on "
+                             "a quiet machine; or blocks not timed in rounds with the baseline's):"),
                        ("list", [f"`{c['variant']}`: {c['reliability'].removeprefix('unreliable: ')}"
                                  for c in unreliable])]
         for cell in cells.to_dict("records"):
@@ -344,8 +344,11 @@ def _settings_lines(env: dict, df: pd.DataFrame) -> list[str]:
     steps, repeats, warmup = one("steps", "steps"), one("repeats", "repeats"), one("warmup", "warmup_steps")
     parts = []
     if steps is not None or repeats is not None:
+        # only `loopmark run` times blocks in rounds with the baseline's; a trace and a pytest-benchmark test do not
+        rounds = "timing_rounds" in df and df["timing_rounds"].notna().any()
         parts.append(f"{steps if steps is not None else '?'} timed steps × {repeats if repeats is not None else '?'} "
-                     "blocks per cell, each block interleaved with its baseline's, round by round")
+                     "blocks per cell" + (", each block interleaved with its baseline's, round by round" if rounds
+                                          else ", not interleaved with a baseline's"))
     if warmup is not None:
         parts.append(f"{warmup} warm-up steps (not timed)")
     if settings.get("seed") is not None:

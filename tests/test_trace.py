@@ -313,6 +313,7 @@ def test_two_traces_compare_clean_and_a_planted_item_fails_naming_its_line(tmp_p
                                                                            .iterdir()}
     report = (tmp_path / "planted" / "report.md").read_text()
     assert "train.py: sync sites (3 of 3, most syncs first)" in report and "`last = loss.item()`" in report
+    assert "not interleaved with a baseline's" in report and "interleaved with its baseline's" not in report
     cell = json.loads((tmp_path / "planted" / "results.json").read_text())["cells"][0]
     assert (cell["workload"], cell["variant"], cell["syncs_per_step"]) == ("train.py", "trace", 3.5)
 
