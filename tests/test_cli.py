@@ -20,8 +20,6 @@ import pytest
 from bench.cli import main
 from reports.results import CSV_COLUMNS
 
-pytestmark = pytest.mark.xdist_group("cli")  # the module-scoped runs are made once
-
 REQUIRED_COLUMNS = (
     "workload, variant, device, device_name, torch_version, batch_size, steps, repeats, samples_per_s, "
     "step_time_median_s, step_time_iqr_s, step_time_ci_low_s, step_time_ci_high_s, ratio_to_baseline, "

@@ -6,8 +6,6 @@ import pytest
 
 from bench.cli import main
 
-pytestmark = pytest.mark.xdist_group("gate")  # the module-scoped runs are made once
-
 LOOP = '''
 import torch
 

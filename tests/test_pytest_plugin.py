@@ -23,8 +23,6 @@ import reports.report
 from bench.cli import main
 from reports.results import CSV_COLUMNS
 
-pytestmark = pytest.mark.xdist_group("pytest_plugin")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 USERLOOPS = '''

@@ -10,8 +10,6 @@ from bench import runner
 from bench.cli import main
 from reports import results
 
-pytestmark = pytest.mark.xdist_group("shard")
-
 # two workloads (two shards' worth), a correct and a broken loss tracking each; the smallest settings run accepts
 RUN = ["run", "--device", "cpu", "--quick", "--steps", "3", "--repeats", "1", "--warmup", "0",
        "--workload", "mlp", "--workload", "loops.example_user:regression", "--variant", "tensor_sum",
