@@ -823,7 +823,8 @@ class Tracer:
                    "trace_backward_passes": self.backward_passes,
                    "trace_optimizers": self.optimizer_names,
                    "skipped_steps": sum(self.skipped.values()),
-                   "param_tensors": len({i for ids in self.param_ids for i in ids}) or None}
+                   "param_tensors": len({i for ids in self.param_ids for i in ids}) or None,
+                   "eval_passes_by_pass": {p: self.eval.passes[p] for p in PHASES if self.eval.passes[p]}}
         counted = self.counted
         n = counted.get("steps", 0)
         if n:
@@ -1021,10 +1022,14 @@ def summary(r: dict, sites: list[dict] | None = None) -> str:
     if r.get("syncs_per_step_cuda_debug") is not None:
         rows.insert(1, ["syncs (CUDA debug mode)", number("syncs_per_step_cuda_debug"),
                         "torch.cuda.set_sync_debug_mode: misses torch.cuda.synchronize()"])
-    if r.get("eval_passes"):
-        rows.append(["evaluation (left out)", f"{r['eval_passes']} pass(es)",
-                     f"{r.get('eval_syncs', 0)} syncs, {r.get('eval_ops', 0)} operators in the count pass"
-                     + (f", {r['eval_time_s']:.3g} s in the time pass" if r.get("eval_time_s") else "")])
+    seen = r.get("eval_passes_by_pass") or ({"count": r["eval_passes"]} if r.get("eval_passes") else {})
+    if seen:  # wherever it fell: its syncs are counted only when it fell in the count pass
+        where = ", ".join(f"{n} in the {p} pass" for p, n in seen.items())
+        counted = (f"{r.get('eval_syncs', 0)} syncs, {r.get('eval_ops', 0)} operators in the count pass"
+                   if seen.get("count") else "its syncs not counted (it fell outside the count pass)")
+        rows.append(["evaluation (left out)", f"{sum(seen.values())} pass(es)",
+                     f"{where}: {counted}" + (f"; {r['eval_time_s']:.3g} s in the time pass"
+                                              if r.get("eval_time_s") else "")])
     lines += ["", format_table(["per step", "value", ""], rows, right=[1])]
     if sites is None:
         sites = [{**d, "operation": ", ".join(d["operations"])} for d in r.get("sync_site_details") or []]

@@ -103,6 +103,10 @@ def test_an_example_script_counts_its_cuda_syncs_on_a_cpu(script, args, steps, w
     if script == "train_mnist_like.py":  # test(): 2 test batches x (2 copies + 2 .item()), apart from the steps
         assert (r["eval_passes"], r["eval_syncs"]) == (1, 8)
         assert sum(r["eval_sync_sites"].values()) == 8
+        assert r["eval_passes_by_pass"] == {"count": 1, "time": 1, "memory": 1}  # test() ran within each pass
+        assert "3 pass(es)  1 in the count pass, 1 in the time pass, 1 in the memory pass: 8 syncs" in trace.summary(r)
+        elsewhere = {**r, "eval_passes": 0, "eval_passes_by_pass": {"time": 1}}  # fell in the time pass instead
+        assert "1 in the time pass: its syncs not counted" in trace.summary(elsewhere)
         assert multiprocessing.active_children() == []  # its DataLoader workers ended with the script
     if script == "train_amp.py":  # the GradScaler, made only where CUDA is, reads its inf/NaN flag back
         scaler = [d for d in r["sync_site_details"] if d["code"] == "scaler.step(optimizer)"]
