@@ -104,13 +104,15 @@ def shard(groups: list[Group], index: int, count: int) -> list[Group]:
     return [g for g in groups if owner[(g.workload, g.device)] == index - 1]
 
 
-def cell_spec(workload: Workload, variant: Variant, device: torch.device, s: Settings) -> CellSpec:
-    """What a cell is: named by the workload's own name, whatever name it was asked for by."""
+def cell_spec(workload: Workload | str, variant: Variant, device: torch.device, s: Settings) -> CellSpec:
+    """What a cell is: named by the workload's own name, whatever name it was asked for by (a workload that could
+    not be made is named as it was asked for, `package.module:function`)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else environment([])["cpu_model"]
-    return CellSpec(workload=workload.name, variant=variant.name, kind=variant.kind, device=device.type,
+    wname, batch = (workload, None) if isinstance(workload, str) else (workload.name, workload.batch_size)
+    return CellSpec(workload=wname, variant=variant.name, kind=variant.kind, device=device.type,
                     idiom=variant.idiom, description=variant.description, device_name=name,
-                    torch_version=torch.__version__, batch_size=workload.batch_size, steps=s.steps,
-                    repeats=s.repeats, warmup_steps=s.warmup, expected_verdict=variant.expected_for(workload.name))
+                    torch_version=torch.__version__, batch_size=batch, steps=s.steps,
+                    repeats=s.repeats, warmup_steps=s.warmup, expected_verdict=variant.expected_for(wname))
 
 
 class CellTimeout(BaseException):
@@ -372,13 +374,8 @@ class Runner:
     def _group_fault(self, g: Group, exc: BaseException) -> None:
         """Every cell of a group whose workload could not be made: `error`, stored under the name it was asked by."""
         device = torch.device(g.device)
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else environment([])["cpu_model"]
         for v in g.variants:
-            variant = resolve_variant(v)
-            spec = CellSpec(workload=g.workload, variant=variant.name, kind=variant.kind, device=device.type,
-                            idiom=variant.idiom, description=variant.description, device_name=name,
-                            torch_version=torch.__version__, steps=self.s.steps, repeats=self.s.repeats,
-                            warmup_steps=self.s.warmup, expected_verdict=variant.expected_for(g.workload))
+            spec = cell_spec(g.workload, resolve_variant(v), device, self.s)
             m = Measurement()
             _fault(m, exc, built=False)
             self.save(spec, m)
