@@ -111,12 +111,17 @@ def build_cell(workload: Workload, variant: Variant, device: torch.device, seed:
     reset_compiled()
     torch.manual_seed(workload.seed + seed)
     model = workload.build_model().to(device)
+    if variant.ddp is not None:  # every rank starts from these weights; DDP broadcasts rank 0's all the same
+        from bench.distributed import wrap
+
+        model = wrap(model, device, variant.ddp)
     optimizer = workload.build_optimizer(model.parameters())
     loop = variant.loop_for(model, optimizer, device)
     return Cell(workload, variant, device, model, optimizer, workload.criterion.to(device), loop)
 
 
-def stage_batches(workload: Workload, split: str, count: int, device: torch.device) -> list:
+def stage_batches(workload: Workload, split: str, count: int, device: torch.device,
+                  shard: tuple[int, int] | None = None) -> list:
     """`count` batches from the workload's DataLoader (cycled if it is shorter), already on `device`.
 
     Default cells measure the loop, not the input pipeline: batches are moved to the device once,
@@ -124,7 +129,7 @@ def stage_batches(workload: Workload, split: str, count: int, device: torch.devi
     They are copies on the CPU too: a Dataset of whole batches hands out its own tensors, and a live
     loader's batch must never be the very tensor the sync pass counts as staged on the device.
     """
-    loader = workload.loader(split)
+    loader = workload.loader(split, shard=shard)  # shard: (rank, ranks), this rank's part of each global batch
     staged: list = []
     while len(staged) < count:  # epoch after epoch, as the loader gives them
         epoch = [tuple(t.to(device, copy=True) for t in batch)

@@ -89,19 +89,28 @@ def cmd_check(args) -> int:
     from reports.table import format_table
 
     _resolve_names(args.workload, args.variant)
-    device = torch.device(_devices(args.device, "cpu")[0])
+    spread = _distributed_plan(args)
+    if spread and not spread.launched():  # the ranks run this command under torchrun
+        return spread.launch_check(_child_args(args, "check"), args.nproc_per_node, args.device)
+    if spread:
+        spread.init(args.device)
+    device = spread.rank_device(args.device) if spread else torch.device(_devices(args.device, "cpu")[0])
+    rank = spread.world()[0] if spread else 0
+    kinds = ("ddp",) if spread else ("train", "eval")
+    names = args.variant or [n for n in builtin_names() if resolve_variant(n).kind in kinds]
+    default_workloads = runner.DEFAULT_DDP_WORKLOADS if spread else list(WORKLOADS)
     rows, failures = [], 0
-    for wname in args.workload or list(WORKLOADS):
+    for wname in args.workload or default_workloads:
         try:
             workload = resolve_workload(wname)
         except runner.CELL_FAULTS as exc:  # the user's workload function raised: a fault of each of its cells
-            for vname in args.variant or builtin_names():
+            for vname in names:
                 rows.append([wname, resolve_variant(vname).name, "error", resolve_variant(vname).expected_for(wname),
                              runner.fault_text(exc) + "  <-- FAIL"])
                 failures += 1
             continue
         cache: dict = {}
-        for vname in args.variant or builtin_names():
+        for vname in names:
             variant = resolve_variant(vname)
             _status(f"checking {workload.name} {variant.name}")
             try:
@@ -118,6 +127,10 @@ def cmd_check(args) -> int:
             rows.append([workload.name, variant.name, r["verdict"], expected, r["verdict_reason"]
                          + ("  <-- FAIL" if bad else "")])
     _status("")
+    if spread:
+        spread.finish()
+    if rank:  # rank 0 reports for every rank
+        return EXIT_FAIL if failures else EXIT_OK
     print(format_table(["workload", "variant", "verdict", "expected", "reason"], rows))
     print(f"\n{failures} failing cell(s)" if failures else "\nall verdicts as expected")
     return EXIT_FAIL if failures else EXIT_OK
@@ -134,22 +147,36 @@ def cmd_run(args) -> int:
     from reports.results import OutputError
 
     _resolve_names(args.workload, args.variant)
+    spread = _distributed_plan(args)
     devices = _devices(args.device, "cpu, all")
     settings = runner.QUICK if args.quick else runner.Settings()
     settings = runner.replace_settings(settings, steps=args.steps, repeats=args.repeats, seed=args.seed,
                                        warmup=args.warmup, cell_timeout=args.cell_timeout)
     if settings.steps < 3:
         raise UsageError("--steps must be >= 3")
-    groups = runner.plan(devices, args.workload, args.variant, args.extended)
+    if spread and spread.launched():  # one rank of a distributed run: one device, the process group's
+        devices = devices[:1]
+    groups = runner.plan(devices, args.workload, args.variant, args.extended, distributed=bool(spread))
     if args.shard:  # this job's part of the plan; `loopmark merge` puts the shards' results together
         try:
             groups = runner.shard(groups, *args.shard)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    if spread and not spread.launched():
+        return _launch_run(args, groups, devices, settings)
+    if spread:
+        spread.init(devices[0], settings.cell_timeout or None)
+        if spread.world()[0]:  # a rank other than 0: measures, and writes nothing
+            run = runner.DistributedRunner(Path(args.out or "."), settings, progress=lambda r: None,
+                                           status=lambda t: None)
+            run.run(groups)
+            spread.finish()
+            return EXIT_OK
     out = _out_dir(args)
     printer = _Progress(groups)
     try:
-        run = runner.Runner(out, settings, resume=args.resume, progress=printer, status=printer.status)
+        make = runner.DistributedRunner if spread else runner.Runner
+        run = make(out, settings, resume=args.resume, progress=printer, status=printer.status)
     except ValueError as exc:  # --resume on results it cannot finish, or another run writing to --out
         printer.close()
         raise UsageError(str(exc)) from None
@@ -173,6 +200,10 @@ def cmd_run(args) -> int:
         print(f"\nloopmark run: {exc}; the cells saved before it are kept in {out}/results.json", file=sys.stderr)
         return EXIT_WRITE
     printer.close()
+    if spread:
+        spread.finish()
+    if spread and os.environ.get(spread.HEARTBEAT_ENV):  # rank 0 under `run --nproc-per-node`: its launcher reports
+        return EXIT_OK
     _summary(records)
     _report([out])
     print(f"\nwrote {out}/results.csv, {out}/results.json")
@@ -181,6 +212,114 @@ def cmd_run(args) -> int:
         print(f"\nloopmark run --strict: {len(failed)} failing cell(s):", *failed, sep="\n  ", file=sys.stderr)
         return EXIT_FAIL
     return EXIT_OK
+
+
+def _distributed_plan(args):
+    """`bench.distributed` when this command runs distributed cells (`--nproc-per-node N`, or torchrun started this
+    process), else None; a distributed variant asked for without either is bad input."""
+    from bench import distributed
+    from loops import resolve_variant
+
+    nproc = getattr(args, "nproc_per_node", None)
+    if nproc or distributed.launched():
+        if args.device == "cuda" or (args.device == "all" and _devices("all", "")[0] == "cuda"):
+            args.device = "cuda"
+        else:
+            args.device = "cpu"
+        others = [v for v in args.variant or [] if resolve_variant(v).kind != "ddp"]
+        if others:
+            raise UsageError(f"--nproc-per-node runs the distributed variants (ddp_*, or ddp_baseline+IDIOM); "
+                             f"{others[0]!r} runs in one process: run it without --nproc-per-node")
+        return distributed
+    ddp = [v for v in args.variant or [] if resolve_variant(v).kind == "ddp"]
+    if ddp:
+        raise UsageError(f"{ddp[0]!r} runs one process per rank: add --nproc-per-node N (2 on one machine)")
+    return None
+
+
+def _child_args(args, command: str) -> list[str]:
+    """The options a rank is started with: the user's, less what the launcher decides (device, output)."""
+    out = []
+    for name in ("workload", "variant"):
+        for value in getattr(args, name) or []:
+            out += [f"--{name}", value]
+    flags = {"run": ("quick", "extended", "strict"), "check": ()}[command]
+    out += [f"--{f}" for f in flags if getattr(args, f, False)]
+    for name in ("steps", "repeats", "warmup", "seed", "cell_timeout", "epochs"):
+        value = getattr(args, name, None)
+        if value is not None:
+            out += [f"--{name.replace('_', '-')}", str(value)]
+    if getattr(args, "shard", None):
+        out += ["--shard", "{}/{}".format(*args.shard)]
+    if command == "check":
+        out = ["--device", args.device, *out]
+    return out
+
+
+def _launch_run(args, groups, devices, settings) -> int:
+    """`loopmark run --nproc-per-node N`: the cells run under torchrun, one process per rank (rank 0 writes them to
+    --out); a cell whose ranks crash, hang or fault is recorded here, and the ranks go on with the cells after it."""
+    from bench import distributed, runner
+    from loops import resolve_variant, resolve_workload
+    from reports import results
+    from reports.results import Measurement
+
+    out = _out_dir(args)
+    if args.overwrite:  # the ranks finish what is there (--resume): start them on an empty directory
+        results.clear_results(out)
+    planned = {(g.workload, v, d) for g in groups for v in g.variants for d in [g.device]}
+    printer = _Progress(groups)
+
+    def record_fault(cell, status: str, message: str) -> None:
+        try:
+            run = runner.Runner(out, settings, resume=True, progress=printer, status=printer.status)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        try:
+            if (out / "results.json").exists():
+                run.env.update(results.read_results(out)[0])
+            # a rank that failed after its cell was saved (as it left) does not undo the cell
+            cells = [c for c in ([cell] if cell else planned) if not run.finished(*c)]
+            for workload, variant, device in cells:
+                try:
+                    made = resolve_workload(workload)
+                except runner.CELL_FAULTS:
+                    made = workload
+                spec = runner.cell_spec(made, resolve_variant(variant), _torch_device(device), settings,
+                                        ranks=args.nproc_per_node)
+                m = Measurement()
+                m.fault(status, message)
+                run.save(spec, m)
+        finally:
+            run.close()
+
+    try:
+        for device in devices:
+            distributed.launch(_child_args(args, "run"), out, args.nproc_per_node, device, settings.cell_timeout,
+                               record_fault, lambda line: print(line, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:
+        printer.close()
+        print(f"\ninterrupted: the finished cells are kept in {out}/results.json", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    printer.close()
+    if not (out / "results.json").exists():
+        print(f"loopmark run: no cell was recorded in {out}", file=sys.stderr)
+        return EXIT_FAIL
+    records = results.read_results(out)[1]
+    _summary(records)
+    _report([out])
+    print(f"\nwrote {out}/results.csv, {out}/results.json")
+    failed = strict_failures(records) if args.strict else []
+    if failed:
+        print(f"\nloopmark run --strict: {len(failed)} failing cell(s):", *failed, sep="\n  ", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def _torch_device(name: str):
+    import torch
+
+    return torch.device(name)
 
 
 def strict_failures(records: list[dict]) -> list[str]:
@@ -268,14 +407,17 @@ def _summary(records: list[dict]) -> None:
         v = r.get(key)
         return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
 
+    spread = any(r.get("ranks") for r in records)  # distributed cells: their collectives per step too
     rows = [[r["device"], r["workload"], r["variant"], fmt(r, "samples_per_s", ",.0f"),
              fmt(r, "ratio_to_baseline", ".3f"), fmt(r, "syncs_per_step", ".2f"),
+             *([fmt(r, "collectives_per_step", ".2f")] if spread else []),
              fmt(r, "memory_growth_bytes_per_step", ",.0f"),
              (r.get("verdict") or "-") + ("!" if r.get("verdict_as_expected") is False else ""), r["status"]]
             for r in records]
     print()
-    print(format_table(["device", "workload", "variant", "samples/s", "ratio", "syncs", "growth B/st", "verdict",
-                        "status"], rows, right=[3, 4, 5, 6]))
+    print(format_table(["device", "workload", "variant", "samples/s", "ratio", "syncs",
+                        *(["collectives"] if spread else []), "growth B/st", "verdict", "status"], rows,
+                       right=[3, 4, 5, 6, 7] if spread else [3, 4, 5, 6]))
     faults = [f"  {r['device']} {r['workload']} {r['variant']}: {r['status']}: {short(r['error'])}"
               for r in records if r.get("status") != "ok" and r.get("error")]
     if faults:
@@ -463,6 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=_int_at_least(1),
                    help="steps per epoch (default 3, or the workload's own; as in `loopmark run`)")
     c.add_argument("--seed", type=_int_at_least(0), default=0)
+    c.add_argument("--nproc-per-node", type=_int_at_least(1), metavar="N",
+                   help="check the distributed variants (ddp_*), N processes on this machine under torchrun")
 
     r = sub.add_parser("run", help="measure every cell; write results.csv/json and a report")
     r.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
@@ -487,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "results/latest)")
     r.add_argument("--overwrite", action="store_true", help="replace the results an --out directory already holds "
                                                             "(without it, or --resume, such an --out is refused)")
+    r.add_argument("--nproc-per-node", type=_int_at_least(1), metavar="N",
+                   help="run the distributed variants (ddp_*; with --extended also the seed's idioms under DDP), N "
+                        "processes on this machine under torchrun: gloo on the CPU, nccl on CUDA")
     r.add_argument("--shard", type=_shard, metavar="I/N",
                    help="run only shard I of N of the planned cells (a workload's cells on a device stay in one "
                         "shard); `loopmark merge` puts the N results together")

@@ -35,6 +35,7 @@ import torch
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
+from bench import distributed
 from bench.cell import build_cell
 from bench.syncs import measure_syncs
 from loops import Variant, Workload, resolve_variant
@@ -69,6 +70,11 @@ class Trajectory:
     buffers_changed: bool = False
     params: dict = field(default_factory=dict)
     envelope: tuple[float, float] | None = None  # the baseline's: (parameters, reported loss), see `envelope`
+    # distributed: per epoch, every rank's batch losses and sizes (rank order); the first step after which the ranks'
+    # parameters differ, with the largest difference
+    global_losses: list = field(default_factory=list)
+    global_sizes: list = field(default_factory=list)
+    ranks_differ: tuple[int, float] | None = None
 
 
 class _RecordingCriterion(torch.nn.Module):
@@ -348,13 +354,19 @@ def _judge(step: _Step, history: list[_Step]) -> tuple[str, str]:
 
 
 def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged: list, seed: int = 0,
-               fresh: FreshGrads | None = None, keep_fresh: bool = False):
+               fresh: FreshGrads | None = None, keep_fresh: bool = False, epoch_batches=None):
     """What `variant` did over `staged`; its steps' batch gradients are taken from `fresh` where they are
-    known, and kept there when `keep_fresh` (the baseline's run)."""
+    known, and kept there when `keep_fresh` (the baseline's run).
+
+    A distributed (`ddp`) variant reads `epoch_batches(cell, e)` instead, each rank its own part (a live loader
+    whose sampler the loop reorders, or not); the gradient each step consumes is checked against the mean over the
+    ranks of their fresh batch gradients, and the ranks' parameters are compared after every step."""
     cell = build_cell(workload, variant, device, seed)
     traj = Trajectory()
     params = [p for p in cell.model.parameters() if p.requires_grad]
     steps_per_epoch = len(staged) // epochs
+    net = distributed.unwrap(cell.model)  # what a fresh gradient is computed on: the module DDP trains
+    across = distributed.active() and net is not cell.model
     history: list[_Step] = []
     seen = _Seen(params)
 
@@ -380,9 +392,11 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
                 if known is not None:  # the baseline's same step, from the same state and inputs
                     step.fresh, step.micro = known
                 else:
-                    step.fresh, _ = _fresh_grad(cell.model, cell.criterion, pending)
+                    step.fresh, _ = _fresh_grad(net, cell.criterion, pending)
                     if len(pending) > 1:
-                        step.micro = [_fresh_grad(cell.model, cell.criterion, [p])[0] for p in pending]
+                        step.micro = [_fresh_grad(net, cell.criterion, [p])[0] for p in pending]
+                    if across:  # what every rank's step should consume: the ranks' mean gradient
+                        step.fresh, step.micro = distributed.mean(step.fresh), [distributed.mean(g) for g in step.micro]
                     if fresh is not None and keep_fresh:
                         fresh.put(step.number, cell.model, pending, step.fresh, step.micro)
                 # a step a GradScaler skipped (float16, calibrating its scale) leaves its batch in `pending`:
@@ -391,7 +405,7 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
                 for skip in range(1, len(pending) if scaled else 1):
                     if _rel(step.consumed, step.fresh) <= step.rtol:
                         break
-                    later, _ = _fresh_grad(cell.model, cell.criterion, pending[skip:])
+                    later, _ = _fresh_grad(net, cell.criterion, pending[skip:])
                     if _rel(step.consumed, later) <= step.rtol:
                         step.fresh = later
             elif backpropagated:
@@ -401,6 +415,13 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
             seen.paused = False
         note(*_judge(step, history))
         history.append(step)
+
+    def compare_ranks(optimizer, args, kwargs):
+        """After a step: the ranks' parameters must be bitwise the same."""
+        if traj.ranks_differ is None:
+            difference = distributed.rank_difference(params)
+            if difference:
+                traj.ranks_differ = (len(history), difference)
 
     def check_boundary(before: dict, x, y, losses: list):
         """A step checked from the batch boundaries: the gradient left in `.grad` after it, against the fresh
@@ -425,14 +446,17 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
     hooks = [] if variant.replays_graph else [cell.optimizer.register_step_pre_hook(check_step),
                                               cell.model.register_forward_pre_hook(seen.forward_pre_hook,
                                                                                    with_kwargs=True)]
-    watch = _watch_backward(seen) if variant.kind == "train" and not variant.replays_graph \
+    if across:
+        hooks.append(cell.optimizer.register_step_post_hook(compare_ranks))
+    watch = _watch_backward(seen) if variant.kind in ("train", "ddp") and not variant.replays_graph \
         else contextlib.nullcontext()
     buffers_before = {n: b.clone() for n, b in cell.model.named_buffers()}
     try:
         with watch:
             for e in range(epochs):
                 losses, hits, sizes = [], [], []
-                batches = staged[e * steps_per_epoch:(e + 1) * steps_per_epoch]
+                batches = (epoch_batches(cell, e) if epoch_batches
+                           else staged[e * steps_per_epoch:(e + 1) * steps_per_epoch])
                 run = cell.run(_Sized(watched(batches, losses), len(batches)) if variant.replays_graph
                                else batches)
                 if not variant.replays_graph:
@@ -447,15 +471,19 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
                 traj.batch_sizes.append(sizes or [int(y.shape[0]) for _, y in batches])
                 traj.hits.append(None if any(h is None for h in hits) else int(sum(int(h) for h in hits)))
                 traj.totals.append(sum(sizes))
+                if across:  # every rank's losses: an all-reduced loss is the mean of these
+                    everyone = distributed.gather((traj.batch_losses[-1], traj.batch_sizes[-1]))
+                    traj.global_losses.append([x for losses, _ in everyone for x in losses])
+                    traj.global_sizes.append([n for _, sizes in everyone for n in sizes])
     finally:
         for hook in hooks:
             hook.remove()
     traj.optimizer_steps = len(history)
-    traj.batches = epochs * steps_per_epoch
+    traj.batches = sum(len(b) for b in traj.batch_sizes) if epoch_batches else epochs * steps_per_epoch
     traj.retains_graph = any(_holds_graph(v) for v in traj.reported)
     if variant.kind == "eval":
         traj.buffers_changed = any(not torch.equal(b, buffers_before[n]) for n, b in cell.model.named_buffers())
-    traj.params = {n: p.detach().clone() for n, p in cell.model.named_parameters()}
+    traj.params = {n: p.detach().clone() for n, p in net.named_parameters()}
     return traj
 
 
@@ -510,6 +538,10 @@ def _epoch_means(traj: Trajectory) -> list[tuple[float, float, float]]:
         samples = max(math.fsum(sizes[:len(losses)]), 1)
         means.append((math.fsum(losses) / len(losses), math.fsum(v * n for v, n in zip(losses, sizes)) / samples,
                       math.fsum(losses) / samples))
+    # distributed: a loss all-reduced over the ranks is the mean of every rank's batch losses (its own are above)
+    for e, (losses, sizes) in enumerate(zip(traj.global_losses, traj.global_sizes)):
+        samples = max(math.fsum(sizes), 1)
+        means[e] += (math.fsum(losses) / max(len(losses), 1), math.fsum(v * n for v, n in zip(losses, sizes)) / samples)
     return means
 
 
@@ -546,8 +578,10 @@ def envelope(workload: Workload, variant: Variant, device, epochs: int, staged: 
     return param_max_rel_diff(base.params, params), loss
 
 
-def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory, syncs: dict | None = None) -> dict:
-    """The verdict, its one-line reason and the figures behind it."""
+def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory, syncs: dict | None = None,
+               loss_compared: bool = True) -> dict:
+    """The verdict, its one-line reason and the figures behind it. Not `loss_compared`: the reported loss is not
+    compared with the baseline's (DDP's baseline against one process: each rank reports its own part's loss)."""
     kind = variant.kind
     reported = [_loss_of(r, kind) for r in traj.reported]
     means = _epoch_means(traj)
@@ -565,6 +599,11 @@ def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory, syncs: dict
         return {"verdict": verdict, "verdict_reason": reason + (own_loss if verdict != "broken" else ""),
                 **figures}
 
+    if traj.ranks_differ:
+        step, difference = traj.ranks_differ
+        return result("broken", f"the ranks' parameters differ after step {step} (largest difference "
+                                f"{difference:.3g}): each rank trained its own model"
+                      + (f"; {traj.grad_error}" if traj.grad_error else ""))
     if traj.grad_error:
         return result("broken", traj.grad_error)
     if syncs and syncs.get("unsynced_reads_per_step"):
@@ -597,9 +636,11 @@ def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory, syncs: dict
         return result("different", f"{traj.grad_changed}; parameters differ from the baseline's by {diff:.3g} "
                                    "(relative)")
     # the baseline's epoch loss by the same definition: its own report for a batch mean, else its weighted mean
-    base_loss = [_loss_of(r, kind) if x == m[0] else bm[m.index(x)]
-                 for r, x, m, bm in zip(base.reported, exact, means, _epoch_means(base))]
-    loss_diff = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(reported, base_loss))
+    loss_diff = 0.0
+    if loss_compared:
+        base_loss = [_loss_of(r, kind) if x == m[0] else bm[m.index(x)]
+                     for r, x, m, bm in zip(base.reported, exact, means, _epoch_means(base))]
+        loss_diff = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(reported, base_loss))
     if diff == 0.0 and loss_diff == 0.0:
         return result("identical", "parameters and reported loss bitwise equal to the baseline's")
     param_tol, loss_tol = (max(EQUIV_RTOL, x) for x in (base.envelope or (0.0, 0.0)))
@@ -628,6 +669,31 @@ def _eval_verdict(traj: Trajectory, base: Trajectory, result) -> dict:
     return result("different", f"loss differs from the baseline's by {loss_diff:.3g} (relative)")
 
 
+def _check_distributed(workload: Workload, variant: Variant, device, epochs: int, steps: int, seed: int,
+                       cache: dict, syncs: dict | None) -> dict:
+    """A `ddp` cell's correctness record. Every rank runs this, in step: its collectives pair with the others'.
+    ddp_baseline is judged against one process training on the same global batches (every rank's part of each
+    step's batch, in rank order); every other distributed variant against ddp_baseline."""
+    key = (workload.name, variant.kind, str(device), epochs, steps, seed)
+    if key not in cache:
+        ranks = distributed.world()[1]
+        merged = distributed.global_batches(workload, epochs, steps, device, ranks)
+        reference = trajectory(workload, resolve_variant(baseline_of("train")), device, epochs, merged, seed)
+        base = trajectory(workload, resolve_variant(baseline_of("ddp")), device, epochs, merged, seed,
+                          epoch_batches=distributed.EpochBatches(workload, steps, device))
+        cache[key] = reference, base
+    reference, base = cache[key]
+    if variant.name == baseline_of("ddp"):
+        record = verdict_of(variant, base, reference, syncs, loss_compared=False)
+        record["verdict_reason"] += " (ddp_baseline's yardstick: one process on the same global batches)"
+    else:
+        traj = trajectory(workload, variant, device, epochs, [], seed,
+                          epoch_batches=distributed.EpochBatches(workload, steps, device))
+        record = verdict_of(variant, traj, base, syncs)
+    record["expected_verdict"] = variant.expected_for(workload.name)
+    return record
+
+
 def check(workload: Workload, variant: Variant, device, epochs: int = CHECK_EPOCHS, steps: int | None = None,
           seed: int = 0,
           _cache: dict | None = None, syncs: dict | None = None) -> dict:
@@ -642,6 +708,9 @@ def check(workload: Workload, variant: Variant, device, epochs: int = CHECK_EPOC
     from bench.cell import stage_batches
 
     steps = steps or workload.check_steps or CHECK_STEPS
+    if variant.kind == "ddp":
+        return _check_distributed(workload, variant, device, epochs, steps, seed,
+                                  _cache if _cache is not None else {}, syncs)
     split = "test" if variant.kind == "eval" else "train"
     staged = stage_batches(workload, split, epochs * steps, device)
     key = (workload.name, variant.kind, str(device), epochs, steps, seed)

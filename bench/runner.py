@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench import correctness
+from bench import correctness, distributed
 from bench.cell import build_cell, graph_breaks, stage_batches
 from bench.env import EnergyMeter, environment
 from bench.memory import measure_memory
@@ -41,6 +41,7 @@ from reports.results import CellSpec, Measurement, baseline_of
 
 DEFAULT_TRAIN_WORKLOADS = ("mlp", "cnn")
 DEFAULT_EVAL_WORKLOADS = ("cnn",)
+DEFAULT_DDP_WORKLOADS = ("mlp",)  # no BatchNorm: DDP's baseline equals one process on the global batch
 
 
 @dataclass(frozen=True)
@@ -66,17 +67,24 @@ class Group:
 
 
 def plan(devices: list[str], workloads: list[str] | None, variants: list[str] | None,
-         extended: bool = False) -> list[Group]:
+         extended: bool = False, distributed: bool = False) -> list[Group]:
     """The groups to run; each holds its kind's baseline first (the ratios need it). Without `variants`:
-    the seed's idioms, and with `extended` the idioms beyond the seed too."""
+    the seed's idioms, and with `extended` the idioms beyond the seed too. `distributed` (one process per rank): the
+    `ddp` variants alone, by default every built-in one, and with `extended` the seed's training idioms under DDP."""
     groups = []
+    defaults = {"train": DEFAULT_TRAIN_WORKLOADS, "eval": DEFAULT_EVAL_WORKLOADS, "ddp": DEFAULT_DDP_WORKLOADS}
     for device in devices:
-        for kind in ("train", "eval"):
-            names = builtin_names(kind, extended) if variants is None else [v for v in variants
-                                                                             if resolve_variant(v).kind == kind]
+        for kind in ("ddp",) if distributed else ("train", "eval"):
+            if variants is not None:
+                names = [v for v in variants if resolve_variant(v).kind == kind]
+            elif kind == "ddp":
+                names = builtin_names("ddp") + ([f"{baseline_of('ddp')}+{n}" for n in builtin_names("train", False)
+                                                 if n != baseline_of("train")] if extended else [])
+            else:
+                names = builtin_names(kind, extended)
             if not names:
                 continue
-            default = DEFAULT_TRAIN_WORKLOADS if kind == "train" else DEFAULT_EVAL_WORKLOADS
+            default = defaults[kind]
             for workload in workloads or default:
                 base = baseline_of(kind)
                 groups.append(Group(workload, device, [base] + [n for n in names if n != base]))
@@ -104,15 +112,19 @@ def shard(groups: list[Group], index: int, count: int) -> list[Group]:
     return [g for g in groups if owner[(g.workload, g.device)] == index - 1]
 
 
-def cell_spec(workload: Workload | str, variant: Variant, device: torch.device, s: Settings) -> CellSpec:
+def cell_spec(workload: Workload | str, variant: Variant, device: torch.device, s: Settings,
+              ranks: int | None = None) -> CellSpec:
     """What a cell is: named by the workload's own name, whatever name it was asked for by (a workload that could
-    not be made is named as it was asked for, `package.module:function`)."""
+    not be made is named as it was asked for, `package.module:function`). A distributed cell's batch is the global
+    one, every rank's part (`ranks`, by default the process group's size)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else environment([])["cpu_model"]
     wname, batch = (workload, None) if isinstance(workload, str) else (workload.name, workload.batch_size)
+    ranks = (ranks or distributed.world()[1]) if variant.kind == "ddp" else None
     return CellSpec(workload=wname, variant=variant.name, kind=variant.kind, device=device.type,
                     idiom=variant.idiom, description=variant.description, device_name=name,
-                    torch_version=torch.__version__, batch_size=batch, steps=s.steps,
-                    repeats=s.repeats, warmup_steps=s.warmup, expected_verdict=variant.expected_for(wname))
+                    torch_version=torch.__version__, batch_size=batch * ranks if batch and ranks else batch,
+                    steps=s.steps, repeats=s.repeats, warmup_steps=s.warmup,
+                    expected_verdict=variant.expected_for(wname), ranks=ranks)
 
 
 class CellTimeout(BaseException):
@@ -226,6 +238,9 @@ def untimed_passes(workload, variant, device, s: Settings, staged: list, cache: 
     _warm(cell, staged, s.warmup)
     syncs = measure_syncs(cell, staged)
     record.update(syncs)
+    if variant.kind == "ddp":
+        say("collectives")
+        record.update(distributed.measure_collectives(cell, staged))
     say("correctness")
     record.update(correctness.check(workload, variant, device, s.check_epochs, s.check_steps, s.seed, cache, syncs))
     record.update(syncs)
@@ -302,18 +317,21 @@ class Runner:
     """Runs groups of cells. `progress(record)` is called as each cell is saved, `status(text)` as each pass and
     each round of timed blocks starts ("mlp cpu: timing block 2/5"), never inside a timed block."""
 
+    writes = True  # writes the results (in a distributed run, rank 0 alone does)
+
     def __init__(self, out_dir: Path, settings: Settings, resume: bool = False, progress=None, status=None):
         self.out_dir, self.s = out_dir, settings
         self.env = {**environment(), "settings": measured_settings(settings)}
         self.records: dict[tuple, dict] = {}
-        self._lock = hold_directory(Path(out_dir))  # one run at a time writes to a directory
+        self.cell: tuple | None = None  # the cell whose pass or timed block runs now
+        self._lock = hold_directory(Path(out_dir)) if self.writes else None  # one run at a time writes to a directory
         if resume and (out_dir / "results.json").exists():
             for r in self._resumable():
                 if r.get("status") in results.FINISHED:
                     self.records[results.cell_key(r)] = r
         self.progress = progress or _plain_progress
         self.status = status or _plain_status
-        self.untimed = UntimedStore(self.out_dir, settings, resume)
+        self.untimed = UntimedStore(self.out_dir, settings, resume, self.writes)
         self._eta = _Estimate()
 
     def _resumable(self) -> list[dict]:
@@ -341,13 +359,14 @@ class Runner:
     def save(self, spec: CellSpec, m: Measurement) -> None:
         record = results.record(spec, m, self.s.seed)
         self.records[spec.key] = record
-        results.write_results(self.out_dir, self.env, list(self.records.values()))
-        self.progress(record)
+        if self.writes:
+            results.write_results(self.out_dir, self.env, list(self.records.values()))
+            self.progress(record)
 
     def run(self, groups: list[Group]) -> list[dict]:
         """Run the groups; the output directory stays this run's until they end, or an interrupt ends them."""
         try:
-            if self._lock is None:
+            if self._lock is None and self.writes:
                 self._lock = hold_directory(Path(self.out_dir))
             return self._run(groups)
         finally:
@@ -380,6 +399,13 @@ class Runner:
             _fault(m, exc, built=False)
             self.save(spec, m)
 
+    def before_block(self) -> None:
+        """Just before a timed block, outside its timed region (distributed: the ranks start it together)."""
+
+    def after_block(self, block: list[float], m: Measurement) -> list[float]:
+        """A timed block's per-step seconds as the cell keeps them (distributed: the slowest rank's)."""
+        return block
+
     def _say(self, g: str, text: str) -> None:
         left = self._eta.left()
         self.status(f"{g}: {text}" + (f" (about {_duration(left)} left)" if left is not None else ""))
@@ -393,7 +419,8 @@ class Runner:
         where = f"{workload.name} {device.type}"
         self._eta.group(len(variants), len(g.variants))
         try:  # no test data, a dataset smaller than one batch: a fault of every cell of the group
-            staged, group_fault = stage_batches(workload, "test" if kind == "eval" else "train", s.steps, device), None
+            staged, group_fault = stage_batches(workload, "test" if kind == "eval" else "train", s.steps, device,
+                                                distributed.shard() if kind == "ddp" else None), None
         except CELL_FAULTS as exc:
             staged, group_fault = [], exc
         cache: dict = {}
@@ -401,6 +428,7 @@ class Runner:
         budgets = {variant.name: Budget(s.cell_timeout) for variant in variants}
         for i, variant in enumerate(variants, 1):
             spec, m = cell_spec(workload, variant, device, s), Measurement()
+            self.cell = spec.key
             if variant.requires == "cuda" and device.type != "cuda":
                 m.fault("skipped", "needs a CUDA GPU")
                 self.save(spec, m)
@@ -471,13 +499,16 @@ class Runner:
                 self._say(where, f"timing block {r + 1}/{s.repeats}")
             for name in list(cells):
                 m = pending[name][1]
+                self.cell = pending[name][0].key
                 try:
+                    self.before_block()
                     e0 = meter.read()
                     # the limit is armed before the block's first mark and disarmed after its last; the load
                     # readings (LoadWatch) are taken outside both
                     with LoadWatch() as load, budget[name]():
                         block, reported = time_block(cells[name], staged)
                     e1 = meter.read()
+                    block = self.after_block(block, m)
                     if e0 is not None and e1 is not None:
                         m.energy_j.append(e1 - e0)
                     m.blocks.append(block)
@@ -568,9 +599,10 @@ class UntimedStore:
     cell's untimed passes, emptied as its group ends; one made under other settings, or unreadable, is ignored, and
     a run without --resume starts it anew. results.json never holds these unfinished cells."""
 
-    def __init__(self, out_dir: Path, s: Settings, resume: bool):
+    def __init__(self, out_dir: Path, s: Settings, resume: bool, persist: bool = True):
         import bench
 
+        self.persist = persist  # False: kept in memory alone (a distributed run's ranks other than 0)
         self.path = Path(out_dir) / UNTIMED_FILE
         self.settings = {"steps": s.steps, "warmup": s.warmup, "seed": s.seed, "check_epochs": s.check_epochs,
                          "check_steps": s.check_steps, "memory_steps": s.memory_steps,
@@ -601,6 +633,8 @@ class UntimedStore:
 
     def _write(self) -> None:
         self.fresh = False
+        if not self.persist:
+            return
         with contextlib.suppress(OSError, ValueError, TypeError):  # a cache: losing it costs time, not results
             if not self.cells:
                 self.path.unlink(missing_ok=True)
@@ -613,3 +647,58 @@ class UntimedStore:
 
 def replace_settings(s: Settings, **changes) -> Settings:
     return replace(s, **{k: v for k, v in changes.items() if v is not None})
+
+
+# what each rank measures for itself: kept per rank (`rank_<name>`, rank order), the worst rank's as the cell's figure
+PER_RANK = ("syncs_per_step", "peak_memory_bytes", "memory_growth_bytes_per_step", "collectives_per_step",
+            "comm_bytes_per_step")
+EXIT_CELL_FAULT = 3  # a rank's exit status when a cell of its faulted (its launcher records the cell and goes on)
+
+
+class DistributedRunner(Runner):
+    """The runner of one rank of a distributed run (`bench.distributed`): every rank runs every pass and block of
+    every cell in the same order, and rank 0 alone writes the results.
+
+    Each timed block starts on a barrier, outside its timed region, and keeps per step the slowest rank's time. A
+    cell's per-rank figures (`PER_RANK`) are gathered when it is saved. A fault in a cell on any rank ends this rank's
+    process after writing what happened where its launcher reads it: the other ranks would wait for it in their next
+    collective; the launcher records the cell and starts the ranks again for the cells after it."""
+
+    def __init__(self, out_dir: Path, settings: Settings, resume: bool = False, progress=None, status=None):
+        self.rank, self.ranks = distributed.world()
+        self.writes = self.rank == 0
+        super().__init__(out_dir, settings, resume and self.writes, progress, status)
+        # every rank skips the cells rank 0 has finished, and no rank keeps untimed passes across runs: the ranks
+        # must run the same passes, or their collectives would not pair
+        for key in distributed.gather(sorted(self.records))[0]:
+            self.records.setdefault(tuple(key), {})
+        self.untimed = UntimedStore(self.out_dir, settings, False, persist=False)
+        self.env.update(ranks=self.ranks, backend=distributed.backend())
+
+    def _say(self, g: str, text: str) -> None:
+        super()._say(g, text)
+        distributed.heartbeat(self.cell, text)
+
+    def before_block(self) -> None:
+        distributed.barrier()
+
+    def after_block(self, block: list[float], m: Measurement) -> list[float]:
+        blocks = distributed.gather(block)
+        m.figures.setdefault("rank_block_medians_s", []).append([float(sorted(b)[len(b) // 2]) if b else None
+                                                                for b in blocks])
+        return [max(times) for times in zip(*blocks)]
+
+    def save(self, spec: CellSpec, m: Measurement) -> None:
+        if m.status in results.FAULTS:
+            distributed.report_fault(spec.key, m.status, m.error)
+            if m.status == "timeout":  # the launcher asks every rank where it is before the ranks are ended
+                time.sleep(3)
+            os._exit(EXIT_CELL_FAULT)
+        everyone = distributed.gather({k: m.figures.get(k) for k in PER_RANK})
+        for k in PER_RANK:
+            values = [f[k] for f in everyone]
+            m.figures[f"rank_{k}"] = values
+            numbers = [v for v in values if isinstance(v, (int, float))]
+            if numbers:
+                m.figures[k] = max(numbers)
+        super().save(spec, m)

@@ -99,11 +99,20 @@ class _Tracker:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.tracked = WeakTensorKeyDictionary()
+        self.storages: set[int] = set()  # whole storages on the accelerator, views of them made anywhere included
 
     def on_device(self, t) -> bool:
         if not isinstance(t, torch.Tensor):
             return False
-        return t.is_cuda if self.cuda else t in self.tracked
+        if self.cuda:
+            return t.is_cuda
+        return t in self.tracked or (bool(self.storages) and _storage(t) in self.storages)
+
+    def mark_storage(self, t) -> None:
+        """`t`'s storage lives on the accelerator, with every view of it: DDP's gradient buckets, whose views it made
+        when it built them."""
+        if isinstance(t, torch.Tensor) and not self.cuda and _storage(t) is not None:
+            self.storages.add(_storage(t))
 
     def mark(self, t) -> None:
         if isinstance(t, torch.Tensor) and not self.cuda:
@@ -112,6 +121,13 @@ class _Tracker:
     def unmark(self, t) -> None:
         if isinstance(t, torch.Tensor) and t in self.tracked:
             del self.tracked[t]
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage
+        return None
 
 
 class _Dispatch(TorchDispatchMode):
@@ -125,6 +141,9 @@ class _Dispatch(TorchDispatchMode):
         name = func._schema.name
         c.ops += 1
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if name.startswith("c10d::"):  # a collective's tensors live on the accelerator (DDP's buckets, rebuilt)
+            for t in inputs:
+                tr.mark_storage(t)
         from_device = any(tr.on_device(t) for t in inputs)
         target = kwargs.get("device")
         if name in READ_OPS and any(t in c.pending for t in inputs):
@@ -494,6 +513,10 @@ def measure_syncs(cell, batches: list) -> dict:
     device = cell.device
     counter = SyncCounter(device)
     counter.track(device_state(cell, batches))
+    from bench.distributed import collective_buffers
+
+    for t in collective_buffers(cell, batches):  # DDP's buckets: where a GPU's gradients are all-reduced
+        counter.tracker.mark_storage(t)
     # a live DataLoader's batches are drawn before counting: the main process unpickles a batch (aten::empty, set_
     # per tensor) when a worker's result arrives, which with 2 workers may fall in an earlier block, so ops/step
     # changed between runs (79, 80); the loop's own work on them, its copies and their syncs, is counted as before

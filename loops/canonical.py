@@ -26,12 +26,14 @@ import torch
 from torch import nn
 
 from loops.choices import (
+    NO_SYNC,
     OPTIMIZER_IMPL,
     PRECISION,
     ZERO_GRAD_AT,
     ZEROING,
     autocast,
     grad_scaler,
+    no_sync_contexts,
     use_implementation,
 )
 from loops.graphs import GRAPHABLE, GraphedStep
@@ -98,6 +100,8 @@ class Idioms:
     accumulate: int = 1  # micro-batches per optimizer step
     divide_by_accumulate: bool = True  # loss / accumulate before backward()
     cuda_graph: bool = False  # the whole step captured once as a CUDA graph, replayed per batch
+    no_sync: str = "none"  # which micro-batches run under DDP's model.no_sync() (loops.choices.NO_SYNC)
+    set_epoch: bool = True  # sampler.set_epoch(epoch) before each epoch, where the batches have a DistributedSampler
 
     def __post_init__(self) -> None:
         _check_choice("loss_tracking", self.loss_tracking, LOSS_TRACKING)
@@ -107,6 +111,7 @@ class Idioms:
         _check_choice("precision", self.precision, PRECISION)
         _check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPL)
         _check_choice("compile", self.compile, COMPILE)
+        _check_choice("no_sync", self.no_sync, NO_SYNC)
         if self.accumulate < 1:
             raise ValueError(f"accumulate={self.accumulate}: must be >= 1")
         for name, needed in GRAPHABLE.items() if self.cuda_graph else ():
@@ -135,6 +140,7 @@ class TrainLoop:
         self.loss_tracking = LOSS_TRACKING[idioms.loss_tracking]
         self.accuracy = ACCURACY[idioms.accuracy]
         self.graphed = GraphedStep(optimizer, device) if idioms.cuda_graph else None
+        self.epoch = 0  # epochs run so far: what `sampler.set_epoch` is told
 
     def device_tensors(self) -> list[torch.Tensor]:
         """The device tensors the loop holds besides the model's and the optimizer's (a captured step's)."""
@@ -143,6 +149,7 @@ class TrainLoop:
     def __call__(self, run: Run) -> Any:
         model, optimizer, criterion, device = run.model, run.optimizer, run.criterion, run.device
         zero_grad, zero_grad_at, k = self.zero_grad, self.idioms.zero_grad_at, self.idioms.accumulate
+        no_sync = self.idioms.no_sync
         divide = k > 1 and self.idioms.divide_by_accumulate
         ctx, forward, scaler, read = self.autocast, self.forward, self.scaler, self.loss_tracking.read
         train_loss = self.graphed.new_epoch() if self.graphed else self.loss_tracking.start(device)
@@ -155,12 +162,15 @@ class TrainLoop:
             if zero_grad_at == "before_forward":
                 zero_grad(model, optimizer)  # optimizer.zero_grad()
             seen = []
-            for data, labels in micro_batches(batch_data, batch_labels, k):  # the batch itself
-                with ctx:  # fp32: no autocast
-                    output, loss = forward(model, criterion, data, labels)  # output = model(data); loss = ...
-                if zero_grad_at == "before_backward":
-                    zero_grad(model, optimizer)
-                scaler.scale(loss / k if divide else loss).backward()  # loss.backward()
+            for i, (data, labels) in enumerate(micro_batches(batch_data, batch_labels, k)):  # the batch itself
+                quiet, quiet_backward = no_sync_contexts(no_sync, model, i, k)  # no model.no_sync()
+                with quiet:
+                    with ctx:  # fp32: no autocast
+                        output, loss = forward(model, criterion, data, labels)  # output = model(data); loss = ...
+                    if zero_grad_at == "before_backward":
+                        zero_grad(model, optimizer)
+                    with quiet_backward:
+                        scaler.scale(loss / k if divide else loss).backward()  # loss.backward()
                 seen.append((output, loss, labels))
             if zero_grad_at == "between_backward_and_step":
                 zero_grad(model, optimizer)
@@ -175,6 +185,10 @@ class TrainLoop:
 
         if self.graphed:
             step = functools.partial(self.graphed, step)
+        sampler = getattr(run.batches, "sampler", None)
+        if self.idioms.set_epoch and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)  # a DistributedSampler: a new order every epoch
+        self.epoch += 1
         model.train()
         tracked = 0
         for data, labels in run.batches:

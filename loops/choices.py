@@ -39,6 +39,37 @@ ZEROING = {
 ZERO_GRAD_AT = ("before_forward", "before_backward", "between_backward_and_step", "after_step", "missing")
 
 
+# ---------------------------------------------------------------- no_sync under DistributedDataParallel
+def _quiet(model: nn.Module) -> contextlib.AbstractContextManager:
+    """`model.no_sync()`: the gradients this backward adds are not all-reduced (DDP decides in the forward)."""
+    if not hasattr(model, "no_sync"):
+        raise ValueError("no_sync needs the model wrapped in DistributedDataParallel (loopmark run --nproc-per-node N)")
+    return model.no_sync()
+
+
+def _none(i: int, k: int) -> tuple[bool, bool]:
+    return False, False
+
+
+# which micro-batches of k run under `model.no_sync()`: (i, k) -> (forward and backward inside, backward alone inside)
+NO_SYNC = {
+    "none": _none,
+    # the documented idiom: every micro-batch but the last skips the all-reduce, forward included
+    "forward_and_backward": lambda i, k: (i < k - 1, False),
+    # no_sync() around backward() alone: DDP has already decided in the forward, so every micro-batch all-reduces
+    "backward_only": lambda i, k: (False, i < k - 1),
+    # `if i != 0: with no_sync()`: syncs the first micro-batch and skips the last, so each rank steps on its own sum
+    "off_by_one": lambda i, k: (i > 0, False),
+}
+
+
+def no_sync_contexts(mode: str, model: nn.Module, i: int, k: int):
+    """(context around micro-batch i's forward and backward, context around its backward alone)."""
+    around, backward = NO_SYNC[mode](i, k)
+    return (_quiet(model) if around else contextlib.nullcontext(),
+            _quiet(model) if backward else contextlib.nullcontext())
+
+
 # ---------------------------------------------------------------- precision
 PRECISION = ("fp32", "bf16_autocast", "fp16_grad_scaler")
 

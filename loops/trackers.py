@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 
 # ---------------------------------------------------------------- loss tracking (training)
@@ -55,7 +56,23 @@ LOSS_TRACKING = {
     "nonblocking_readback": LossTracking(lambda device: 0.0,
                                          lambda loss: float(loss.detach().to("cpu", non_blocking=True)),
                                          lambda total, n: total / n),
+    # under DDP: the mean of every rank's loss, all-reduced every step, then read back (`dist.all_reduce(loss)`,
+    # `loss.item() / world_size`): one collective and one sync per step
+    "allreduce_per_step": LossTracking(lambda device: 0.0, lambda loss: _all_reduced_mean(loss.detach()).item(),
+                                       lambda total, n: total / n),
+    # under DDP: `running += loss.detach()` on the device, all-reduced once at the end of the epoch
+    "allreduce_per_epoch": LossTracking(_zero, torch.Tensor.detach,
+                                        lambda running, n: (_all_reduced_mean(running) / n).item()),
 }
+
+
+def _all_reduced_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of `t` over the ranks (`t` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
 
 
 # ---------------------------------------------------------------- accuracy counting (training)

@@ -33,7 +33,7 @@ class Variant:
     name: str
     idiom: str
     description: str
-    kind: str  # "train" or "eval"
+    kind: str  # "train", "eval", or "ddp" (a training loop under DistributedDataParallel, one process per rank)
     fn: Callable[[Run], Any] = field(compare=False)  # one epoch: a user's function, a built-in loop made for it
     expected: dict[str, str] | None = None  # workload -> verdict; "*" for any other workload
     requires: str | None = None  # "cuda" for a GPU-only variant
@@ -43,6 +43,8 @@ class Variant:
     # `TrainLoop`); None: `fn` keeps nothing from epoch to epoch and is the cell's loop as it is
     prepare: Callable[[nn.Module, torch.optim.Optimizer, torch.device], Callable[[Run], Any]] | None = \
         field(default=None, compare=False)
+    # a "ddp" variant's DistributedDataParallel options (find_unused_parameters, ...): the model it trains is wrapped
+    ddp: dict | None = None
 
     def loop_for(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device) -> Callable[[Run], Any]:
@@ -63,6 +65,7 @@ class _Builtin:
     expected: dict
     kind: str = "train"
     input_loader: dict | None = None  # DataLoader options: the variant reads a live loader, not staged batches
+    ddp: dict | None = None  # DistributedDataParallel options: the variant runs under torchrun, one process per rank
 
 
 def _train(idiom, description, expected="identical", input_loader=None, **changes):
@@ -71,6 +74,10 @@ def _train(idiom, description, expected="identical", input_loader=None, **change
 
 def _eval(idiom, description, expected="identical", **changes):
     return _Builtin(idiom, description, changes, _as_dict(expected), kind="eval")
+
+
+def _ddp(description, expected="identical", ddp=None, **changes):
+    return _Builtin("distributed", description, changes, _as_dict(expected), kind="ddp", ddp=ddp or {})
 
 
 def _as_dict(expected):
@@ -172,6 +179,34 @@ BUILTINS: dict[str, _Builtin] = {
                                grad_mode="enabled"),
     "eval_graph_sum": _eval("evaluation", "no no_grad and test_loss += loss: every batch's graph stays "
                             "alive (bug)", "broken", grad_mode="enabled", tracking="graph"),
+    # distributed: the seed's loop under DistributedDataParallel, one process per rank (run --nproc-per-node N).
+    # ddp_baseline is checked against one process training on the same global batches; the others against it.
+    # Without SyncBatchNorm each rank normalises its own part of the batch: not the global batch's gradient
+    "ddp_baseline": _ddp("DDP + DistributedSampler + sampler.set_epoch(epoch), the seed's loop on every rank",
+                         {"*": "equivalent", "cnn": "different", "resnet18": "different"}),
+    "ddp_grad_accum_no_sync": _ddp("2 micro-batches, forward and backward of the first inside model.no_sync(): one "
+                                   "all-reduce per step", {"*": "equivalent", "cnn": "different",
+                                                            "resnet18": "different"},
+                                   accumulate=2, no_sync="forward_and_backward"),
+    "ddp_no_sync_backward_only": _ddp("2 micro-batches, model.no_sync() around backward() alone: DDP decided in the "
+                                      "forward, so both all-reduce", {"*": "equivalent", "cnn": "different",
+                                                                      "resnet18": "different"},
+                                      accumulate=2, no_sync="backward_only"),
+    "ddp_no_sync_off_by_one": _ddp("2 micro-batches, no_sync() on all but the first: the last micro-batch is never "
+                                   "all-reduced, so the ranks step on different gradients (bug)", "broken",
+                                   accumulate=2, no_sync="off_by_one"),
+    "ddp_missing_set_epoch": _ddp("no sampler.set_epoch(epoch): every epoch draws the same order", "different",
+                                  set_epoch=False),
+    "ddp_loss_allreduce_per_step": _ddp("dist.all_reduce(loss) and .item() every step: the mean over ranks",
+                                        "equivalent", loss_tracking="allreduce_per_step"),
+    "ddp_loss_allreduce_per_epoch": _ddp("running += loss.detach(), one dist.all_reduce and .item() per epoch",
+                                         "equivalent", loss_tracking="allreduce_per_epoch"),
+    "ddp_find_unused_parameters": _ddp("DDP(find_unused_parameters=True) where every parameter is used: a graph "
+                                       "traversal and a used-parameter all-reduce per step",
+                                       ddp={"find_unused_parameters": True}),
+    "ddp_gradient_as_bucket_view": _ddp("DDP(gradient_as_bucket_view=True): gradients are views of the "
+                                        "all-reduce buckets", ddp={"gradient_as_bucket_view": True}),
+    "ddp_static_graph": _ddp("DDP(static_graph=True): the graph is recorded once", ddp={"static_graph": True}),
 }
 
 _SEVERITY = {v: i for i, v in enumerate(VERDICTS)}
@@ -179,7 +214,7 @@ _SEVERITY = {v: i for i, v in enumerate(VERDICTS)}
 
 def _loop(kind: str, changes: dict) -> tuple[Callable[[Run], Any], Callable | None]:
     """(one epoch as `fn(run)`, what prepares the loop of a cell): an evaluation loop has nothing to prepare."""
-    if kind == "train":
+    if kind in ("train", "ddp"):
         idioms = Idioms(**changes)
         return functools.partial(canonical.train_epoch, idioms=idioms), functools.partial(TrainLoop, idioms)
     return functools.partial(canonical.eval_epoch, idioms=EvalIdioms(**changes)), None
@@ -218,6 +253,8 @@ def _compose(names: list[str]) -> Variant:
     docstring."""
     parts = [BUILTINS[n] for n in names]
     kinds = {p.kind for p in parts}
+    if kinds == {"train", "ddp"}:  # a seed idiom under DistributedDataParallel: ddp_baseline+tensor_sum
+        kinds = {"ddp"}
     if len(kinds) > 1:
         raise BadName(f"cannot compose training and evaluation variants: {'+'.join(names)}")
     changes: dict = {}
@@ -229,7 +266,14 @@ def _compose(names: list[str]) -> Variant:
     name = "+".join(names)
     idiom = parts[0].idiom if len(parts) == 1 else " + ".join(dict.fromkeys(p.idiom for p in parts))
     description = parts[0].description if len(parts) == 1 else "; ".join(p.description for p in parts)
-    kind = parts[0].kind
+    kind = kinds.pop()
+    ddp = None
+    for part in parts:
+        if part.ddp is not None:
+            clash = set(ddp or {}) & set(part.ddp)
+            if clash:
+                raise BadName(f"{name}: sets DDP's {', '.join(sorted(clash))} a second time")
+            ddp = {**(ddp or {}), **part.ddp}
     loaders = [p.input_loader for p in parts if p.input_loader]
     if len(loaders) > 1:
         raise BadName(f"{'+'.join(names)}: two input pipelines")
@@ -240,17 +284,19 @@ def _compose(names: list[str]) -> Variant:
         fn, prepare = _loop(kind, changes)
     except ValueError as exc:  # idioms that do not combine
         raise BadName(f"{name}: {exc}") from None
-    expected, interaction = _expected(parts, changes)
+    # ddp_baseline composed with another idiom is the yardstick of that idiom, not a part of it
+    judged = [p for n, p in zip(names, parts) if n != BASELINES["ddp"]] or parts
+    expected, interaction = _expected(judged, changes)
     if interaction:
         description += f"; together: {interaction.reason}"
     return Variant(name, idiom, description, kind, fn, expected, requires, loaders[0] if loaders else None,
-                   changes.get("cuda_graph", False), prepare)
+                   changes.get("cuda_graph", False), prepare, ddp)
 
 
 def _expected(parts: list[_Builtin], changes: dict) -> tuple[dict, Interaction | None]:
     """A composition's expected verdict per workload (the module docstring's rule), and the interaction
     that decided it, if one did."""
-    if len(parts) > 1 and parts[0].kind == "train":
+    if len(parts) > 1 and parts[0].kind in ("train", "ddp"):
         idioms = Idioms(**changes)
         for interaction in INTERACTIONS:
             if set(interaction.fields) <= set(changes) and interaction.applies(idioms):
@@ -279,7 +325,17 @@ def user_variant(fn: Callable, name: str | None = None) -> Variant:
                     f"{getattr(fn, '__qualname__', None) or getattr(fn, '__name__', None) or type(fn).__name__}")
     kind = getattr(fn, "loopmark_kind", "train")
     return Variant(name, getattr(fn, "loopmark_idiom", "user"), (fn.__doc__ or "").strip().split("\n")[0],
-                   kind, fn, None, getattr(fn, "loopmark_requires", None))
+                   kind, fn, None, getattr(fn, "loopmark_requires", None),
+                   ddp=dict(getattr(fn, "loopmark_ddp", {})) if kind == "ddp" else None)
+
+
+def distributed(**options) -> Callable[[Callable], Callable]:
+    """Mark a user's variant as a distributed training loop: `run.model` is the model in DistributedDataParallel
+    (made with `options`), one process per rank (`loopmark run --nproc-per-node N`)."""
+    def mark(fn: Callable) -> Callable:
+        fn.loopmark_kind, fn.loopmark_ddp = "ddp", options
+        return fn
+    return mark
 
 
 def evaluation(fn: Callable) -> Callable:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from loops.resolve import BadName, load_object
 
@@ -35,16 +35,23 @@ class Workload:
     check_steps: int | None = None
 
     def loader(self, split: str = "train", *, num_workers: int = 0, pin_memory: bool = False,
-               persistent_workers: bool = False) -> DataLoader:
+               persistent_workers: bool = False, shard: tuple[int, int] | None = None) -> DataLoader:
         """A real DataLoader over the split, shuffled by a generator seeded from the workload's seed: the one
         place a workload's batches come from, so every reader (staged batches, a live input pipeline with
         workers and pinned memory) sees the same batches in the same order. Memory is pinned only where there
-        is a GPU to copy to."""
+        is a GPU to copy to. `shard=(rank, ranks)`: that rank's part through a DistributedSampler seeded with the
+        workload's seed, as a DDP script reads it (`sampler.set_epoch(epoch)` reorders it)."""
         data = self.train_data if split == "train" else self.test_data
         if data is None:
             raise ValueError(f"workload {self.name!r} has no {split} data")
         options = {"num_workers": num_workers, "persistent_workers": persistent_workers,
                    "pin_memory": pin_memory and torch.cuda.is_available()}
+        if shard is not None:
+            sampler = DistributedSampler(data, num_replicas=shard[1], rank=shard[0], shuffle=split == "train",
+                                         seed=self.seed, drop_last=self.drop_last)
+            batching = {"batch_size": None} if self.batched else {"batch_size": self.batch_size,
+                                                                   "drop_last": self.drop_last}
+            return DataLoader(data, sampler=sampler, **batching, **options)
         if self.batched:
             return DataLoader(data, batch_size=None, shuffle=False, **options)
         generator = torch.Generator().manual_seed(self.seed)

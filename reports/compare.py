@@ -5,6 +5,7 @@ Cells match on (workload, variant, device). A cell that was ok in the baseline a
 regresses when any gate fails:
 
 - deterministic metrics change at all: syncs_per_step (beyond 1e-9; the sync sites whose count changed are named),
+  collectives_per_step of a distributed cell (the same; the loop lines whose collectives changed are named),
   verdict, retains_graph, and ops_per_step when both runs used the same torch version;
 - peak_memory_bytes grows by more than `memory_pct` percent;
 - memory_growth_bytes_per_step goes from about zero (<= 1 KiB/step: the CPU heap slope's noise stays
@@ -210,6 +211,7 @@ def _deterministic(result: CellResult, b: dict, c: dict, check_ops: bool, check_
     metrics = [("verdict", "verdict", None), ("retains_graph", "retains_graph", None)]
     if check_counts:
         metrics.insert(0, ("syncs_per_step", "syncs/step", SYNCS_TOLERANCE))
+        metrics.insert(1, ("collectives_per_step", "collectives/step", SYNCS_TOLERANCE))
     if check_ops and check_counts:
         metrics.append(("ops_per_step", "ops/step", OPS_TOLERANCE))
     for column, name, tolerance in metrics:
@@ -221,7 +223,8 @@ def _deterministic(result: CellResult, b: dict, c: dict, check_ops: bool, check_
             continue
         changed = abs(float(old) - float(new)) > tolerance if tolerance is not None else old != new
         if changed:
-            where = _sync_site_changes(b, c) if column == "syncs_per_step" else ""
+            where = (_sync_site_changes(b, c) if column == "syncs_per_step" else
+                     _collective_site_changes(b, c) if column == "collectives_per_step" else "")
             result.regressions.append(f"{name} changed: {_show(old)} -> {_show(new)}"
                                       + (f" ({where})" if where else ""))
 
@@ -253,6 +256,17 @@ def _sync_site_changes(b: dict, c: dict) -> str:
     shown = [text for _, text in sorted(changes, key=lambda change: change[0])]
     return ", ".join(shown[:MAX_SITES_SHOWN]) + (f", {len(shown) - MAX_SITES_SHOWN} more" if len(shown) >
                                                  MAX_SITES_SHOWN else "")
+
+
+def _collective_site_changes(b: dict, c: dict) -> str:
+    """Where collectives/step changed, from the cells' `collective_sites` ({file:line: collectives per step})."""
+    base, cand = b.get("collective_sites"), c.get("collective_sites")
+    if not isinstance(base, dict) or not isinstance(cand, dict):
+        return ""
+    changes = [(float(base.get(s, 0.0)) - float(n), f"{float(n) - float(base.get(s, 0.0)):+g}/step at {s}")
+               for s, n in cand.items() if abs(float(n) - float(base.get(s, 0.0))) > SYNCS_TOLERANCE]
+    changes += [(float(n), f"{-float(n):+g}/step at {s} (gone)") for s, n in base.items() if s not in cand]
+    return ", ".join(text for _, text in sorted(changes)[:MAX_SITES_SHOWN])
 
 
 def _sites_per_step(record: dict) -> dict[str, tuple[float, str]] | None:

@@ -41,7 +41,7 @@ FORMAT = "loopmark-results"
 FORMAT_VERSION = 1
 
 VERDICTS = ("identical", "equivalent", "different", "unverified", "broken")  # from best to worst
-BASELINES = {"train": "baseline", "eval": "eval_baseline"}  # each kind's yardstick variant
+BASELINES = {"train": "baseline", "eval": "eval_baseline", "ddp": "ddp_baseline"}  # each kind's yardstick variant
 FLOOR_VARIANT = "cuda_graph_step"  # the whole step replayed as one CUDA graph: a workload's launch-overhead floor
 TRACE_VARIANT = "trace"  # the variant of a script measured by `loopmark trace` (its workload: the script's name)
 # a cell's status once it is finished: ok, or skipped, or one of the faults that stay in their cell (`timeout`: it ran
@@ -64,10 +64,16 @@ CSV_COLUMNS = [
     # growth with its error and what it means (`derive`); timing reliability from each block's load readings
     "memory_growth_se_bytes_per_step", "memory_growth_class", "reliability", "cpu_wait_fraction_max",
     "main_cpu_over_wall_min", "others_running_max",
+    # distributed cells: processes, and the collectives per optimizer step with the bytes they send (the worst rank's)
+    "ranks", "collectives_per_step", "comm_bytes_per_step",
 ]
 # what only results.json keeps, per cell
 RAW_FIELDS = ["step_times_s", "block_medians_s", "memory_trace_bytes", "sync_sites", "description",
-              "sync_kinds", "sync_site_details", "block_load", "timing_rounds"]
+              "sync_kinds", "sync_site_details", "block_load", "timing_rounds",
+              # distributed cells: per rank, in rank order, and which collectives from where
+              "rank_syncs_per_step", "rank_peak_memory_bytes", "rank_memory_growth_bytes_per_step",
+              "rank_collectives_per_step", "rank_comm_bytes_per_step", "rank_block_medians_s", "collective_ops",
+              "collective_sites"]
 BOOL_COLUMNS = ["retains_graph", "noisy", "verdict_as_expected"]
 TEXT_COLUMNS = [
     "workload", "variant", "device", "device_name", "torch_version", "verdict", "expected_verdict", "status",
@@ -75,7 +81,7 @@ TEXT_COLUMNS = [
 ]
 NUMERIC_COLUMNS = [c for c in CSV_COLUMNS if c not in BOOL_COLUMNS and c not in TEXT_COLUMNS]
 COUNT_COLUMNS = {"batch_size", "steps", "repeats", "warmup_steps", "param_tensors", "peak_memory_bytes",
-                 "allocator_counter_peak_bytes"}
+                 "allocator_counter_peak_bytes", "ranks"}
 
 
 # -- the rules ------------------------------------------------------------------------------------------
@@ -126,6 +132,7 @@ class CellSpec:
     repeats: int | None = None
     warmup_steps: int | None = None
     expected_verdict: str | None = None
+    ranks: int | None = None  # a distributed cell's processes (its batch_size is the global batch, all ranks')
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -450,6 +457,12 @@ LATEST = "latest"  # under a results root: a symlink to the newest run directory
 def holds_results(directory) -> bool:
     """Whether `directory` holds the results of a run (results.json or results.csv)."""
     return any((Path(directory) / name).exists() for name in ("results.json", "results.csv"))
+
+
+def clear_results(directory) -> None:
+    """Remove a run's results from `directory` (`--overwrite` of a run whose cells are written by other processes)."""
+    for name in ("results.json", "results.csv", "untimed.json"):
+        (Path(directory) / name).unlink(missing_ok=True)
 
 
 def check_writable(directory) -> Path:
