@@ -160,7 +160,7 @@ class Loopmark:
 
     def measure(self, workload, variant, *, steps: int | None = None, device=None, repeats: int | None = None,
                 warmup: int | None = None, seed: int | None = None, check_steps: int | None = None,
-                memory_steps: int | None = None) -> LoopmarkResult:
+                memory_steps: int | None = None, nproc_per_node: int = 2) -> LoopmarkResult:
         """Measure one cell: `variant` (a loop function `fn(run)`, a built-in name such as "baseline", or
         "package.module:function") on `workload` (a function returning a `loops.Workload`, a Workload, or a name).
 
@@ -168,7 +168,12 @@ class Loopmark:
         after `warmup` untimed steps, and returns the cell's record. The first cell of a test is timed by
         pytest-benchmark when it is active, the others by loopmark. A loop that raises while measured fails the
         test with its traceback; a cell that ends in error, timeout or oom while timed fails it with the message.
-        `device` and `steps` default to --loopmark-device / --loopmark-steps, then cpu and 16."""
+        `device` and `steps` default to --loopmark-device / --loopmark-steps, then cpu and 16.
+
+        A distributed variant (ddp_*, or a loop marked `@loops.distributed()`) runs as `loopmark run --nproc-per-node
+        N` runs it: `nproc_per_node` processes under torchrun, its group's ddp_baseline first, timed by loopmark (other
+        processes are not pytest-benchmark's to time). Its workload and variant must then be importable by name: a
+        name, or a function defined at the top level of a module."""
         __tracebackhide__ = True
         import torch
 
@@ -179,8 +184,10 @@ class Loopmark:
         s = self._session.settings(steps=steps, repeats=repeats, warmup=warmup, seed=seed, check_steps=check_steps,
                                    memory_steps=memory_steps)
         dev = self._device(device, torch)
-        wl, cache = self._session.workload(workload)
         v = _variant(variant)
+        if v.kind == "ddp":
+            return self._measure_distributed(workload, v, self._device(device, torch), s, nproc_per_node)
+        wl, cache = self._session.workload(workload)
         if v.requires == "cuda" and dev.type != "cuda":
             pytest.skip(f"{v.name} needs a CUDA GPU")
         staged = stage_batches(wl, "test" if v.kind == "eval" else "train", s.steps, dev)
@@ -197,12 +204,42 @@ class Loopmark:
         record = alone_record(spec, m, s.seed)
         if benchmark is not None:
             benchmark.extra_info["loopmark"] = results._clean({**record, "steps_per_round": s.steps})
+        return self._keep(record)
+
+    def _keep(self, record: dict) -> LoopmarkResult:
+        """A measured cell: in the session's results and this test's; a fault fails the test with its message."""
+        __tracebackhide__ = True
         self._session.add(record, self._request.node.nodeid)
         result = LoopmarkResult(record)
         self.results.append(result)
         if record["status"] in ("error", "timeout", "oom"):
-            pytest.fail(f"{_cell_name(result)}: {record['status']} while timed: {record.get('error')}", pytrace=False)
+            pytest.fail(f"{_cell_name(result)}: {record['status']}: {record.get('error')}", pytrace=False)
         return result
+
+    def _measure_distributed(self, workload, v, dev, s, nproc: int) -> LoopmarkResult:
+        """A distributed cell, measured by `loopmark run --nproc-per-node` in processes of its own."""
+        __tracebackhide__ = True
+        import os
+        import subprocess
+        import sys
+
+        from reports import results
+
+        name = workload if isinstance(workload, str) else _importable(workload, "workload")
+        out = Path(tempfile.mkdtemp(prefix="ddp-", dir=self._session.scratch()))
+        cmd = [sys.executable, "-m", "bench", "run", "--nproc-per-node", str(nproc), "--device", dev.type,
+               "--workload", name, "--variant", v.name, "--steps", str(s.steps), "--repeats", str(s.repeats),
+               "--warmup", str(s.warmup), "--seed", str(s.seed), "--out", str(out / "run")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # what this session imports
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0 or not (out / "run" / "results.json").exists():
+            lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
+            pytest.fail(f"{v.name}: loopmark run --nproc-per-node {nproc} failed: {lines[-1] if lines else '?'}",
+                        pytrace=False)
+        found = [r for r in results.read_results(out / "run")[1] if r["variant"] == v.name]
+        if not found:
+            pytest.fail(f"{v.name}: no cell in {out / 'run'}", pytrace=False)
+        return self._keep(found[0])
 
     def _device(self, device, torch):
         __tracebackhide__ = True
@@ -223,6 +260,16 @@ class Loopmark:
     def assert_correct(result: LoopmarkResult, verdict=None) -> None:
         __tracebackhide__ = True
         assert_correct(result, verdict)
+
+
+def _importable(fn, what: str) -> str:
+    """`package.module:function` of a top-level function, which another process can import."""
+    __tracebackhide__ = True
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or not callable(fn) or "<" in qualname or "." in qualname:
+        pytest.fail(f"{what} {fn!r}: a distributed cell runs in other processes; give a name or a function defined "
+                    "at the top level of a module", pytrace=False)
+    return f"{module}:{qualname}"
 
 
 def _variant(variant):

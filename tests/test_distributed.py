@@ -1,0 +1,133 @@
+"""Distributed cells (the ddp_* variants) under torchrun: 2 ranks with gloo on the CPU, as `loopmark run
+--nproc-per-node 2` starts them; a rank that crashes or hangs; and what runs without a process group."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loops import Idioms, TrainLoop, builtin_names, resolve_variant, resolve_workload
+from reports import results
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--device", "cpu", "--steps", "3", "--repeats", "1", "--warmup", "2"]
+
+
+def loopmark(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def left_behind(marker: str) -> list[str]:
+    """Processes whose command line names `marker` (an --out directory of one test)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and int(pid) != os.getpid():
+            found.append(cmdline)
+    return found
+
+
+def test_distributed_run_gives_every_verdict_and_counts_collectives(tmp_path):
+    """Every built-in ddp variant gets its declared verdict with 2 ranks; collectives/step show that no_sync around
+    backward() alone all-reduces every micro-batch; per-rank figures are kept; and `compare` fails a loop that
+    all-reduces once more per step, naming the line."""
+    out = tmp_path / "run"
+    done = loopmark("run", "--nproc-per-node", "2", *SMALL, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    env, records = results.read_results(out)
+    assert env["ranks"] == 2 and env["backend"] == "gloo"
+    cells = {r["variant"]: r for r in records}
+    assert set(cells) == set(builtin_names("ddp"))
+    for r in records:
+        assert r["status"] == "ok" and r["verdict_as_expected"], (r["variant"], r["verdict"], r["verdict_reason"])
+        assert r["ranks"] == 2 and r["batch_size"] == 2 * resolve_workload("mlp").batch_size
+        assert len(r["rank_syncs_per_step"]) == 2 and len(r["rank_peak_memory_bytes"]) == 2
+    accumulate = resolve_variant("ddp_grad_accum_no_sync")
+    k = Idioms(accumulate=2).accumulate
+    assert accumulate.description.startswith(f"{k} micro-batches")
+    assert cells["ddp_grad_accum_no_sync"]["collectives_per_step"] * k == \
+        cells["ddp_no_sync_backward_only"]["collectives_per_step"] == 2
+    assert cells["ddp_baseline"]["collectives_per_step"] == 1
+    assert cells["ddp_find_unused_parameters"]["collectives_per_step"] == 2  # the used-parameter map, every step
+    assert cells["ddp_loss_allreduce_per_step"]["collectives_per_step"] == 2
+    assert "ranks' parameters differ after step 1" in cells["ddp_no_sync_off_by_one"]["verdict_reason"]
+    assert "ddp" in done.stdout and "collectives" in done.stdout  # the summary's column
+
+    planted = tmp_path / "planted"
+    done = loopmark("run", "--nproc-per-node", "2", *SMALL, "--out", str(planted), "--variant", "ddp_baseline",
+                    "--workload", "tests.distributed_loops:mlp_with_extra_all_reduce")
+    assert done.returncode == 0, done.stderr[-3000:]
+    compared = loopmark("compare", str(out), str(planted), "--only-deterministic")
+    assert compared.returncode == 1, compared.stdout
+    assert "collectives/step changed: 1 -> 2" in compared.stdout
+    assert "tests/distributed_loops.py" in compared.stdout
+
+
+def test_a_crashed_or_hung_rank_faults_its_cell_alone(tmp_path):
+    """A rank killed mid-cell gives that cell `error` naming the rank; a rank stuck where no signal reaches it gives
+    `timeout` naming where it stopped; the cells before and after are measured, and no process is left."""
+    out = tmp_path / "faults"
+    done = loopmark("run", "--nproc-per-node", "2", *SMALL, "--cell-timeout", "6", "--out", str(out),
+                    "--variant", "tests.distributed_loops:crash_on_rank_1",
+                    "--variant", "tests.distributed_loops:stuck_on_rank_1", "--variant", "ddp_static_graph")
+    assert done.returncode == 0, done.stderr[-3000:]
+    cells = {r["variant"]: r for r in results.read_results(out)[1]}
+    crashed, stuck = cells["tests.distributed_loops:crash_on_rank_1"], cells["tests.distributed_loops:stuck_on_rank_1"]
+    assert crashed["status"] == "error" and crashed["error"].startswith("rank 1 ended (killed by SIGKILL)")
+    assert stuck["status"] == "timeout"
+    assert "rank 1 stopped at tests/distributed_loops.py" in stuck["error"] and "stuck_on_rank_1" in stuck["error"]
+    for name in ("ddp_baseline", "ddp_static_graph"):
+        assert cells[name]["status"] == "ok" and cells[name]["verdict_as_expected"], cells[name]
+    assert left_behind(str(out)) == []
+
+
+def test_distributed_variants_need_ranks_and_ranks_need_distributed_variants(tmp_path):
+    """Asking for a ddp variant without --nproc-per-node, or a one-process variant with it: one line, exit 2."""
+    alone = loopmark("run", "--variant", "ddp_baseline", "--quick", "--out", str(tmp_path / "a"))
+    assert alone.returncode == 2 and "--nproc-per-node" in alone.stderr and "Traceback" not in alone.stderr
+    mixed = loopmark("run", "--nproc-per-node", "2", "--variant", "tensor_sum", "--out", str(tmp_path / "b"))
+    assert mixed.returncode == 2 and "runs in one process" in mixed.stderr and "Traceback" not in mixed.stderr
+
+
+def test_no_sync_needs_ddp():
+    """A loop asked to skip DDP's all-reduce on a model DDP does not wrap says so, rather than silently syncing."""
+    loop = TrainLoop(Idioms(accumulate=2, no_sync="forward_and_backward"), torch.nn.Linear(4, 2),
+                     torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=0.1), torch.device("cpu"))
+    model = torch.nn.Linear(4, 2)
+    run = __import__("loops").Run(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                                  [(torch.randn(4, 4), torch.tensor([0, 1, 0, 1]))], torch.device("cpu"))
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        loop(run)
+
+
+def test_compositions_under_ddp_expect_the_idiom_verdict():
+    """ddp_baseline+IDIOM is IDIOM under DDP, judged against ddp_baseline: it expects what IDIOM expects."""
+    assert resolve_variant("ddp_baseline+zero_grad_missing").expected_for("mlp") == "broken"
+    assert resolve_variant("ddp_baseline+tensor_sum").expected_for("cnn") == "equivalent"
+    assert resolve_variant("ddp_baseline+tensor_sum").kind == "ddp"
+    assert resolve_variant("ddp_find_unused_parameters+ddp_static_graph").ddp == {"find_unused_parameters": True,
+                                                                                  "static_graph": True}
+
+
+def test_the_pytest_fixture_measures_a_distributed_cell(tmp_path):
+    """`loopmark.measure(..., "ddp_baseline")` in a user's test suite runs its ranks under torchrun and returns the
+    cell like any other, collectives and per-rank figures included."""
+    (tmp_path / "test_ddp_user.py").write_text(
+        "def test_ddp(loopmark):\n"
+        "    result = loopmark.measure('mlp', 'ddp_grad_accum_no_sync', steps=3, repeats=1, warmup=2)\n"
+        "    loopmark.assert_correct(result)\n"
+        "    assert result.collectives_per_step == 1 and result.ranks == 2\n"
+        "    assert len(result.rank_syncs_per_step) == 2\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           "-p", "no:benchmark", str(tmp_path / "test_ddp_user.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:]
