@@ -288,7 +288,12 @@ def global_batches(workload, epochs: int, steps: int, device: torch.device, rank
             loader = workload.loader("train", shard=(r, ranks))
             loader.sampler.set_epoch(e)
             parts.append(list(itertools.islice(loader, steps)))
-        for step in zip(*parts):
+        for n, step in enumerate(zip(*parts), 1):
+            shapes = {tuple(t.shape[1:]) for t in step[0] if isinstance(t, torch.Tensor)} if step else set()
+            if any({tuple(t.shape[1:]) for t in batch if isinstance(t, torch.Tensor)} != shapes for batch in step):
+                raise ValueError(f"the ranks' batches of step {n} have different shapes, so no single process can "
+                                 f"train on their union: {workload.name!r} has no global-batch reference for "
+                                 "ddp_baseline")
             merged.append(tuple(torch.cat(ts).to(device) for ts in zip(*step)))
     return merged
 

@@ -1,7 +1,7 @@
 """The report's answers, generated from the records: what each idiom costs on the devices measured, whether its
 variants are correct, where their syncs are, what their memory growth means. No figure here is written by hand:
 every number comes from a cell of the results (or of a committed GPU reference run), every threshold from
-`reports.stats`.
+`reports.stats` but `RANK_SPREAD`, how far apart the ranks of a distributed cell may measure and still agree.
 
 `findings(df, reference)` gives blocks for `reports.report` (see its `document`); the formatting helpers below
 are the report tables' too, so a figure reads the same in the findings and in the tables.
@@ -10,6 +10,7 @@ are the report tables' too, so a figure reads the same in the findings and in th
 from __future__ import annotations
 
 import math
+import statistics
 
 import pandas as pd
 
@@ -32,6 +33,20 @@ OPERATIONS = {
 RATIO_WORDS = "step time / baseline's, below 1 is faster"
 TABLE = ["variant", "correct?", "syncs/step: where", f"cost ({RATIO_WORDS}) [95% CI]", "memory growth/step ± 95% CI"]
 SEED_IDIOMS = ("baseline", "loss tracking", "zero_grad placement", "zeroing style", "evaluation")
+# a distributed idiom's table has this column after the syncs: what its ranks send each other, and from where
+COLLECTIVES_HEADER = "collectives/step: bytes sent, where"
+# the c10d operation names a distributed cell's `collective_ops` holds (bench/distributed.py), in a reader's words
+COLLECTIVES = {
+    "allreduce_": "all-reduce", "allreduce_coalesced_": "coalesced all-reduce", "broadcast_": "broadcast",
+    "allgather_": "all-gather", "_allgather_base_": "all-gather", "allgather_coalesced_": "coalesced all-gather",
+    "allgather_into_tensor_coalesced_": "coalesced all-gather", "reduce_scatter_": "reduce-scatter",
+    "_reduce_scatter_base_": "reduce-scatter", "reduce_scatter_tensor_coalesced_": "coalesced reduce-scatter",
+    "reduce_": "reduce", "gather_": "gather", "scatter_": "scatter", "alltoall_": "all-to-all",
+    "alltoall_base_": "all-to-all", "barrier": "barrier", "send": "send", "recv_": "receive",
+}
+# ranks agree when their counts (syncs, collectives, bytes sent) are equal and their peak memory and median step time
+# lie within this fraction of each other: timed side by side, ranks differ by their scheduling, not by their loop
+RANK_SPREAD = 0.10
 
 
 def findings(df: pd.DataFrame, reference: pd.DataFrame | None = None, reference_name: str | None = None,
@@ -44,9 +59,12 @@ def findings(df: pd.DataFrame, reference: pd.DataFrame | None = None, reference_
     for idiom, cells in _idioms(df):
         blocks.append(("h3", _idiom_title(idiom, cells)))
         blocks.append(("p", idiom_paragraph(idiom, cells, df, reference, reference_name)))
-        rows = [variant_row(variant, vcells, reference, reference_name) for variant, vcells in _variants(cells)]
+        collectives = is_distributed(cells)
+        rows = [variant_row(variant, vcells, reference, reference_name, collectives=collectives)
+                for variant, vcells in _variants(cells)]
         classes = ["broken" if (vcells["verdict"] == "broken").any() else "" for _, vcells in _variants(cells)]
-        blocks.append(("table", TABLE, rows, classes, set(), "findings"))
+        header = [*TABLE[:3], COLLECTIVES_HEADER, *TABLE[3:]] if collectives else TABLE
+        blocks.append(("table", header, rows, classes, set(), "findings distributed" if collectives else "findings"))
     return blocks
 
 
@@ -89,8 +107,12 @@ def idiom_paragraph(idiom: str, cells: pd.DataFrame, df: pd.DataFrame, reference
         return _baseline_paragraph(ok, where)
     names = list(dict.fromkeys(cells["variant"]))
     others = [n for n in names if n != base_name]
-    parts = [f"Measured: {_count(len(others), 'variant')} against `{base_name}` on {where}."]
+    ranks = _ranks(ok)
+    parts = [f"Measured: {_count(len(others), 'variant')} against `{base_name}` on {where}"
+             + (f", {ranks} ranks each." if ranks else ".")]
     parts.append(_sync_sentence(ok, df, base_name, reference, reference_name))
+    parts += _collective_sentences(ok, base_name)
+    parts.append(_rank_sentence(ok))
     parts.append(_correctness_sentence(cells))
     parts += _fastest_sentences(cells, df, base_name)
     parts.append(_memory_sentence(ok))
@@ -139,6 +161,64 @@ def _sync_sentence(ok: pd.DataFrame, df: pd.DataFrame, base_name: str, reference
     if reference is not None and len(reference) and set(ok["variant"]) & set(reference["variant"]):
         return text + f": see the GPU reference ({reference_name}) in the cost column."
     return text + ": run with `--device cuda` to measure it."
+
+
+def _collective_sentences(ok: pd.DataFrame, base_name: str) -> list[str]:
+    """Per workload and device, the collectives per step of the baseline and of the variants that issue more or
+    fewer, or send more or fewer bytes: what each idiom adds to the traffic between the ranks."""
+    out = []
+    groups = [(key, group) for key, group in by_workload_device(ok) if group["collectives_per_step"].map(_finite).any()]
+    for (workload, device), group in groups:
+        counted = [c for _, c in group.iterrows() if _finite(c["collectives_per_step"])]
+        where = f" on {workload}/{device}" if len(groups) > 1 else ""
+        base = next((c for c in counted if c["variant"] == base_name), None)
+        if base is None:
+            low = min(counted, key=lambda c: c["collectives_per_step"])
+            high = max(counted, key=lambda c: c["collectives_per_step"])
+            out.append(f"Collectives per step{where} range from {_collectives_short(low)} (`{low['variant']}`) to "
+                       f"{_collectives_short(high)} (`{high['variant']}`).")
+            continue
+        key = (base["collectives_per_step"], _or_zero(base["comm_bytes_per_step"]))
+        more = [c for c in counted if (c["collectives_per_step"], _or_zero(c["comm_bytes_per_step"])) > key]
+        fewer = [c for c in counted if (c["collectives_per_step"], _or_zero(c["comm_bytes_per_step"])) < key]
+        n, sent = base["collectives_per_step"], base["comm_bytes_per_step"]
+        text = (f"Each rank of `{base_name}` issues {_per_step(n)} collective{'' if n == 1 else 's'} per step{where}"
+                + (f", sending {human_bytes(sent)}" if _finite(sent) else ""))
+        if more:
+            text += "; more in " + ", ".join(f"`{c['variant']}` ({_collectives_short(c)})" for c in more)
+        if fewer:
+            text += ("," if more else ";") + " fewer in " + ", ".join(
+                f"`{c['variant']}` ({_collectives_short(c)})" for c in fewer)
+        if (more or fewer) and len(counted) > len(more) + len(fewer) + 1:
+            text += "; the others as many"
+        out.append(text + ".")
+    return out
+
+
+def _collectives_short(cell) -> str:
+    """`2 collectives, 300.0 KiB sent`: a cell's collectives per step and the bytes a rank sends in them."""
+    n, sent = cell["collectives_per_step"], cell.get("comm_bytes_per_step")
+    return f"{_per_step(n)} collective{'' if n == 1 else 's'}" + (f", {human_bytes(sent)} sent" if _finite(sent)
+                                                                  else "")
+
+
+def _rank_sentence(ok: pd.DataFrame) -> str:
+    """Whether the ranks of the idiom's distributed cells agree, naming those whose ranks differ and in what."""
+    measured = [c for _, c in ok.iterrows() if len(rank_figures(c)) > 1]
+    if not measured:
+        return ""
+    differ = [(c, rank_differences(c)) for c in measured]
+    differ = [(c, d) for c, d in differ if d]
+    ranks = "/".join(map(str, sorted({len(rank_figures(c)) for c in measured})))
+    if not differ:
+        return (f"The {ranks} ranks agree in every cell: equal syncs, collectives and bytes sent per step, peak memory "
+                f"and median step time within {RANK_SPREAD:.0%} of each other.")
+    one_place = len(set(zip(ok["workload"], ok["device"]))) == 1
+    items = [f"`{c['variant']}`" + ("" if one_place else f" on {c['workload']}/{c['device']}") + f": {', '.join(d)}"
+             for c, d in differ]
+    agree = len(measured) - len(differ)
+    rest = f"; they agree in the other {_count(agree, 'cell')}" if agree else ""
+    return f"The ranks differ in {'; '.join(items)}{rest}. Each rank's figures are under the tables below."
 
 
 def _correctness_sentence(cells: pd.DataFrame) -> str:
@@ -228,9 +308,11 @@ def _bytes_per_step(cell) -> str:
 
 # -- one variant ----------------------------------------------------------------------------------------------
 
-def variant_row(variant: str, cells: pd.DataFrame, reference=None, reference_name=None) -> list[str]:
+def variant_row(variant: str, cells: pd.DataFrame, reference=None, reference_name=None,
+                collectives: bool = False) -> list[str]:
     """[variant, correct?, syncs/step: where, cost, memory growth] of one variant over its workloads and devices;
-    several cells of a column are separated by a line break (in Markdown: `; `)."""
+    several cells of a column are separated by a line break (in Markdown: `; `). `collectives`: with
+    `COLLECTIVES_HEADER`'s column after the syncs (a distributed idiom's table)."""
     first = cells.iloc[0]
     broken = (cells["verdict"] == "broken").any()
     name = f"**{variant}**" if broken else f"`{variant}`"
@@ -241,7 +323,7 @@ def variant_row(variant: str, cells: pd.DataFrame, reference=None, reference_nam
     if ok.empty:
         statuses = "\n".join(f"{c['workload']}/{c['device']}: {c['status']}" + (
             f" ({c['error']})" if isinstance(c.get("error"), str) and c["error"] else "") for _, c in cells.iterrows())
-        return [name, statuses, "–", "–", "–"]
+        return [name, statuses, "–", *(["–"] if collectives else []), "–", "–"]
     correct = _verdicts(ok)
     syncs = sync_summary(ok.iloc[0], short=True)
     if is_baseline(first):
@@ -262,7 +344,9 @@ def variant_row(variant: str, cells: pd.DataFrame, reference=None, reference_nam
     if len(others):
         correct += "\nnot measured on " + ", ".join(f"{c['workload']}/{c['device']} ({c['status']})"
                                                     for _, c in others.iterrows())
-    return [name, correct, syncs, "\n".join(costs) or "–", "\n".join(memory) or "–"]
+    sent = ["\n".join(_prefixed(c, collective_summary(c), len(ok))) for _, c in ok.iterrows()] if collectives else []
+    return [name, correct, syncs, *(["\n".join(sent)] if collectives else []), "\n".join(costs) or "–",
+            "\n".join(memory) or "–"]
 
 
 # what `identical` and `equivalent` always mean (README, Verdicts): the row says the word, the reason is in the table
@@ -347,6 +431,72 @@ def sync_summary(cell, short: bool = False) -> str:
     return f"{_per_step(syncs)}/step: " + "; ".join(texts)
 
 
+def collective_summary(cell) -> str:
+    """`1/step (all-reduce), 300.0 KiB sent`, then one line per loop line that issues them (`1 per step:
+    `loops/canonical.py:173``): the c10d collectives one rank issues per optimizer step (the worst rank's), the bytes
+    it sends in them, and where the loop calls them."""
+    n = cell.get("collectives_per_step")
+    if not _finite(n):
+        return "not counted"
+    if n == 0:
+        return "0: none"
+    raw, ops = cell.get("collective_ops"), {}
+    for op, count in raw.items() if isinstance(raw, dict) else ():
+        ops[COLLECTIVES.get(op, op)] = ops.get(COLLECTIVES.get(op, op), 0) + count
+    kinds = ", ".join(op if len(ops) == 1 else f"{op} ×{_per_step(count)}" for op, count in ops.items())
+    sent = cell.get("comm_bytes_per_step")
+    lines = [f"{_per_step(n)}/step" + (f" ({kinds})" if kinds else "")
+             + (f", {human_bytes(sent)} sent" if _finite(sent) else "")]
+    sites = cell.get("collective_sites")
+    steps = cell.get("steps")
+    for site, per_step in sorted(sites.items(), key=lambda kv: (-kv[1], kv[0])) if isinstance(sites, dict) else ():
+        count = per_step * steps if _finite(per_step) and _finite(steps) else None
+        whole = count if _finite(count) and abs(count - round(count)) < 1e-6 else None
+        lines.append(f"{_when(whole, per_step, steps)}: `{site}`")
+    return "\n".join(lines)
+
+
+def rank_figures(cell) -> list[dict]:
+    """Each rank's own figures of a distributed cell, in rank order: `syncs`, `collectives`, `sent` (per step),
+    `peak` (bytes) and `median_s` (the median over timed blocks of the rank's block median step time); None where a
+    rank's is missing, [] for a cell without per-rank figures (not distributed, or results written before them)."""
+    fields = {"syncs": "rank_syncs_per_step", "collectives": "rank_collectives_per_step",
+              "sent": "rank_comm_bytes_per_step", "peak": "rank_peak_memory_bytes"}
+    lists = {key: cell.get(name) for key, name in fields.items()}
+    lists = {key: value if isinstance(value, list) else [] for key, value in lists.items()}
+    blocks = cell.get("rank_block_medians_s")
+    blocks = [b for b in blocks if isinstance(b, list)] if isinstance(blocks, list) else []
+    n = max([len(v) for v in lists.values()] + [len(b) for b in blocks], default=0)
+    out = []
+    for rank in range(n):
+        figures = {key: (value[rank] if rank < len(value) and _finite(value[rank]) else None)
+                   for key, value in lists.items()}
+        times = [b[rank] for b in blocks if rank < len(b) and _finite(b[rank])]
+        out.append({"rank": rank, **figures, "median_s": statistics.median(times) if times else None})
+    return out
+
+
+def rank_differences(cell) -> list[str]:
+    """What the ranks of a distributed cell differ in (`syncs/step`, `median step time (18% apart)`); [] where they
+    agree: equal counts, peak memory and median step time within `RANK_SPREAD` of each other."""
+    ranks = rank_figures(cell)
+    out = []
+    for key, words in (("syncs", "syncs/step"), ("collectives", "collectives/step"), ("sent", "bytes sent/step")):
+        if len({r[key] for r in ranks if r[key] is not None}) > 1:
+            out.append(words)
+    for key, words in (("peak", "peak memory"), ("median_s", "median step time")):
+        values = [r[key] for r in ranks if r[key] is not None and r[key] > 0]
+        if len(values) > 1 and max(values) / min(values) - 1 > RANK_SPREAD:
+            out.append(f"{words} ({max(values) / min(values) - 1:.0%} apart)")
+    return out
+
+
+def is_distributed(cells: pd.DataFrame) -> bool:
+    """Whether any of `cells` is a distributed one (kind `ddp`, or its collectives counted)."""
+    counted = cells["collectives_per_step"].map(_finite).any() if "collectives_per_step" in cells else False
+    return bool((cells["kind"] == "ddp").any() or counted)
+
+
 def sync_sites(cell) -> list[dict]:
     """A cell's sync sites: `site` (file:line), `per_step`, `when` ("1 per step", "1 per 16-step epoch"),
     `operation` and `code` (the line, where the results hold it). From `sync_site_details` where the results have it,
@@ -421,6 +571,24 @@ def _idioms(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 def _variants(cells: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return [(v, cells[cells["variant"] == v]) for v in dict.fromkeys(in_display_order(cells)["variant"])]
+
+
+def _prefixed(cell, text: str, cells: int) -> list[str]:
+    """`text`'s lines, the first prefixed with the cell's `workload/device: ` where a row holds several cells."""
+    lines = text.split("\n")
+    if cells > 1:
+        lines[0] = f"{cell['workload']}/{cell['device']}: {lines[0]}"
+    return lines
+
+
+def _ranks(cells: pd.DataFrame) -> str:
+    """The number of ranks of distributed cells (`2`, or `2/4` where they differ); "" for none."""
+    values = sorted({int(r) for r in cells["ranks"] if _finite(r)}) if "ranks" in cells else []
+    return "/".join(map(str, values))
+
+
+def _or_zero(v) -> float:
+    return float(v) if _finite(v) else 0.0
 
 
 def _first_per_variant(cells: pd.DataFrame):

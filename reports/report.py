@@ -16,7 +16,16 @@ from pathlib import Path
 import pandas as pd
 
 from reports import plots, results, stats
-from reports.findings import findings, growth_text, ratio_text, sync_sites
+from reports.findings import (
+    RANK_SPREAD,
+    findings,
+    growth_text,
+    is_distributed,
+    rank_differences,
+    rank_figures,
+    ratio_text,
+    sync_sites,
+)
 from reports.load import PYTEST_BENCHMARK, by_workload_device, in_display_order, load_records, to_frame
 from reports.results import FLOOR_VARIANT, TRACE_VARIANT
 from reports.units import human_bytes
@@ -40,6 +49,8 @@ TABLE_HEADER = ["variant", "samples/s", RATIO_HEADER, "syncs/step", *MEMORY_HEAD
                 "verdict", "reason"]
 TABLE_NUMERIC = {1, 2, 3, 4, 6}  # right-aligned columns (the growth, with its words, wraps)
 FLOOR_HEADER = f"ratio to floor ({FLOOR_VARIANT})"
+COLLECTIVES_HEADER = "collectives/step (sent)"  # a group with distributed cells has it after the syncs
+RANK_HEADER = ["rank", "syncs/step", "peak memory", "collectives/step", "sent/step", "median step time"]
 # committed GPU reference runs, `results/reference/<gpu>/results.json`: shown beside a run without CUDA cells
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "results" / "reference"
 CSS = """
@@ -58,6 +69,8 @@ h3 + p { margin-top: .3em; } li { margin: .25em 0; }
 table.findings { width: 100%; font-size: 12.5px; } table.findings td, table.findings th { line-height: 1.25; }
 table.findings td:nth-child(1) { width: 22%; } table.findings td:nth-child(2) { width: 13%; }
 table.findings td:nth-child(3) { width: 30%; } table.findings td:nth-child(4) { width: 16%; }
+table.distributed td:nth-child(1) { width: 18%; } table.distributed td:nth-child(2) { width: 11%; }
+table.distributed td:nth-child(3) { width: 22%; } table.distributed td:nth-child(4) { width: 18%; }
 """
 
 
@@ -151,8 +164,8 @@ def document(envs: list[dict], df: pd.DataFrame, images: dict, reference: dict |
     ("table", header, rows, row_classes, numeric column indices), ("image", title, file name, png bytes).
 
     First the run (settings, the load it ran under), then the findings (`reports.findings`: per idiom, what it costs,
-    whether it is correct, where its syncs are), the summary, a table per workload and device, the sync sites, the
-    GPU reference beside a CPU-only run, the plots."""
+    whether it is correct, where its syncs are), the summary, a table per workload and device (with its distributed
+    cells' ranks where they differ), the sync sites, the GPU reference beside a CPU-only run, the plots."""
     blocks: list[tuple] = [("h1", "loopmark report")]
     for i, env in enumerate(envs, 1):  # the load the timed blocks saw, of all the inputs, under the last one
         blocks += [("list", _environment_lines(env) + _settings_lines(env, df) + (_load_lines(df) if i == len(envs)
@@ -168,6 +181,10 @@ def document(envs: list[dict], df: pd.DataFrame, images: dict, reference: dict |
         blocks.append(("h2", f"{workload} on {device}" + (f" ({names[0]})" if names else "")))
         rows, classes = zip(*(_row(cell) for cell in cells.to_dict("records")))
         header, numeric = _table_header(device), TABLE_NUMERIC
+        if is_distributed(cells):  # what the ranks send each other, beside the syncs
+            header = [*header[:4], COLLECTIVES_HEADER, *header[4:]]
+            rows = [[*row[:4], _collectives(cell), *row[4:]] for row, cell in zip(rows, cells.to_dict("records"))]
+            numeric = {i + (i >= 4) for i in numeric} | {4}
         if cells["ratio_to_floor"].notna().any():  # a CUDA group with its whole-step CUDA graph timed
             header = [*header[:3], FLOOR_HEADER, *header[3:]]
             rows = [[*row[:3], _floor(cell), *row[3:]] for row, cell in zip(rows, cells.to_dict("records"))]
@@ -181,6 +198,7 @@ def document(envs: list[dict], df: pd.DataFrame, images: dict, reference: dict |
                              "a quiet machine; or blocks not timed in rounds with the baseline's):"),
                        ("list", [f"`{c['variant']}`: {c['reliability'].removeprefix('unreliable: ')}"
                                  for c in unreliable])]
+        blocks += _rank_blocks(cells, _backends(envs))
         for cell in cells.to_dict("records"):
             blocks += _trace_blocks(cell)
     blocks += _sync_section(measured)
@@ -269,6 +287,9 @@ def _environment_lines(env: dict) -> list[str]:
                  human_bytes(gpu["memory_total_bytes"]) if gpu.get("memory_total_bytes") else None]
         details = ", ".join(x for x in extra if x)
         lines.append(f"GPU: {gpu['name']}" + (f" ({details})" if details else ""))
+    if env.get("ranks"):  # a run of distributed cells under torchrun
+        lines.append(f"distributed: {env['ranks']} ranks" + (f", {env['backend']} backend" if env.get("backend")
+                                                             else ""))
     return lines
 
 
@@ -395,6 +416,12 @@ def _reading_guide(df: pd.DataFrame) -> list[tuple]:
                      "step boundaries, ± its 95 % interval; the memory-over-steps plot shows the same heap.")
     if "cuda" in devices:
         items.append("On CUDA, both memory figures are the caching allocator's allocated bytes.")
+    if is_distributed(df):
+        items.append("A **distributed** cell (`ddp_*`) runs on every rank at once: its batch is the global one (all "
+                     "ranks'), each step's time the slowest rank's, its syncs, memory and collectives the worst "
+                     "rank's. **collectives/step** counts the c10d collectives a rank issues per optimizer step (DDP's "
+                     "gradient all-reduces and the loop's own), **sent** the bytes of the tensors it sends in them. "
+                     "Where the ranks differ, a table gives each rank's own figures.")
     items.append(f"A growth is a **leak** when its 95 % interval lies above 0 and it exceeds "
                  f"{human_bytes(stats.LEAK_BYTES_PER_STEP)}/step; it **grows** when significant and above "
                  f"{stats.GROWS_BYTES_PER_STEP} B/step; else **no growth** (the interval includes 0, it falls, or a "
@@ -459,6 +486,52 @@ def _reference_section(reference: dict, df: pd.DataFrame) -> list[tuple]:
                    ("table", ["variant", f"GPU: {RATIO_HEADER}", "GPU syncs/step", f"this run: {RATIO_HEADER}",
                               "this run: syncs/step", "verdict (GPU)"], rows, [""] * len(rows), {1, 2, 3, 4})]
     return blocks
+
+
+def _rank_blocks(cells: pd.DataFrame, backend: str) -> list[tuple]:
+    """The ranks of a group's distributed cells: one line naming the cells whose ranks agree (the worst rank's
+    figures in the table stand for every rank), and where they differ each rank's own figures, so that a rank that
+    syncs, sends or holds more, or runs slower, than the others is seen."""
+    measured = [c for c in cells.to_dict("records") if c["status"] == "ok" and len(rank_figures(c)) > 1]
+    if not measured:
+        return []
+    counts = sorted({len(rank_figures(c)) for c in measured})
+    title = f"Per rank ({'/'.join(map(str, counts))} ranks" + (f", {backend}" if backend else "") + ")"
+    blocks: list[tuple] = [("h3", title)]
+    agree = [c for c in measured if not rank_differences(c)]
+    if agree:
+        which = "every distributed cell" if len(agree) == len(measured) else \
+            f"{len(agree)} of the {len(measured)} distributed cells (all but those below)"
+        n = "/".join(map(str, sorted({len(rank_figures(c)) for c in agree})))
+        blocks.append(("p", f"The {n} ranks agree in {which}: equal syncs, collectives and bytes sent per step, peak "
+                            f"memory and median step time within {RANK_SPREAD:.0%} of each other."))
+    for cell in measured:
+        differences = rank_differences(cell)
+        if not differences:
+            continue
+        variant = f"**{cell['variant']}**" if cell["verdict"] == "broken" else f"`{cell['variant']}`"
+        timed = any(d.startswith("median step time") for d in differences)
+        blocks.append(("p", f"{variant}: its {len(rank_figures(cell))} ranks differ in {', '.join(differences)}."
+                       + (" Its timing is marked unreliable (the reason is under the table above): the ranks' step "
+                          "times may differ by the interference." if timed and _unreliable(cell) else "")))
+        rows = [[str(r["rank"]), _number(r["syncs"]), human_bytes(r["peak"]) if _finite(r["peak"]) else "–",
+                 _number(r["collectives"]), human_bytes(r["sent"]) if _finite(r["sent"]) else "–",
+                 _ms(r["median_s"])] for r in rank_figures(cell)]
+        blocks.append(("table", RANK_HEADER, rows, [""] * len(rows), set(range(len(RANK_HEADER)))))
+    return blocks
+
+
+def _backends(envs: list[dict]) -> str:
+    """The process-group backends (gloo, nccl) of the runs reported on, "" where none says."""
+    return ", ".join(dict.fromkeys(str(env["backend"]) for env in envs if env.get("backend")))
+
+
+def _collectives(cell: dict) -> str:
+    """`1 (300.0 KiB)`: a distributed cell's collectives per step and the bytes a rank sends in them."""
+    if not _finite(cell.get("collectives_per_step")):
+        return "–"
+    sent = cell.get("comm_bytes_per_step")
+    return _number(cell["collectives_per_step"]) + (f" ({human_bytes(sent)})" if _finite(sent) else "")
 
 
 def _is_broken(cells: pd.DataFrame, variant: str) -> bool:
@@ -547,6 +620,12 @@ def _number(v) -> str:
     if abs(v) >= 1000:
         return f"{v:,.0f}"
     return f"{v:.0f}" if float(v).is_integer() else f"{v:.3g}"
+
+
+def _ms(seconds) -> str:
+    if not _finite(seconds):
+        return "–"
+    return f"{seconds * 1e3:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} µs"
 
 
 def _finite(v) -> bool:
