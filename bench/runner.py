@@ -124,7 +124,7 @@ def cell_spec(workload: Workload | str, variant: Variant, device: torch.device, 
                     idiom=variant.idiom, description=variant.description, device_name=name,
                     torch_version=torch.__version__, batch_size=batch * ranks if batch and ranks else batch,
                     steps=s.steps, repeats=s.repeats, warmup_steps=s.warmup,
-                    expected_verdict=variant.expected_for(wname), ranks=ranks)
+                    expected_verdict=variant.expected_for(wname, ranks), ranks=ranks)
 
 
 class CellTimeout(BaseException):

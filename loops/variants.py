@@ -14,6 +14,7 @@ A user's variant is a plain function `fn(run: loops.Run)` named `package.module:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,16 +46,19 @@ class Variant:
         field(default=None, compare=False)
     # a "ddp" variant's DistributedDataParallel options (find_unused_parameters, ...): the model it trains is wrapped
     ddp: dict | None = None
+    alone: str | None = None  # a "ddp" variant's verdict with a single rank, where its bug needs two to show
+
+    def expected_for(self, workload: str, ranks: int | None = None) -> str | None:
+        if ranks == 1 and self.alone:
+            return self.alone
+        if self.expected is None:
+            return None
+        return self.expected.get(workload, self.expected.get("*"))
 
     def loop_for(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device) -> Callable[[Run], Any]:
         """The loop a cell calls once per epoch, made when the cell is built."""
         return self.prepare(model, optimizer, device) if self.prepare else self.fn
-
-    def expected_for(self, workload: str) -> str | None:
-        if self.expected is None:
-            return None
-        return self.expected.get(workload, self.expected.get("*"))
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class _Builtin:
     kind: str = "train"
     input_loader: dict | None = None  # DataLoader options: the variant reads a live loader, not staged batches
     ddp: dict | None = None  # DistributedDataParallel options: the variant runs under torchrun, one process per rank
+    alone: str | None = None  # the verdict it expects with a single rank, where its bug needs two ranks to show
 
 
 def _train(idiom, description, expected="identical", input_loader=None, **changes):
@@ -76,8 +81,8 @@ def _eval(idiom, description, expected="identical", **changes):
     return _Builtin(idiom, description, changes, _as_dict(expected), kind="eval")
 
 
-def _ddp(description, expected="identical", ddp=None, **changes):
-    return _Builtin("distributed", description, changes, _as_dict(expected), kind="ddp", ddp=ddp or {})
+def _ddp(description, expected="identical", ddp=None, alone=None, **changes):
+    return _Builtin("distributed", description, changes, _as_dict(expected), kind="ddp", ddp=ddp or {}, alone=alone)
 
 
 def _as_dict(expected):
@@ -194,7 +199,7 @@ BUILTINS: dict[str, _Builtin] = {
                                       accumulate=2, no_sync="backward_only"),
     "ddp_no_sync_off_by_one": _ddp("2 micro-batches, no_sync() on all but the first: the last micro-batch is never "
                                    "all-reduced, so the ranks step on different gradients (bug)", "broken",
-                                   accumulate=2, no_sync="off_by_one"),
+                                   alone="equivalent", accumulate=2, no_sync="off_by_one"),
     "ddp_missing_set_epoch": _ddp("no sampler.set_epoch(epoch): every epoch draws the same order", "different",
                                   set_epoch=False),
     "ddp_loss_allreduce_per_step": _ddp("dist.all_reduce(loss) and .item() every step: the mean over ranks",
@@ -289,8 +294,12 @@ def _compose(names: list[str]) -> Variant:
     expected, interaction = _expected(judged, changes)
     if interaction:
         description += f"; together: {interaction.reason}"
+    alone = None  # with one rank: a part whose bug needs two expects its `alone` verdict, the others their own
+    if any(p.alone for p in judged):
+        alone = _expected([dataclasses.replace(p, expected={"*": p.alone}) if p.alone else p for p in judged],
+                          changes)[0].get("*")
     return Variant(name, idiom, description, kind, fn, expected, requires, loaders[0] if loaders else None,
-                   changes.get("cuda_graph", False), prepare, ddp)
+                   changes.get("cuda_graph", False), prepare, ddp, alone)
 
 
 def _expected(parts: list[_Builtin], changes: dict) -> tuple[dict, Interaction | None]:

@@ -131,3 +131,10 @@ def test_the_pytest_fixture_measures_a_distributed_cell(tmp_path):
                            "-p", "no:benchmark", str(tmp_path / "test_ddp_user.py")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_a_bug_that_needs_two_ranks_expects_no_bug_on_one():
+    """With one rank nothing can diverge: the off-by-one no_sync expects `equivalent` there, `broken` with two."""
+    v = resolve_variant("ddp_no_sync_off_by_one")
+    assert (v.expected_for("mlp", 1), v.expected_for("mlp", 2)) == ("equivalent", "broken")
+    assert resolve_variant("ddp_no_sync_off_by_one+zero_grad_missing").expected_for("mlp", 1) == "broken"
