@@ -204,6 +204,11 @@ def cmd_run(args) -> int:
         spread.finish()
     if spread and os.environ.get(spread.HEARTBEAT_ENV):  # rank 0 under `run --nproc-per-node`: its launcher reports
         return EXIT_OK
+    return _finish(args, out, records)
+
+
+def _finish(args, out: Path, records: list[dict]) -> int:
+    """The end of a run: the summary, the report, and with --strict the failing cells."""
     _summary(records)
     _report([out])
     print(f"\nwrote {out}/results.csv, {out}/results.json")
@@ -306,14 +311,7 @@ def _launch_run(args, groups, devices, settings) -> int:
         print(f"loopmark run: no cell was recorded in {out}", file=sys.stderr)
         return EXIT_FAIL
     records = results.read_results(out)[1]
-    _summary(records)
-    _report([out])
-    print(f"\nwrote {out}/results.csv, {out}/results.json")
-    failed = strict_failures(records) if args.strict else []
-    if failed:
-        print(f"\nloopmark run --strict: {len(failed)} failing cell(s):", *failed, sep="\n  ", file=sys.stderr)
-        return EXIT_FAIL
-    return EXIT_OK
+    return _finish(args, out, records)
 
 
 def _torch_device(name: str):
