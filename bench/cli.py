@@ -265,6 +265,7 @@ def _launch_run(args, groups, devices, settings) -> int:
     """`loopmark run --nproc-per-node N`: the cells run under torchrun, one process per rank (rank 0 writes them to
     --out); a cell whose ranks crash, hang or fault is recorded here, and the ranks go on with the cells after it."""
     from bench import distributed, runner
+    from bench.cell import parse_device
     from loops import resolve_variant, resolve_workload
     from reports import results
     from reports.results import Measurement
@@ -290,7 +291,7 @@ def _launch_run(args, groups, devices, settings) -> int:
                     made = resolve_workload(workload)
                 except runner.CELL_FAULTS:
                     made = workload
-                spec = runner.cell_spec(made, resolve_variant(variant), _torch_device(device), settings,
+                spec = runner.cell_spec(made, resolve_variant(variant), parse_device(device), settings,
                                         ranks=args.nproc_per_node)
                 m = Measurement()
                 m.fault(status, message)
@@ -312,12 +313,6 @@ def _launch_run(args, groups, devices, settings) -> int:
         return EXIT_FAIL
     records = results.read_results(out)[1]
     return _finish(args, out, records)
-
-
-def _torch_device(name: str):
-    import torch
-
-    return torch.device(name)
 
 
 def strict_failures(records: list[dict]) -> list[str]:

@@ -299,6 +299,24 @@ def global_batches(workload, epochs: int, steps: int, device: torch.device, rank
 
 
 # ---------------------------------------------------------------- the launching `loopmark run --nproc-per-node N`
+# c10d's flight recorder keeps its last 2000 collectives in a ring buffer: about 1.5 MiB of C heap that grows a few
+# hundred bytes a step until it is full, which the memory pass would report as the loop's growth. The launcher turns
+# it off unless the environment sets it; results.json's environment says which (`flight_recorder`).
+FLIGHT_RECORDER_ENV = "TORCH_FR_BUFFER_SIZE"
+
+
+def quiet_ranks_env(nproc: int, threads: int | None = None) -> dict:
+    """The ranks' environment: the cores shared out among them (OMP_NUM_THREADS), the flight recorder off unless set."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // nproc))
+    env.setdefault(FLIGHT_RECORDER_ENV, "0")
+    return env
+
+
+def flight_recorder() -> str:
+    """What this rank's flight recorder keeps, as its environment sets it."""
+    size = os.environ.get(FLIGHT_RECORDER_ENV, os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE"))
+    return "off" if size == "0" else f"{size} entries" if size else "torch's default"
 def _signal_name(code: int) -> str:
     import signal
 
@@ -373,8 +391,7 @@ def launch(child_args: list[str], out, nproc: int, device: str, cell_timeout: fl
     import time
     from pathlib import Path
 
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // nproc))  # the cores, shared out
+    env = quiet_ranks_env(nproc, threads)
     with tempfile.TemporaryDirectory(prefix="loopmark-ranks-") as where:
         ranks, env[HEARTBEAT_ENV] = _Ranks(Path(where)), where
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -508,7 +525,7 @@ def launch_check(child_args: list[str], nproc: int, device: str) -> int:
     import subprocess
     import sys
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    env = quiet_ranks_env(nproc)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "bench",
            "check", *child_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

@@ -673,7 +673,7 @@ class DistributedRunner(Runner):
         for key in distributed.gather(sorted(self.records))[0]:
             self.records.setdefault(tuple(key), {})
         self.untimed = UntimedStore(self.out_dir, settings, False, persist=False)
-        self.env.update(ranks=self.ranks, backend=distributed.backend())
+        self.env.update(ranks=self.ranks, backend=distributed.backend(), flight_recorder=distributed.flight_recorder())
 
     def _say(self, g: str, text: str) -> None:
         super()._say(g, text)
