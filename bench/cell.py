@@ -31,8 +31,12 @@ class Cell:
     criterion: torch.nn.Module
     loop: Callable[[Run], Any]  # the variant's loop, prepared for this cell's model and optimizer
 
+    epochs: int = 0  # epochs run so far
+
     def run(self, batches) -> Run:
-        return Run(self.model, self.optimizer, self.criterion, batches, self.device)
+        """What the loop gets for its next epoch (each call is one more epoch of this cell)."""
+        self.epochs += 1
+        return Run(self.model, self.optimizer, self.criterion, batches, self.device, self.epochs - 1)
 
     def epoch(self, batches):
         """Run the variant's loop once over `batches`; returns what the loop reports."""

@@ -723,10 +723,19 @@ def _import_for(command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _main(sys.argv[1:] if argv is None else argv)
+        code = _main(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:  # Ctrl-C anywhere, while the arguments are parsed too
         print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
+    spread = sys.modules.get("bench.distributed")
+    if spread is not None and spread.launched() and argv is None:
+        # a rank, done: its process group is closed, its results written. Leaving through the interpreter's teardown
+        # can abort in a collective library's thread (`terminate called without an active exception`), which torchrun
+        # would report as this rank's failure
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _main(argv: list[str]) -> int:

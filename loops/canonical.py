@@ -49,6 +49,7 @@ class Run:
     criterion: nn.Module
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     device: torch.device
+    epoch: int = 0  # epochs this loop has run before this one: what a DDP script tells `sampler.set_epoch`
 
 
 def _check_choice(field: str, value: str, choices) -> None:
@@ -140,7 +141,6 @@ class TrainLoop:
         self.loss_tracking = LOSS_TRACKING[idioms.loss_tracking]
         self.accuracy = ACCURACY[idioms.accuracy]
         self.graphed = GraphedStep(optimizer, device) if idioms.cuda_graph else None
-        self.epoch = 0  # epochs run so far: what `sampler.set_epoch` is told
 
     def device_tensors(self) -> list[torch.Tensor]:
         """The device tensors the loop holds besides the model's and the optimizer's (a captured step's)."""
@@ -187,8 +187,7 @@ class TrainLoop:
             step = functools.partial(self.graphed, step)
         sampler = getattr(run.batches, "sampler", None)
         if self.idioms.set_epoch and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)  # a DistributedSampler: a new order every epoch
-        self.epoch += 1
+            sampler.set_epoch(run.epoch)  # a DistributedSampler: a new order every epoch
         model.train()
         tracked = 0
         for data, labels in run.batches:
