@@ -687,9 +687,13 @@ def _check_distributed(workload: Workload, variant: Variant, device, epochs: int
         record = verdict_of(variant, base, reference, syncs, loss_compared=False)
         record["verdict_reason"] += " (ddp_baseline's yardstick: one process on the same global batches)"
     else:
-        traj = trajectory(workload, variant, device, epochs, [], seed,
-                          epoch_batches=distributed.EpochBatches(workload, steps, device))
+        feed = distributed.EpochBatches(workload, steps, device)
+        traj = trajectory(workload, variant, device, epochs, [], seed, epoch_batches=feed)
         record = verdict_of(variant, traj, base, syncs)
+        again = feed.repeated()
+        if again and record["verdict"] == "different":
+            record["verdict_reason"] += (f"; epoch {again} drew the same samples in the same order as epoch "
+                                         f"{again - 1} (no sampler.set_epoch(epoch)?)")
     record["expected_verdict"] = variant.expected_for(workload.name, distributed.world()[1])
     return record
 

@@ -256,6 +256,11 @@ class EpochBatches:
     def __init__(self, workload, steps: int, device: torch.device):
         self.loader = workload.loader("train", shard=world())
         self.steps, self.device = steps, device
+        self.orders: list[list[int]] = []  # per epoch read, the sample order its sampler gave
+
+    def repeated(self) -> int | None:
+        """The first epoch (1-based) that drew the same samples in the same order as the one before it, if any."""
+        return next((e + 1 for e in range(1, len(self.orders)) if self.orders[e] == self.orders[e - 1]), None)
 
     def __call__(self, cell, epoch: int) -> _Epoch:
         return _Epoch(self)
@@ -272,6 +277,7 @@ class _Epoch:
     def __iter__(self):
         import itertools
 
+        self.source.orders.append(list(self.sampler))  # the order this epoch's loader reads, as set_epoch made it
         for batch in itertools.islice(self.source.loader, self.source.steps):
             yield tuple(t.to(self.source.device) for t in batch)
 

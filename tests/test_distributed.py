@@ -61,6 +61,8 @@ def test_distributed_run_gives_every_verdict_and_counts_collectives(tmp_path):
     assert cells["ddp_find_unused_parameters"]["collectives_per_step"] == 2  # the used-parameter map, every step
     assert cells["ddp_loss_allreduce_per_step"]["collectives_per_step"] == 2
     assert "ranks' parameters differ after step 1" in cells["ddp_no_sync_off_by_one"]["verdict_reason"]
+    assert "epoch 2 drew the same samples in the same order as epoch 1" in \
+        cells["ddp_missing_set_epoch"]["verdict_reason"]
     assert "ddp" in done.stdout and "collectives" in done.stdout  # the summary's column
 
     planted = tmp_path / "planted"
