@@ -48,7 +48,12 @@ class Cell:
         return self.loop.device_tensors() if isinstance(self.loop, TrainLoop) else []
 
     def batches(self, staged: list):
-        """What this cell's loop reads: the staged batches, or a live DataLoader for input-pipeline variants."""
+        """What this cell's loop reads: the staged batches, or a live DataLoader for input-pipeline variants. A
+        distributed loop's have a `sampler`, as its DataLoader would (the staged order stays as it is)."""
+        if self.variant.kind == "ddp":
+            from bench.distributed import StagedShard
+
+            return StagedShard(staged)
         if not self.variant.input_loader:
             return staged
         if getattr(self, "_live", None) is None:

@@ -117,6 +117,10 @@ def cmd_check(args) -> int:
                 r = correctness.check(workload, variant, device, args.epochs or correctness.CHECK_EPOCHS,
                                       args.steps, args.seed, cache)
             except runner.CELL_FAULTS as exc:  # a user's loop that raises or exits
+                if spread:  # the other ranks wait for this one in a collective: end them all, saying why
+                    print(f"loopmark check: rank {rank}: {workload.name} {variant.name}: error: "
+                          f"{runner.fault_text(exc)}", file=sys.stderr, flush=True)
+                    os._exit(EXIT_FAIL)
                 r = {"verdict": "error", "expected_verdict": variant.expected_for(workload.name),
                      "verdict_reason": runner.fault_text(exc)}
             expected = r["expected_verdict"]
@@ -271,8 +275,6 @@ def _launch_run(args, groups, devices, settings) -> int:
     from reports.results import Measurement
 
     out = _out_dir(args)
-    if args.overwrite:  # the ranks finish what is there (--resume): start them on an empty directory
-        results.clear_results(out)
     planned = {(g.workload, v, d) for g in groups for v in g.variants for d in [g.device]}
     printer = _Progress(groups)
 
@@ -299,14 +301,24 @@ def _launch_run(args, groups, devices, settings) -> int:
         finally:
             run.close()
 
+    # the ranks finish what --out holds (--resume): the results --overwrite replaces are set aside, and put back if
+    # the run ends before its first cell is saved (as in one process, where they stay until then)
+    aside = results.set_aside(out) if args.overwrite else None
     try:
         for device in devices:
             distributed.launch(_child_args(args, "run"), out, args.nproc_per_node, device, settings.cell_timeout,
                                record_fault, lambda line: print(line, file=sys.stderr, flush=True))
     except KeyboardInterrupt:
         printer.close()
-        print(f"\ninterrupted: the finished cells are kept in {out}/results.json", file=sys.stderr)
+        kept = (f"the finished cells are kept in {out}/results.json" if (out / "results.json").exists() else
+                f"no cell had finished, so nothing was written to {out}/results.csv or results.json"
+                + (" (the results there before are kept)" if aside is not None and aside.held else ""))
+        print(f"\ninterrupted: {kept} (a distributed run keeps no unfinished cell's passes: --resume runs them "
+              "again)", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if aside is not None:
+            aside.settle()
     printer.close()
     if not (out / "results.json").exists():
         print(f"loopmark run: no cell was recorded in {out}", file=sys.stderr)

@@ -75,6 +75,7 @@ class Trajectory:
     global_losses: list = field(default_factory=list)
     global_sizes: list = field(default_factory=list)
     ranks_differ: tuple[int, float] | None = None
+    no_gradient: bool = False  # every step consumed, and every batch had, a zero gradient: the steps show nothing
 
 
 class _RecordingCriterion(torch.nn.Module):
@@ -410,6 +411,8 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
                         step.fresh = later
             elif backpropagated:
                 step.fresh, step.from_backward = sum(backpropagated), True
+                if across:  # this rank's backpropagated gradient; every rank's step consumes the ranks' mean
+                    step.fresh = distributed.mean(step.fresh)
                 traj.losses_from_backward = traj.losses_from_backward or not complete
         finally:
             seen.paused = False
@@ -479,6 +482,8 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
         for hook in hooks:
             hook.remove()
     traj.optimizer_steps = len(history)
+    traj.no_gradient = bool(history) and all(float(s.consumed.norm()) == 0.0 and (s.fresh is None or float(
+        s.fresh.norm()) == 0.0) for s in history)
     traj.batches = sum(len(b) for b in traj.batch_sizes) if epoch_batches else epochs * steps_per_epoch
     traj.retains_graph = any(_holds_graph(v) for v in traj.reported)
     if variant.kind == "eval":
@@ -632,6 +637,10 @@ def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory, syncs: dict
             return result("broken", f"reported accuracy {acc[-1]:.6g} is not the exact {exact_acc[-1]:.6g}")
     if traj.grad_unknown:
         return result("unverified", traj.grad_unknown)
+    if traj.no_gradient and kind != "eval":
+        return result("unverified", "every gradient was zero (a loss that does not depend on the parameters, such "
+                                    "as cross-entropy over one class): the steps cannot tell a right loop from a "
+                                    "wrong one")
     if traj.grad_changed:
         return result("different", f"{traj.grad_changed}; parameters differ from the baseline's by {diff:.3g} "
                                    "(relative)")

@@ -282,6 +282,23 @@ class _Epoch:
             yield tuple(t.to(self.source.device) for t in batch)
 
 
+class StagedShard(list):
+    """This rank's staged batches as the sync, collective, memory and timing passes hand them to a distributed loop:
+    with a `sampler`, as the loop's DataLoader has, whose `set_epoch` keeps the staged order (a script's unguarded
+    `train_data.sampler.set_epoch(epoch)` runs as it does on its loader; the correctness pass reads a live one)."""
+
+    def __init__(self, batches):
+        super().__init__(batches)
+        self.sampler = _StagedOrder()
+
+
+class _StagedOrder:
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
 def global_batches(workload, epochs: int, steps: int, device: torch.device, ranks: int) -> list:
     """The batches one process training on the global batch sees: per step, every rank's part (epoch `e` ordered by
     `set_epoch(e)`, as the seed's loop does) joined in rank order; `epochs * steps` of them, on the device."""
@@ -312,10 +329,16 @@ FLIGHT_RECORDER_ENV = "TORCH_FR_BUFFER_SIZE"
 
 
 def quiet_ranks_env(nproc: int, threads: int | None = None) -> dict:
-    """The ranks' environment: the cores shared out among them (OMP_NUM_THREADS), the flight recorder off unless set."""
+    """The ranks' environment: the cores shared out among them (OMP_NUM_THREADS), the flight recorder off unless set,
+    and the command the user typed (what results.json records as the run's command)."""
+    import sys
+
+    from bench.env import COMMAND_ENV
+
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // nproc))
     env.setdefault(FLIGHT_RECORDER_ENV, "0")
+    env.setdefault(COMMAND_ENV, " ".join(["loopmark", *sys.argv[1:]]))  # what the user typed, for the results
     return env
 
 
@@ -375,74 +398,83 @@ def _forward(stream, log: list, echo) -> None:
     import re
 
     launcher_line = re.compile(r"^[WEI]\d{4} \d\d:\d\d:\d\d")
+    torch_rank = re.compile(r"^\[rank\d+\]:")  # torch's prefix on a rank's own warnings and tracebacks
     report = False
     for line in stream:
         log.append(line)
         report = report or line.startswith("Traceback (most recent call last)")
-        if not (report or launcher_line.match(line) or line.startswith("[rank")):
+        if not (report or launcher_line.match(line) or torch_rank.match(line)):
             echo(line.rstrip("\n"))
 
 
-def launch(child_args: list[str], out, nproc: int, device: str, cell_timeout: float, record_fault, say,
-           threads: int | None = None) -> None:
+def launch(child_args: list[str], out, nproc: int, device: str, cell_timeout: float, record_fault, say) -> None:
     """Run `loopmark run CHILD_ARGS` under torchrun, `nproc` ranks on this machine, until every planned cell is
-    finished. A crash, a hang (no progress within the cell's time limit, plus a minute) or a fault of a cell ends the
-    ranks, all of them and everything they started; `record_fault(cell, status, message)` records that cell, and the
-    ranks start again on the cells after it. `say(line)` shows the ranks' output. Returns when a torchrun ends well,
-    or when its ranks reached no cell (then every cell still planned is recorded by `record_fault(None, ...)`)."""
-    import subprocess
+    finished. A crash, a hang (no progress within the cell's time limit and as much again) or a fault of a cell ends
+    the ranks, all of them and everything they started; `record_fault(cell, status, message)` records that cell, and
+    the ranks start again (`--resume`) on the cells after it. `say(line)` shows the ranks' output. Returns when a
+    torchrun ends well, or when its ranks reached no cell (then every cell still planned is recorded by
+    `record_fault(None, ...)`). SIGTERM ends the ranks as Ctrl-C does (KeyboardInterrupt)."""
     import sys
     import tempfile
-    import threading
-    import time
     from pathlib import Path
 
-    env = quiet_ranks_env(nproc, threads)
-    with tempfile.TemporaryDirectory(prefix="loopmark-ranks-") as where:
+    env = quiet_ranks_env(nproc)
+    # a rank stops its own cell at its time limit (SIGALRM); past that by as much again (a minute at most), it is
+    # blocked where no signal reaches it
+    limit = cell_timeout + min(cell_timeout, 60) if cell_timeout else None
+    faulted: set = set()
+    with tempfile.TemporaryDirectory(prefix="loopmark-ranks-") as where, _terminate_as_interrupt():
         ranks, env[HEARTBEAT_ENV] = _Ranks(Path(where)), where
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "bench", "run", *child_args, "--device", device, "--out", str(out), "--resume"]
-        # a rank stops its own cell at its time limit (SIGALRM); past that by as much again (a minute at most), it is
-        # blocked where no signal reaches it
-        limit = cell_timeout + min(cell_timeout, 60) if cell_timeout else None
-        faulted: set = set()
         while True:
-            ranks.clear()
-            log: list[str] = []
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                    start_new_session=True)
-            reader = threading.Thread(target=_forward, args=(proc.stdout, log, say), daemon=True)
-            reader.start()
-            hung, since, current = None, time.monotonic(), None
-            try:
-                while proc.poll() is None:
-                    time.sleep(0.5)
-                    beats = ranks.beats()
-                    cells = [tuple(b["cell"]) for b in beats if b.get("cell")]
-                    now = max(cells, key=cells.count) if cells else None
-                    if now != current:
-                        current, since = now, time.monotonic()
-                    if limit and current and time.monotonic() - since > limit:
-                        hung = f"no progress in {limit:g} s (the cell's time limit and as much again, a minute at " \
-                               f"most): {_stuck(ranks, beats, nproc)}"
-                        break
-                    late = next((f for f in ranks.faults() if f["status"] == "timeout"), None)
-                    if late:  # a rank ran out of time, maybe waiting for another: where is each?
-                        current = tuple(late["cell"])
-                        hung = (f"{late['error']} on rank {late['rank']}, which waited: "
-                                f"{_stuck(ranks, beats, nproc, late['rank'])}")
-                        break
-            finally:
-                _end(proc)
-                reader.join(timeout=5)
-            if proc.returncode == 0 and hung is None:
+            code, hung, current, log = _one_torchrun(cmd, env, ranks, limit, nproc, say)
+            if code == 0 and hung is None:
                 return
-            cell, status, message = _what_failed(ranks, "".join(log), proc.returncode, hung, current, nproc, limit)
+            cell, status, message = _what_failed(ranks, log, code, hung, current, nproc, limit)
             if cell is None or cell in faulted:  # no cell reached, or the same one again: nothing left to go on with
                 record_fault(None, status, message)
                 return
             faulted.add(cell)
             record_fault(cell, status, message)
+
+
+def _one_torchrun(cmd: list[str], env: dict, ranks: _Ranks, limit: float | None, nproc: int, say):
+    """Run one torchrun, watching its ranks' heartbeats; (exit status, what hung or None, the cell it was in, its
+    output). Every process it started is ended when it returns."""
+    import subprocess
+    import threading
+    import time
+
+    ranks.clear()
+    log: list[str] = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    reader = threading.Thread(target=_forward, args=(proc.stdout, log, say), daemon=True)
+    reader.start()
+    hung, since, current = None, time.monotonic(), None
+    try:
+        while proc.poll() is None:
+            time.sleep(0.5)
+            beats = ranks.beats()
+            cells = [tuple(b["cell"]) for b in beats if b.get("cell")]
+            now = max(cells, key=cells.count) if cells else None
+            if now != current:
+                current, since = now, time.monotonic()
+            if limit and current and time.monotonic() - since > limit:
+                hung = (f"no progress in {limit:g} s (the cell's time limit and as much again, a minute at most): "
+                        f"{_stuck(ranks, beats, nproc)}")
+                break
+            late = next((f for f in ranks.faults() if f["status"] == "timeout"), None)
+            if late:  # a rank ran out of time, maybe waiting for another: where is each?
+                current = tuple(late["cell"])
+                hung = (f"{late['error']} on rank {late['rank']}, which waited: "
+                        f"{_stuck(ranks, beats, nproc, late['rank'])}")
+                break
+    finally:
+        _end(proc)
+        reader.join(timeout=5)
+    return proc.returncode, hung, current, "".join(log)
 
 
 def _stuck(ranks: _Ranks, beats: list[dict], nproc: int, timed_out: int | None = None) -> str:
@@ -509,6 +541,22 @@ def _what_failed(ranks: _Ranks, log: str, code: int, hung: str | None, current, 
     return current, "error", who + (f" during '{where}'" if where else "")
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM to the launcher ends its ranks as Ctrl-C does (they run in a session of their own, which a signal to
+    the launcher's process group does not reach)."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _end(proc) -> None:
     """End a torchrun and every process it started (its own session): SIGTERM, then SIGKILL to whatever is left."""
     import contextlib
@@ -534,17 +582,18 @@ def launch_check(child_args: list[str], nproc: int, device: str) -> int:
     env = quiet_ranks_env(nproc)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "bench",
            "check", *child_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
     log: list[str] = []
-    try:
-        _forward(proc.stdout, log, print)
-        proc.wait()
-    finally:
-        _end(proc)
-    if proc.returncode in (0, 1):
+    with _terminate_as_interrupt():
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        try:
+            _forward(proc.stdout, log, print)
+            proc.wait()
+        finally:
+            _end(proc)
+    cause = _root_cause("".join(log))  # a rank that failed (torchrun itself then exits 1)
+    if proc.returncode == 0 or (proc.returncode == 1 and cause is None):
         return proc.returncode
-    cause = _root_cause("".join(log))
     who = f"rank {cause[0]} ended ({cause[1]})" if cause else f"torchrun ended ({_signal_name(proc.returncode)})"
     print(f"loopmark check: {who}", file=sys.stderr)
     return 1

@@ -23,11 +23,15 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
+COMMAND_ENV = "LOOPMARK_COMMAND"
+
+
 def environment(argv: list[str] | None = None) -> dict:
     cuda = torch.cuda.is_available()
     return {
         "loopmark_version": bench.__version__,
-        "command": " ".join(["loopmark", *(sys.argv[1:] if argv is None else argv)]),
+        # a rank of `loopmark run --nproc-per-node N` records the command the user typed, which started it
+        "command": os.environ.get(COMMAND_ENV) or " ".join(["loopmark", *(sys.argv[1:] if argv is None else argv)]),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),

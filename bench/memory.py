@@ -217,7 +217,12 @@ class _Sampler:
     def __len__(self) -> int:  # a loop may ask `len(run.batches)`, as it asks `len(train_loader)`
         return len(self.batches)
 
+    @property
+    def sampler(self):  # a distributed loop's `run.batches.sampler.set_epoch(epoch)`
+        return getattr(self.batches, "sampler", None)
+
     def __iter__(self):
+        self.trace = []  # a loop that peeks at a batch first (`next(iter(loader))`): its real pass is traced
         for batch in self.batches:
             self.trace.append(self.sample())
             yield batch

@@ -51,7 +51,12 @@ class StepClock:
     def __len__(self) -> int:  # a loop may ask `len(run.batches)`, as it asks `len(train_loader)`
         return len(self.batches)
 
+    @property
+    def sampler(self):  # a distributed loop's `run.batches.sampler.set_epoch(epoch)`
+        return getattr(self.batches, "sampler", None)
+
     def __iter__(self):
+        self.count = 0  # a loop that peeks at a batch first (`next(iter(loader))`) is timed over its real pass
         for batch in self.batches:
             self.mark()
             yield batch

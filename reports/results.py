@@ -459,10 +459,35 @@ def holds_results(directory) -> bool:
     return any((Path(directory) / name).exists() for name in ("results.json", "results.csv"))
 
 
-def clear_results(directory) -> None:
-    """Remove a run's results from `directory` (`--overwrite` of a run whose cells are written by other processes)."""
-    for name in ("results.json", "results.csv", "untimed.json"):
-        (Path(directory) / name).unlink(missing_ok=True)
+class SetAside:
+    """A run's results moved out of the way (`set_aside`) while another run is written in their place."""
+
+    NAMES = ("results.json", "results.csv")
+
+    def __init__(self, directory):
+        self.directory, self.held = Path(directory), []
+        for name in self.NAMES:
+            path = self.directory / name
+            if path.exists():
+                os.replace(path, self.directory / f".{name}.overwritten")
+                self.held.append(name)
+
+    def settle(self) -> None:
+        """Drop the old results if the new run saved a cell; otherwise put them back."""
+        replaced = (self.directory / "results.json").exists()
+        for name in self.held:
+            kept = self.directory / f".{name}.overwritten"
+            if replaced:
+                kept.unlink(missing_ok=True)
+            else:
+                os.replace(kept, self.directory / name)
+        self.held = [] if replaced else self.held
+
+
+def set_aside(directory) -> SetAside:
+    """Move the results in `directory` aside until `settle()`: `--overwrite` of a run whose cells other processes
+    write, which must find the directory empty, and must not lose the old results if it saves nothing."""
+    return SetAside(directory)
 
 
 def check_writable(directory) -> Path:

@@ -46,3 +46,31 @@ def mlp_with_extra_all_reduce():
     w = workloads.mlp()
     w.criterion = _AllReducedLoss(w.criterion)
     return w
+
+
+@distributed()
+def tutorial_epoch(run):
+    """One epoch as the DDP tutorials write it: peek at the first batch for the log line, set the sampler's epoch
+    without a guard, F.cross_entropy rather than a criterion object, the loss kept as a detached sum."""
+    batch_size = len(next(iter(run.batches))[0])
+    run.batches.sampler.set_epoch(run.epoch)
+    run.model.train()
+    total, steps = torch.zeros((), device=run.device), 0
+    for source, targets in run.batches:
+        source, targets = source.to(run.device), targets.to(run.device)
+        run.optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(run.model(source), targets)
+        loss.backward()
+        run.optimizer.step()
+        total += loss.detach()
+        steps += 1
+    assert batch_size > 0
+    return (total / steps).item()
+
+
+@distributed()
+def raises_on_rank_1(run):
+    """The seed's loop, but rank 1 raises in its first step (a rank-dependent bug)."""
+    if dist.get_rank() == 1:
+        raise RuntimeError("only rank 1 fails")
+    return TrainLoop(Idioms(), run.model, run.optimizer, run.device)(run)

@@ -69,3 +69,17 @@ def test_a_live_loaders_batches_are_copied_to_the_device(workload):
     cell = build_cell(wl, resolve_variant("input_pageable_w0"), CPU)
     cell.epoch(cell.batches(staged[:2]))
     assert measure_syncs(cell, staged)["syncs_per_step"] == 3.0
+
+
+def test_a_loop_that_peeks_at_a_batch_is_timed_over_its_real_pass():
+    """`next(iter(run.batches))` before the loop (a script reading its batch size) restarts the block's clock: every
+    step is timed once, nothing overflows."""
+    from bench.timing import StepClock
+
+    batches = [(torch.zeros(2), torch.zeros(2))] * 4
+    clock = StepClock(batches, torch.device("cpu"))
+    next(iter(clock))
+    for _ in clock:
+        pass
+    clock.mark()
+    assert len(clock.step_times_s()) == 4

@@ -44,6 +44,7 @@ def test_distributed_run_gives_every_verdict_and_counts_collectives(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     env, records = results.read_results(out)
     assert env["ranks"] == 2 and env["backend"] == "gloo" and env["flight_recorder"] == "off"
+    assert env["command"].startswith("loopmark run --nproc-per-node 2")  # what was typed, not the ranks' command
     cells = {r["variant"]: r for r in records}
     assert set(cells) == set(builtin_names("ddp"))
     for r in records:
@@ -81,7 +82,8 @@ def test_a_crashed_or_hung_rank_faults_its_cell_alone(tmp_path):
     out = tmp_path / "faults"
     done = loopmark("run", "--nproc-per-node", "2", *SMALL, "--cell-timeout", "6", "--out", str(out),
                     "--variant", "tests.distributed_loops:crash_on_rank_1",
-                    "--variant", "tests.distributed_loops:stuck_on_rank_1", "--variant", "ddp_static_graph")
+                    "--variant", "tests.distributed_loops:stuck_on_rank_1", "--variant", "ddp_static_graph",
+                    "--variant", "tests.distributed_loops:tutorial_epoch")
     assert done.returncode == 0, done.stderr[-3000:]
     cells = {r["variant"]: r for r in results.read_results(out)[1]}
     crashed, stuck = cells["tests.distributed_loops:crash_on_rank_1"], cells["tests.distributed_loops:stuck_on_rank_1"]
@@ -90,7 +92,20 @@ def test_a_crashed_or_hung_rank_faults_its_cell_alone(tmp_path):
     assert "rank 1 stopped at tests/distributed_loops.py" in stuck["error"] and "stuck_on_rank_1" in stuck["error"]
     for name in ("ddp_baseline", "ddp_static_graph"):
         assert cells[name]["status"] == "ok" and cells[name]["verdict_as_expected"], cells[name]
+    # a tutorial's loop (a peek at the first batch, an unguarded sampler.set_epoch, its own loss function) runs in
+    # every pass, and its own loss is judged against the ranks' mean gradient
+    tutorial = cells["tests.distributed_loops:tutorial_epoch"]
+    assert tutorial["status"] == "ok" and tutorial["verdict"] in ("identical", "equivalent"), tutorial
+    assert tutorial["collectives_per_step"] == 1
     assert left_behind(str(out)) == []
+
+
+def test_check_names_the_rank_whose_loop_raised():
+    """`check` with a loop that raises on one rank ends every rank and says which, rather than waiting for it."""
+    done = loopmark("check", "--nproc-per-node", "2", "--variant", "tests.distributed_loops:raises_on_rank_1",
+                    timeout=180)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "rank 1" in done.stdout + done.stderr and "only rank 1 fails" in done.stdout + done.stderr
 
 
 def test_distributed_variants_need_ranks_and_ranks_need_distributed_variants(tmp_path):

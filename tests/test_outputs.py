@@ -236,3 +236,20 @@ def test_a_full_disk_mid_run_keeps_the_saved_cells(groups_run, tmp_path, monkeyp
     assert _variants(out) == saved
     results.read_results(out)
     assert set(_csv_variants(out)) == saved
+
+
+def test_results_set_aside_come_back_unless_replaced(tmp_path):
+    """`run --nproc-per-node N --overwrite` sets the old results aside: they come back if the run saved nothing, and
+    are dropped once a new results.json exists."""
+    from reports.results import set_aside
+
+    (tmp_path / "results.json").write_text("old")
+    (tmp_path / "results.csv").write_text("old")
+    set_aside(tmp_path).settle()  # nothing saved: the old results are back
+    assert (tmp_path / "results.json").read_text() == "old" and (tmp_path / "results.csv").read_text() == "old"
+    aside = set_aside(tmp_path)
+    assert not (tmp_path / "results.json").exists()
+    (tmp_path / "results.json").write_text("new")
+    aside.settle()
+    assert (tmp_path / "results.json").read_text() == "new" and not (tmp_path / "results.csv").exists()
+    assert not list(tmp_path.glob(".*overwritten"))

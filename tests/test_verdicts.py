@@ -71,3 +71,20 @@ def test_digits_reaches_90_percent_test_accuracy_within_a_few_epochs():
         cell.epoch(wl.loader("train"))
     _, accuracy = resolve_variant("eval_baseline").fn(cell.run(wl.loader("test")))
     assert accuracy >= 0.90
+
+
+def test_a_loss_without_gradient_is_unverified_not_identical():
+    """Cross-entropy over one class is 0 whatever the parameters: every loop, right or wrong, looks identical to the
+    baseline. The verdict says the steps cannot tell them apart."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from loops import Workload
+
+    data = TensorDataset(torch.randn(128, 20, generator=torch.Generator().manual_seed(0)), torch.zeros(128, 1))
+    wl = Workload("one_class", lambda: nn.Linear(20, 1), lambda p: torch.optim.SGD(p, lr=0.1), nn.CrossEntropyLoss(),
+                  data, batch_size=32)
+    cache: dict = {}
+    for name in ("baseline", "zero_grad_missing"):
+        record = correctness.check(wl, resolve_variant(name), torch.device("cpu"), _cache=cache)
+        assert record["verdict"] == "unverified" and "every gradient was zero" in record["verdict_reason"]
