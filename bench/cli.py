@@ -275,7 +275,7 @@ def _launch_run(args, groups, devices, settings) -> int:
     from reports.results import Measurement
 
     out = _out_dir(args)
-    planned = {(g.workload, v, d) for g in groups for v in g.variants for d in [g.device]}
+    planned = {(g.workload, v, g.device): None for g in groups for v in g.variants}  # in plan order
     printer = _Progress(groups)
 
     def record_fault(cell, status: str, message: str) -> None:
@@ -323,7 +323,8 @@ def _launch_run(args, groups, devices, settings) -> int:
     if not (out / "results.json").exists():
         print(f"loopmark run: no cell was recorded in {out}", file=sys.stderr)
         return EXIT_FAIL
-    records = results.read_results(out)[1]
+    order = {cell: i for i, cell in enumerate(planned)}  # a faulted cell, recorded here first, shown in its place
+    records = sorted(results.read_results(out)[1], key=lambda r: order.get(results.cell_key(r), len(order)))
     return _finish(args, out, records)
 
 

@@ -318,6 +318,9 @@ def _expected(parts: list[_Builtin], changes: dict) -> tuple[dict, Interaction |
 def resolve_variant(name: str) -> Variant:
     """A built-in name, a `+` composition of built-ins, or a user's `package.module:function`."""
     if ":" in name:
+        if "+" in name:
+            raise BadName(f"{name!r}: a variant of yours (package.module:function) does not compose with '+'; "
+                          "compose built-ins (tensor_sum+set_to_none_false), or write the combination as one loop")
         return user_variant(load_object(name, "variant"), name)
     parts = name.split("+")
     unknown = [p for p in parts if p not in BUILTINS]

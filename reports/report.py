@@ -634,7 +634,8 @@ def _finite(v) -> bool:
 
 def _md_row(cells: list[str]) -> str:
     """A Markdown table row; a line break within a cell becomes `; `."""
-    return "| " + " | ".join(c.replace("|", "\\|").replace("\n", "; ") for c in cells) + " |"
+    # lines become "; " ("2/step:" and its sites below it: "2/step: 1 per step: ...; 1 per step: ...")
+    return "| " + " | ".join(c.replace("|", "\\|").replace(":\n", ": ").replace("\n", "; ") for c in cells) + " |"
 
 
 def _inline(text: str) -> str:
