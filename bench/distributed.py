@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 from bench.syncs import _site
 
 # set by the launching `loopmark run` in its torchrun's environment: where the ranks report which cell and pass they
-# are in (`Heartbeat`), so that it can name the cell and the rank of a crash or a hang
+# are in (`heartbeat`), so that it can name the cell and the rank of a crash or a hang
 HEARTBEAT_ENV = "LOOPMARK_HEARTBEAT_DIR"
 
 
