@@ -9,6 +9,7 @@ cell is built, and belongs to that cell alone.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import sys
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map
 
 from loops import Run, Variant, Workload
 from loops.canonical import TrainLoop
@@ -27,11 +29,16 @@ class Cell:
     variant: Variant
     device: torch.device
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    criterion: torch.nn.Module
+    optimizer: Any  # what the workload's build_optimizer returned: one optimizer, or several (a GAN's two)
+    criterion: torch.nn.Module | None  # None: the model computes its own loss
     loop: Callable[[Run], Any]  # the variant's loop, prepared for this cell's model and optimizer
 
     epochs: int = 0  # epochs run so far
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every optimizer of the cell, in the order the workload gave them."""
+        return optimizers_of(self.optimizer)
 
     def run(self, batches) -> Run:
         """What the loop gets for its next epoch (each call is one more epoch of this cell)."""
@@ -112,6 +119,31 @@ def graph_breaks() -> int:
     return sum(dynamo.utils.counters["graph_break"].values()) if dynamo is not None else 0
 
 
+def optimizers_of(built) -> list[torch.optim.Optimizer]:
+    """The optimizers in what a workload's `build_optimizer` returned: one, or a tuple, list or dict of them."""
+    if isinstance(built, torch.optim.Optimizer):
+        return [built]
+    values = built.values() if isinstance(built, dict) else built if isinstance(built, (tuple, list)) else ()
+    found = [o for o in values if isinstance(o, torch.optim.Optimizer)]
+    if not found or len(found) != len(values):
+        raise TypeError(f"build_optimizer returned {type(built).__name__}: give a torch.optim.Optimizer, or a tuple, "
+                        "list or dict of them")
+    return found
+
+
+def build_optimizer(workload: Workload, model: torch.nn.Module):
+    """The workload's optimizer(s) over `model`: `build_optimizer(model)` when its first parameter is named `model`
+    (nanoGPT's and minGPT's `model.configure_optimizers(...)`, parameter groups, a GAN's two optimizers), else
+    `build_optimizer(model.parameters())`."""
+    try:
+        first = next(iter(inspect.signature(workload.build_optimizer).parameters), None)
+    except (TypeError, ValueError):  # a builtin or C function: no signature to read
+        first = None
+    built = workload.build_optimizer(model if first == "model" else model.parameters())
+    optimizers_of(built)
+    return built
+
+
 def build_cell(workload: Workload, variant: Variant, device: torch.device, seed: int = 0) -> Cell:
     """A fresh cell: the model seeded, the optimizer over it, the variant's loop prepared for both.
 
@@ -124,9 +156,10 @@ def build_cell(workload: Workload, variant: Variant, device: torch.device, seed:
         from bench.distributed import wrap
 
         model = wrap(model, device, variant.ddp)
-    optimizer = workload.build_optimizer(model.parameters())
+    optimizer = build_optimizer(workload, model)
     loop = variant.loop_for(model, optimizer, device)
-    return Cell(workload, variant, device, model, optimizer, workload.criterion.to(device), loop)
+    criterion = workload.criterion.to(device) if workload.criterion is not None else None
+    return Cell(workload, variant, device, model, optimizer, criterion, loop)
 
 
 def stage_batches(workload: Workload, split: str, count: int, device: torch.device,
@@ -141,7 +174,8 @@ def stage_batches(workload: Workload, split: str, count: int, device: torch.devi
     loader = workload.loader(split, shard=shard)  # shard: (rank, ranks), this rank's part of each global batch
     staged: list = []
     while len(staged) < count:  # epoch after epoch, as the loader gives them
-        epoch = [tuple(t.to(device, copy=True) for t in batch)
+        epoch = [tree_map(lambda t: t.to(device, copy=True) if isinstance(t, torch.Tensor) else t,
+                          tuple(batch) if isinstance(batch, list) else batch)  # a pair, a dict: any structure
                  for batch in itertools.islice(loader, count - len(staged))]
         if not epoch:  # cycling a loader that yields nothing would never end
             data = workload.train_data if split == "train" else workload.test_data

@@ -240,7 +240,7 @@ def measure_memory(cell, batches: list) -> dict:
     cell.epoch(bare)
     heap, rss = [h for h, _ in bare.trace], [r for _, r in bare.trace]
     state = [*cell.model.parameters(), *cell.model.buffers(), batches, [p.grad for p in cell.model.parameters()],
-             list(cell.optimizer.state.values()), cell.device_tensors()]
+             [list(o.state.values()) for o in cell.optimizers], cell.device_tensors()]
     ledger = AllocatorLedger(state)
     with ledger:
         cell.epoch(_Sampler(cell.batches(batches), ledger.mark))

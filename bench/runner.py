@@ -235,8 +235,7 @@ def untimed_passes(workload, variant, device, s: Settings, staged: list, cache: 
     record = record if record is not None else {}
     say("syncs")
     cell = build_cell(workload, variant, device, s.seed)
-    _warm(cell, staged, s.warmup)
-    syncs = measure_syncs(cell, staged)
+    syncs = measure_syncs(cell, staged, warmup=s.warmup)
     record.update(syncs)
     if variant.kind == "ddp":
         say("collectives")

@@ -424,10 +424,10 @@ def device_state(cell, batches: list) -> list:
     """The tensors that would live on the accelerator when a pass starts: the cell's model, gradients and
     optimizer state, the batches, what its prepared loop holds (a captured step's static tensors), and what the
     model's modules cache as plain attributes (a causal mask made on the first forward)."""
-    model, optimizer = cell.model, cell.optimizer
+    model = cell.model
     tensors = [*model.parameters(), *model.buffers(), batches, *cell.device_tensors(), *_module_caches(model)]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    return tensors + optimizer_device_state(optimizer)
+    return tensors + [t for optimizer in cell.optimizers for t in optimizer_device_state(optimizer)]
 
 
 def optimizer_device_state(optimizer, keep=None) -> list:
@@ -508,22 +508,29 @@ def site_details(sites: Counter, site_kinds: Counter, steps: int) -> list[dict]:
     return out
 
 
-def measure_syncs(cell, batches: list) -> dict:
-    """Syncs and operators per step over one epoch of `batches` (the cell is already warmed up)."""
-    device = cell.device
-    counter = SyncCounter(device)
-    counter.track(device_state(cell, batches))
-    from bench.distributed import collective_buffers
+def measure_syncs(cell, batches: list, warmup: int = 0) -> dict:
+    """Syncs and operators per step over one epoch of `batches`, after a warm-up epoch of the first `warmup` of them
+    (none: the cell is already warmed up).
 
-    for t in collective_buffers(cell, batches):  # DDP's buckets: where a GPU's gradients are all-reduced
-        counter.tracker.mark_storage(t)
-    # a live DataLoader's batches are drawn before counting: the main process unpickles a batch (aten::empty, set_
-    # per tensor) when a worker's result arrives, which with 2 workers may fall in an earlier block, so ops/step
-    # changed between runs (79, 80); the loop's own work on them, its copies and their syncs, is counted as before
-    epoch = list(cell.batches(batches)) if cell.variant.input_loader else cell.batches(batches)
+    On the CPU the loop is shown the stand-in device (`run.device` is `cpu:0`) from the warm-up on: a loop that keeps
+    the device it was first given (minGPT's `Trainer` sets `self.device` once) moves its batches to the device the
+    count tracks, as it would on a GPU, and not back to the host."""
+    device = cell.device
     if device.type == "cpu":
         cell.device = STAND_IN
     try:
+        if warmup:
+            cell.epoch(cell.batches(batches[:warmup]))
+        counter = SyncCounter(device)
+        counter.track(device_state(cell, batches))
+        from bench.distributed import collective_buffers
+
+        for t in collective_buffers(cell, batches):  # DDP's buckets: where a GPU's gradients are all-reduced
+            counter.tracker.mark_storage(t)
+        # a live DataLoader's batches are drawn before counting: the main process unpickles a batch (aten::empty,
+        # set_ per tensor) when a worker's result arrives, which with 2 workers may fall in an earlier block, so
+        # ops/step changed between runs (79, 80); the loop's own work on them, its copies and their syncs, is counted
+        epoch = list(cell.batches(batches)) if cell.variant.input_loader else cell.batches(batches)
         with counter:
             cell.epoch(epoch)
     finally:

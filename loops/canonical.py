@@ -46,8 +46,8 @@ class Run:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    criterion: nn.Module
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    criterion: nn.Module | None  # None: the model computes its own loss (see `own_loss`)
+    batches: Iterable[Any]  # (data, labels) pairs for the built-in loops; a user's loop may read any structure
     device: torch.device
     epoch: int = 0  # epochs this loop has run before this one: what a DDP script tells `sampler.set_epoch`
 
@@ -58,17 +58,40 @@ def _check_choice(field: str, value: str, choices) -> None:
 
 
 # ---------------------------------------------------------------- forward pass and loss
-def forward_loss(model: nn.Module, criterion: nn.Module, data: torch.Tensor, labels: torch.Tensor):
-    """The seed's forward pass and loss; `torch.compile` compiles this function, forward and loss as one."""
-    output = model(data)
-    loss = criterion(output, labels)
+def own_loss(output) -> torch.Tensor | None:
+    """The loss a model computed itself, carried by its output: Hugging Face's `outputs.loss` (or `["loss"]`),
+    nanoGPT's and minGPT's `(logits, loss)` (the one scalar floating-point tensor of a tuple); None if there is none."""
+    if isinstance(output, torch.Tensor):
+        return None
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    if loss is None and isinstance(output, (tuple, list)):
+        scalars = [t for t in output if isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_floating_point()]
+        loss = scalars[0] if len(scalars) == 1 else None
+    return loss if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
+
+
+def model_and_loss(model: nn.Module, criterion: nn.Module | None, data, labels):
+    """`output = model(data); loss = criterion(output, labels)`, or, for a model computing its own loss (no criterion),
+    `output = model(data, labels)` and the loss it carries."""
+    if criterion is not None:
+        output = model(data)
+        return output, criterion(output, labels)
+    output = model(data, labels)
+    loss = own_loss(output)
+    if loss is None:
+        raise TypeError(f"the workload has no criterion, and {type(model).__name__}(data, labels) returned "
+                        f"{type(output).__name__} with no loss in it")
     return output, loss
 
 
-def forward_loss_checked(model: nn.Module, criterion: nn.Module, data: torch.Tensor, labels: torch.Tensor):
+def forward_loss(model: nn.Module, criterion: nn.Module | None, data: torch.Tensor, labels: torch.Tensor):
+    """The seed's forward pass and loss; `torch.compile` compiles this function, forward and loss as one."""
+    return model_and_loss(model, criterion, data, labels)
+
+
+def forward_loss_checked(model: nn.Module, criterion: nn.Module | None, data: torch.Tensor, labels: torch.Tensor):
     """forward_loss with a NaN guard that reads the loss back: inside a compiled region, a graph break."""
-    output = model(data)
-    loss = criterion(output, labels)
+    output, loss = model_and_loss(model, criterion, data, labels)
     if not math.isfinite(loss.item()):
         raise FloatingPointError("loss is not finite")
     return output, loss
@@ -234,9 +257,8 @@ def eval_epoch(run: Run, idioms: EvalIdioms = EvalIdioms()) -> tuple[Any, float]
     with GRAD_MODES[idioms.grad_mode]():
         for data, labels in run.batches:
             data, labels = data.to(device), labels.to(device)
-            outputs = model(data)
-            loss = criterion(outputs, labels)
-            _, predicted = outputs.max(1)
+            outputs, loss = model_and_loss(model, criterion, data, labels)
+            _, predicted = (outputs if isinstance(outputs, torch.Tensor) else outputs[0]).max(1)
             tracker.add(loss, predicted.eq(labels).sum())
             total += labels.size(0)
             batches += 1

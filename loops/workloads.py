@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,8 +21,10 @@ from loops.resolve import BadName, load_object
 class Workload:
     name: str
     build_model: Callable[[], nn.Module]
-    build_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-    criterion: nn.Module
+    # the optimizer(s) over the model's parameters; a function whose first parameter is named `model` gets the model
+    # itself (`model.configure_optimizers(...)`), and may return several optimizers (a tuple, list or dict: a GAN's two)
+    build_optimizer: Callable[[Iterable[nn.Parameter]], Any]
+    criterion: nn.Module | None  # None: the model computes its own loss (`forward(x, targets) -> (logits, loss)`)
     train_data: Dataset
     test_data: Dataset | None = None
     batch_size: int = 64

@@ -346,7 +346,7 @@ def test_a_tensor_the_model_cached_before_counting_is_on_the_device():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(8, 4)
     model(x)  # the warm-up, on the real CPU device, makes the mask
-    cell = SimpleNamespace(model=model, optimizer=optimizer, device_tensors=list)
+    cell = SimpleNamespace(model=model, optimizers=[optimizer], device_tensors=list)
     counter = SyncCounter(CPU)
     counter.track(device_state(cell, [x]))
     with counter:
