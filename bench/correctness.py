@@ -36,9 +36,11 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
 from bench import distributed
+from bench.audit import Audit
 from bench.cell import build_cell
 from bench.syncs import measure_syncs
 from loops import Variant, Workload, resolve_variant
+from loops.canonical import own_loss
 from reports.results import baseline_of
 
 GRAD_RTOL = 1e-4  # a fresh recomputation of a float32 gradient agrees to ~1e-7; a wrong one is off by O(1)
@@ -76,6 +78,8 @@ class Trajectory:
     global_sizes: list = field(default_factory=list)
     ranks_differ: tuple[int, float] | None = None
     no_gradient: bool = False  # every step consumed, and every batch had, a zero gradient: the steps show nothing
+    audit: list = field(default_factory=list)  # bench.audit's findings: what each step consumed against backward
+    fresh_steps: int = 0  # steps checked against the fresh gradient of the losses seen (criterion or model's own)
 
 
 class _RecordingCriterion(torch.nn.Module):
@@ -86,6 +90,15 @@ class _RecordingCriterion(torch.nn.Module):
     def __init__(self, criterion, sink: list, hits: list, sizes: list, seen: _Seen):
         super().__init__()
         self.criterion, self.sink, self.hits, self.sizes, self.seen = criterion, sink, hits, sizes, seen
+
+    def __getattr__(self, name):
+        """The real criterion's attributes (`ignore_index`, `reduction`, a custom loss's own fields) read through."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "criterion":
+                raise
+            return getattr(self.criterion, name)
 
     def forward(self, output, target):
         self.seen.target(target)
@@ -108,6 +121,7 @@ class _Seen:
         self.params = params
         self.inputs, self.pending, self.backward, self.backward_values = [], [], [], []
         self.forwards, self.paused = 0, False
+        self.sink = self.sizes = None  # this epoch's batch losses and sizes (a model's own losses land there)
 
     def forward_pre_hook(self, module, args, kwargs):
         if not self.paused:
@@ -118,6 +132,17 @@ class _Seen:
             rng = None if torch.compiler.is_compiling() else _rng_state(device)
             self.inputs.append((inputs, _autocast_state(device.type), rng))
             self.forwards += 1
+
+    def forward_hook(self, module, args, kwargs, output):
+        """A model that computes its own loss (no run.criterion): the loss its output carries is this forward's."""
+        loss = own_loss(output)
+        if self.paused or not self.inputs or loss is None or not loss.requires_grad:
+            return
+        x, autocast, rng = self.inputs.pop()
+        self.pending.append((x, None, autocast, rng))
+        if self.sink is not None:
+            self.sink.append(loss.detach().double())
+            self.sizes.append(batch_size(x))
 
     def target(self, target):
         if not self.paused and self.inputs:
@@ -143,6 +168,11 @@ class _Seen:
         taken = self.pending, self.backward, complete
         self.pending, self.backward, self.inputs, self.forwards = [], [], [], 0
         return taken
+
+
+def batch_size(batch) -> int:
+    """Samples in a batch of any structure: the first dimension of its first tensor with one (1 if none has)."""
+    return next((int(t.shape[0]) for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim()), 1)
 
 
 def _rng_state(device: torch.device):
@@ -207,7 +237,8 @@ def _loss_as_seen(model, state, criterion, inputs, y, autocast_dtype, rng):
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     with ctx, _replayed_rng(device, rng) if rng is not None else contextlib.nullcontext():
-        return criterion(functional_call(model, state, inputs[0], inputs[1]), y)
+        output = functional_call(model, state, inputs[0], inputs[1])
+        return own_loss(output) if y is None else criterion(output, y)  # y None: the model's own loss
 
 
 def _fresh_grad(model, criterion, batches: list, at: dict | None = None) -> tuple[torch.Tensor, list[float]]:
@@ -389,6 +420,7 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
         compiled = any(p[3] is None for p in pending)
         try:
             if complete and not (compiled and backpropagated):
+                traj.fresh_steps += 1
                 known = fresh.get(step.number, cell.model, pending) if fresh is not None else None
                 if known is not None:  # the baseline's same step, from the same state and inputs
                     step.fresh, step.micro = known
@@ -445,33 +477,42 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
             yield x, y
             check_boundary(before, x, y, losses)
 
-    # a replayed CUDA graph runs no Python: its steps are checked between batches, not by hooks
-    hooks = [] if variant.replays_graph else [cell.optimizer.register_step_pre_hook(check_step),
-                                              cell.model.register_forward_pre_hook(seen.forward_pre_hook,
-                                                                                   with_kwargs=True)]
+    # a replayed CUDA graph runs no Python: its steps are checked between batches, not by hooks. The fresh-gradient
+    # check needs one optimizer over the parameters; several (a GAN's) are judged by the consumption audit alone
+    training = variant.kind in ("train", "ddp") and not variant.replays_graph
+    single = len(cell.optimizers) == 1
+    hooks = [] if variant.replays_graph else [
+        *([cell.optimizers[0].register_step_pre_hook(check_step)] if single else []),
+        cell.model.register_forward_pre_hook(seen.forward_pre_hook, with_kwargs=True),
+        cell.model.register_forward_hook(seen.forward_hook, with_kwargs=True)]
     if across:
-        hooks.append(cell.optimizer.register_step_post_hook(compare_ranks))
-    watch = _watch_backward(seen) if variant.kind in ("train", "ddp") and not variant.replays_graph \
-        else contextlib.nullcontext()
+        hooks.append(cell.optimizers[0].register_step_post_hook(compare_ranks))
+    # the consumption audit (bench.audit), entered before the backward watch so that the fresh gradients `seen`
+    # computes from the loop's own graph happen outside its backward passes
+    audit = Audit() if training and not across else None
+    watch = _watch_backward(seen) if training else contextlib.nullcontext()
     buffers_before = {n: b.clone() for n, b in cell.model.named_buffers()}
     try:
-        with watch:
+        with audit or contextlib.nullcontext(), watch:
+            for optimizer in cell.optimizers if audit else ():
+                audit.watch(optimizer)
             for e in range(epochs):
                 losses, hits, sizes = [], [], []
                 batches = (epoch_batches(cell, e) if epoch_batches
                            else staged[e * steps_per_epoch:(e + 1) * steps_per_epoch])
                 run = cell.run(_Sized(watched(batches, losses), len(batches)) if variant.replays_graph
-                               else batches)
-                if not variant.replays_graph:
+                               else _Drawn(batches, audit.batch) if audit else batches)
+                seen.sink, seen.sizes = losses, sizes
+                if not variant.replays_graph and cell.criterion is not None:
                     run.criterion = _RecordingCriterion(cell.criterion, losses, hits, sizes, seen)
                 values_before = len(seen.backward_values)
                 out = cell.loop(run)
                 traj.reported.append(out)
                 if not losses and traj.losses_from_backward:  # no run.criterion: what the loop backpropagated
                     losses = seen.backward_values[values_before:]
-                    sizes = [int(y.shape[0]) for _, y in batches][:len(losses)]
+                    sizes = [batch_size(b) for b in batches][:len(losses)]
                 traj.batch_losses.append([float(v) for v in losses])
-                traj.batch_sizes.append(sizes or [int(y.shape[0]) for _, y in batches])
+                traj.batch_sizes.append(sizes or [batch_size(b) for b in batches])
                 traj.hits.append(None if any(h is None for h in hits) else int(sum(int(h) for h in hits)))
                 traj.totals.append(sum(sizes))
                 if across:  # every rank's losses: an all-reduced loss is the mean of these
@@ -481,7 +522,8 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
     finally:
         for hook in hooks:
             hook.remove()
-    traj.optimizer_steps = len(history)
+    traj.audit = audit.findings if audit else []
+    traj.optimizer_steps = len(history) if single else sum(f.kind != "skipped" for f in traj.audit)
     traj.no_gradient = bool(history) and all(float(s.consumed.norm()) == 0.0 and (s.fresh is None or float(
         s.fresh.norm()) == 0.0) for s in history)
     traj.batches = sum(len(b) for b in traj.batch_sizes) if epoch_batches else epochs * steps_per_epoch
@@ -490,6 +532,24 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
         traj.buffers_changed = any(not torch.equal(b, buffers_before[n]) for n, b in cell.model.named_buffers())
     traj.params = {n: p.detach().clone() for n, p in net.named_parameters()}
     return traj
+
+
+class _Drawn:
+    """The staged batches as the loop reads them, telling `drawn()` of each batch it draws."""
+
+    def __init__(self, batches: list, drawn):
+        self.batches, self.drawn = batches, drawn
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.drawn()
+            yield batch
 
 
 class _Sized:
@@ -583,34 +643,46 @@ def envelope(workload: Workload, variant: Variant, device, epochs: int, staged: 
     return param_max_rel_diff(base.params, params), loss
 
 
-def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory, syncs: dict | None = None,
-               loss_compared: bool = True) -> dict:
+def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory | None, syncs: dict | None = None,
+               loss_compared: bool = True, no_base: str = "") -> dict:
     """The verdict, its one-line reason and the figures behind it. Not `loss_compared`: the reported loss is not
-    compared with the baseline's (DDP's baseline against one process: each rank reports its own part's loss)."""
+    compared with the baseline's (DDP's baseline against one process: each rank reports its own part's loss).
+    `base` None: the baseline loop cannot run this workload (`no_base` says why): a loop whose every step passes is
+    `consistent`, with nothing to compare it with."""
     kind = variant.kind
-    reported = [_loss_of(r, kind) for r in traj.reported]
+    silent = any(r is None for r in traj.reported)  # a loop that reports no epoch loss
+    reported = [math.nan if r is None else _loss_of(r, kind) for r in traj.reported]
     means = _epoch_means(traj)
     errors = [_loss_error(r, m) for r, m in zip(reported, means)]
-    loss_err = max(errors)
+    loss_err = 0.0 if silent else max(errors)
     exact = [min(m, key=lambda x, r=r: _loss_error(r, (x,))) for r, m in zip(reported, means)]
-    diff = param_max_rel_diff(traj.params, base.params)
+    diff = param_max_rel_diff(traj.params, base.params) if base is not None else math.nan
     skipped = max(traj.batches - traj.optimizer_steps, 0) if kind == "train" else None
     figures = {"reported_loss": reported[-1], "exact_loss": exact[-1], "loss_rel_error": loss_err,
                "param_max_rel_diff": diff, "retains_graph": traj.retains_graph, "skipped_steps": skipped}
-    own_loss = " (its loss is not run.criterion: checked against the gradients of what it backpropagated)" \
-        if traj.losses_from_backward else ""
+    notes = []
+    if traj.losses_from_backward:
+        notes.append("its loss is not run.criterion nor the model's own: checked against the gradients of what it "
+                     "backpropagated")
+    if silent:
+        notes.append("the loop returns no epoch loss: its loss report is not checked")
+    # the consumption audit (bench.audit): what each step consumed against what backward produced, with no criterion
+    audit = [f for f in traj.audit if f.kind != "skipped"]
+    audit_broken = next((f.reason for f in audit if f.kind == "broken"), None)
+    audit_changed = next((f.reason for f in audit if f.kind in ("undivided", "changed")), None)
+    audit_unknown = next((f for f in audit if f.kind == "unknown"), None)
 
     def result(verdict, reason):
-        return {"verdict": verdict, "verdict_reason": reason + (own_loss if verdict != "broken" else ""),
-                **figures}
+        extra = "".join(f" ({note})" for note in notes) if verdict != "broken" else ""
+        return {"verdict": verdict, "verdict_reason": reason + extra, **figures}
 
     if traj.ranks_differ:
         step, difference = traj.ranks_differ
         return result("broken", f"the ranks' parameters differ after step {step} (largest difference "
                                 f"{difference:.3g}): each rank trained its own model"
                       + (f"; {traj.grad_error}" if traj.grad_error else ""))
-    if traj.grad_error:
-        return result("broken", traj.grad_error)
+    if traj.grad_error or audit_broken:
+        return result("broken", traj.grad_error or audit_broken)
     if syncs and syncs.get("unsynced_reads_per_step"):
         site = next(iter(syncs.get("unsynced_read_sites") or {}), "unknown site")
         return result("broken", f"reads a non-blocking device-to-host copy before any sync "
@@ -618,35 +690,40 @@ def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory, syncs: dict
                                 "may not have landed")
     if traj.retains_graph:
         return result("broken", "the reported loss still holds an autograd graph (no detach / no no_grad)")
-    if not all(math.isfinite(r) for r in reported):
+    if not silent and not all(math.isfinite(r) for r in reported):
         return result("broken", f"reported loss is {reported[-1]}")
     if loss_err > LOSS_RTOL:
         e = max(range(len(reported)), key=lambda i: errors[i])
         text = (f"epoch {e + 1} reported loss {reported[e]:.6g} is not the mean of its batch losses "
                 f"{means[e][0]:.6g}")
         if traj.losses_from_backward:  # the values backpropagated may be scaled or divided: no knowing
-            return result("unverified", text + " as backpropagated; without run.criterion the batch losses "
-                                               "are not known")
+            return result("unverified", text + " as backpropagated; without run.criterion or a loss in the model's "
+                                               "output the batch losses are not known")
         return result("broken", text)
     if kind == "eval":
         return _eval_verdict(traj, base, result)
-    if isinstance(traj.reported[0], (tuple, list)):
+    if not silent and isinstance(traj.reported[0], (tuple, list)):
         acc = [_as_float(r[1]) for r in traj.reported]
         exact_acc = [h / t if h is not None and t else None for h, t in zip(traj.hits, traj.totals)]
         if None not in exact_acc and acc != exact_acc and not traj.losses_from_backward:
             return result("broken", f"reported accuracy {acc[-1]:.6g} is not the exact {exact_acc[-1]:.6g}")
     if traj.grad_unknown:
         return result("unverified", traj.grad_unknown)
+    if audit_unknown is not None and not traj.fresh_steps and not traj.grad_changed:
+        return result("unverified", audit_unknown.reason or f"step {audit_unknown.step}: not watched")
     if traj.no_gradient and kind != "eval":
         return result("unverified", "every gradient was zero (a loss that does not depend on the parameters, such "
                                     "as cross-entropy over one class): the steps cannot tell a right loop from a "
                                     "wrong one")
-    if traj.grad_changed:
-        return result("different", f"{traj.grad_changed}; parameters differ from the baseline's by {diff:.3g} "
-                                   "(relative)")
+    if traj.grad_changed or audit_changed:
+        where = f"; parameters differ from the baseline's by {diff:.3g} (relative)" if base is not None else ""
+        return result("different", f"{traj.grad_changed or audit_changed}{where}")
+    if base is None:
+        return result("consistent", f"each of {traj.optimizer_steps} optimizer step(s) consumed exactly what its "
+                                    f"backward passes produced; no baseline to compare with ({no_base})")
     # the baseline's epoch loss by the same definition: its own report for a batch mean, else its weighted mean
     loss_diff = 0.0
-    if loss_compared:
+    if loss_compared and not silent:
         base_loss = [_loss_of(r, kind) if x == m[0] else bm[m.index(x)]
                      for r, x, m, bm in zip(base.reported, exact, means, _epoch_means(base))]
         loss_diff = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(reported, base_loss))
@@ -661,13 +738,16 @@ def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory, syncs: dict
                                f"baseline's by {diff:.3g} (relative{wide})")
 
 
-def _eval_verdict(traj: Trajectory, base: Trajectory, result) -> dict:
+def _eval_verdict(traj: Trajectory, base: Trajectory | None, result) -> dict:
     if traj.buffers_changed:
         return result("broken", "evaluation changed the model's buffers (BatchNorm statistics): no model.eval()?")
     acc = [_as_float(r[1]) for r in traj.reported]
     exact_acc = [h / t if h is not None and t else None for h, t in zip(traj.hits, traj.totals)]
     if None not in exact_acc and acc != exact_acc:
         return result("broken", f"reported accuracy {acc[-1]:.6g} is not the exact {exact_acc[-1]:.6g}")
+    if base is None:
+        return result("consistent", "buffers unchanged and the reported loss is the mean of its batch losses; no "
+                                    "baseline to compare with")
     loss = [_loss_of(r, "eval") for r in traj.reported]
     base_loss = [_loss_of(r, "eval") for r in base.reported]
     loss_diff = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(loss, base_loss))
@@ -729,16 +809,22 @@ def check(workload: Workload, variant: Variant, device, epochs: int = CHECK_EPOC
     key = (workload.name, variant.kind, str(device), epochs, steps, seed)
     cache = _cache if _cache is not None else {}
     if key not in cache:  # the baseline runs once per workload; its fresh gradients serve every variant
-        fresh = FreshGrads()
+        fresh, no_base = FreshGrads(), ""
         baseline = resolve_variant(baseline_of(variant.kind))
-        base = trajectory(workload, baseline, device, epochs, staged, seed, fresh, keep_fresh=True)
-        if variant.kind == "train":
+        try:
+            base = trajectory(workload, baseline, device, epochs, staged, seed, fresh, keep_fresh=True)
+        except Exception as exc:  # the built-in loop cannot run it (dict batches, several optimizers, ...)
+            if variant.name == baseline.name:
+                raise
+            base, fresh = None, None
+            no_base = f"the built-in {baseline.name} cannot run this workload: {type(exc).__name__}: {exc}"[:300]
+        if base is not None and variant.kind == "train":
             base.envelope = envelope(workload, baseline, device, epochs, staged, seed, base)
-        cache[key] = fresh, base
-    fresh, base = cache[key]
+        cache[key] = fresh, base, no_base
+    fresh, base, no_base = cache[key]
     traj = trajectory(workload, variant, device, epochs, staged, seed, fresh)
     if syncs is None:  # one epoch shows a read made before its sync: it is made at the same place every epoch
         syncs = measure_syncs(build_cell(workload, variant, device, seed), staged[:steps])
-    record = verdict_of(variant, traj, base, syncs)
+    record = verdict_of(variant, traj, base, syncs, no_base=no_base)
     record["expected_verdict"] = variant.expected_for(workload.name)
     return record

@@ -40,7 +40,9 @@ from reports import stats
 FORMAT = "loopmark-results"
 FORMAT_VERSION = 1
 
-VERDICTS = ("identical", "equivalent", "different", "unverified", "broken")  # from best to worst
+# from best to worst; `consistent`: every step consumed what its backward passes produced, with no baseline to compare
+# with (a workload the built-in loop cannot run, a traced script)
+VERDICTS = ("identical", "equivalent", "consistent", "different", "unverified", "broken")
 BASELINES = {"train": "baseline", "eval": "eval_baseline", "ddp": "ddp_baseline"}  # each kind's yardstick variant
 FLOOR_VARIANT = "cuda_graph_step"  # the whole step replayed as one CUDA graph: a workload's launch-overhead floor
 TRACE_VARIANT = "trace"  # the variant of a script measured by `loopmark trace` (its workload: the script's name)

@@ -27,7 +27,7 @@ from loops import VERDICTS, resolve_variant, resolve_workload, verdict_matches  
 from tests.corpus import BROKEN, CORRECT, MODULES  # noqa: E402
 
 CPU = torch.device("cpu")
-EPOCHS, STEPS = 2, 3  # the correctness check: accumulation across steps and across epochs shows
+EPOCHS = 2  # the correctness check: accumulation across epochs shows (and across steps: a workload's check_steps)
 SYNC_STEPS = 8  # the sync pass's epoch, after a warm-up epoch over the same batches
 pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor is True:UserWarning")  # the sources' encoders
 SOURCE = re.compile(r"\A# Source: [\w.-]+/[\w.-]+, \S+, commit(\n#)? [0-9a-f]{40}")  # repository, path, commit
@@ -61,7 +61,7 @@ def test_the_corpus_holds_real_loops_and_planted_bugs():
 def test_verdict_is_what_the_loop_does(name):
     """The correctness check gives each corpus loop the verdict its code implies."""
     module = _module(name)
-    steps = getattr(module, "CHECK_STEPS", STEPS)
+    steps = getattr(module, "CHECK_STEPS", None)  # None: the workload's own check_steps, else the default
     record = correctness.check(_workload(name), _variant(name), CPU, epochs=EPOCHS, steps=steps)
     assert verdict_matches(record["verdict"], module.EXPECTED_VERDICT), (record["verdict"], record["verdict_reason"])
 
@@ -72,8 +72,8 @@ def test_syncs_per_step_are_the_cuda_count(name):
     wl, variant = _workload(name), _variant(name)
     staged = stage_batches(wl, "train", SYNC_STEPS, CPU)
     cell = build_cell(wl, variant, CPU)
-    cell.epoch(staged)  # warm-up epoch: the optimizer's state, a cached mask, what the script sets up for its epochs
-    record = measure_syncs(cell, staged)
+    # after a warm-up epoch: the optimizer's state, a cached mask, what the script sets up for its epochs
+    record = measure_syncs(cell, staged, warmup=len(staged))
     module = _module(name)
     # a loop that branches on the device type counts what it does without a GPU (the module says why)
     expected = getattr(module, "CPU_SYNCS_PER_STEP", module.CUDA_SYNCS_PER_STEP)(SYNC_STEPS)

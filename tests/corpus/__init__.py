@@ -10,7 +10,8 @@ on the loop's first epoch and kept with the optimizer (`kept`).
 
 Each module also declares what a correct tool must answer for it:
 
-* `EXPECTED_VERDICT`: `identical`/`equivalent` when the loop does what loopmark's baseline does, `different` when
+* `EXPECTED_VERDICT`: `identical`/`equivalent` when the loop does what loopmark's baseline does, `consistent` when
+  the baseline cannot run the workload (dict batches, two optimizers) and every step is right, `different` when
   every step uses a function of its own batch's gradient only but not the baseline's (clipping that binds, an LR
   schedule), `broken` for the planted bugs;
 * `CUDA_SYNCS_PER_STEP(steps)`: host-device syncs per step on CUDA over an epoch of `steps` batches, worked out
@@ -30,8 +31,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 CORRECT = ["mnist", "imagenet", "cifar", "vae", "model_parallel", "word_language_model", "transformer_tutorial",
-           "timm_train", "hf_glue"]
-BROKEN = ["mnist_no_zero_grad", "cifar_loss_sum", "imagenet_zero_grad_between"]
+           "timm_train", "hf_glue", "nanogpt", "mingpt", "dcgan", "hf_trainer"]
+BROKEN = ["mnist_no_zero_grad", "cifar_loss_sum", "imagenet_zero_grad_between", "nanogpt_zero_grad_in_micro_loop",
+          "dcgan_no_zero_grad", "hf_trainer_undivided"]
 MODULES = CORRECT + BROKEN
 
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
