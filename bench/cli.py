@@ -540,6 +540,11 @@ def cmd_trace(args) -> int:
         return EXIT_WRITE
     _report([out])
     print(f"\nwrote {out}/results.csv, {out}/results.json")
+    if args.strict and result.exit_code == 0:
+        failed = trace.strict_failures(result.record)
+        if failed:
+            print("loopmark trace --strict: " + "; ".join(failed), file=sys.stderr)
+            return 1
     script_args = target.argv[1:]
     if result.outcome.exit_status == 2 and result.record.get("trace_steps_run") == 0 and any(
             a.split("=")[0] in TRACE_OPTIONS for a in script_args):
@@ -682,18 +687,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("trace", help="run a training script unmodified and measure its steps: syncs (as on CUDA), "
                                      "operators, time, memory, kept autograd graphs",
-                       usage="loopmark trace [-h] [--steps N] [--warmup W] [--out DIR] [--overwrite] "
+                       usage="loopmark trace [-h] [--steps N] [--warmup W] [--out DIR] [--overwrite] [--strict] "
                              "(SCRIPT.py | -m MODULE) [ARGS ...]",
                        description="Run SCRIPT.py ARGS (or -m MODULE ARGS) in this process as python would, and "
                                    "measure its training steps (a step ends at optimizer.step()): a warm-up, then a "
-                                   "pass each counting syncs and operators, timing, and measuring memory, then the "
-                                   "script is stopped. Everything after the script (or the module) is its own.",
+                                   "pass each counting syncs and operators, auditing what each optimizer step "
+                                   "consumed (the verdict), timing, and measuring memory, then the script is stopped. "
+                                   "Everything after the script (or the module) is its own.",
                        epilog="exit status: 0 measured, 1 the script raised, exited with another status or never "
-                              "stepped, 2 bad input, 3 results could not be written")
+                              "stepped (with --strict also: a broken verdict, a pass with no step), 2 bad input, 3 "
+                              "results could not be written")
     t.add_argument("--steps", type=_int_at_least(1), metavar="N", help="steps per pass (default 20)")
     t.add_argument("--warmup", type=_int_at_least(0), metavar="W", help="steps before the first pass (default 5)")
     t.add_argument("--out", help="output directory (default: a new results/<UTC time>/, results/latest points to it)")
     t.add_argument("--overwrite", action="store_true", help="replace the results an --out directory already holds")
+    t.add_argument("--strict", action="store_true",
+                   help="exit 1 when the verdict is broken, or when a pass measured no step (for CI)")
     t.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE",
                    help="run a module as `python -m MODULE ARGS` does")
     t.add_argument("script", nargs=argparse.REMAINDER, metavar="SCRIPT.py [ARGS]",

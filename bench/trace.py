@@ -66,14 +66,17 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
+from torch.utils._pytree import tree_flatten
 
+from bench.audit import Audit
+from bench.audit import verdict as audit_verdict
 from bench.memory import AllocatorLedger, cpu_peaks, heap_bytes, rss_bytes, slope_per_step
 from bench.syncs import STAND_IN, CudaDebugSyncs, SyncCounter, is_sync_warning, optimizer_device_state, site_details
 from reports.results import TRACE_VARIANT, CellSpec, Measurement, record
 from reports.table import format_table
 from reports.units import human_bytes
 
-PHASES = ("count", "time", "memory")
+PHASES = ("count", "audit", "time", "memory")
 DEFAULT_STEPS, DEFAULT_WARMUP = 20, 5
 GRAPH_LAG = 2  # a loss's graph still alive this many step boundaries after its step ended is kept across steps
 TOP_SITES = 10  # the sync sites `loopmark trace` prints, most syncs first
@@ -396,6 +399,12 @@ class Tracer:
         self.stderr: _FilteredStderr | None = None
         self.allocated: list[int] = []
         self.memory: dict = {}
+        # audit pass: what each optimizer step consumed against what backward produced (bench.audit), and graphs that
+        # evaluation builds and keeps
+        self.audit = Audit(step_number=lambda: self.steps_run + 1, paused=True)
+        self.eval_hook = None
+        self.eval_graphs: list[tuple[int, weakref.ref]] = []
+        self.eval_retained_steps: list[int] = []
         # in every pass
         self.eval = _Eval()
         self.in_eval = False
@@ -436,6 +445,7 @@ class Tracer:
         for owner, name, value in patches:
             setattr(owner, name, value)
         self._hook = register_optimizer_step_post_hook(self._on_optimizer_step)
+        self.audit.__enter__()  # paused until the audit pass; its global step hooks cannot be added during a step
         if not self.cuda:  # the counter tracks what lands on the stand-in from the start
             self._counter_on()
         self.phase = "warmup"
@@ -463,6 +473,8 @@ class Tracer:
                 self.ledger.__exit__(None, None, None)
             self.ledger = None
         self._stderr_back()
+        self._eval_unhook()
+        self.audit.__exit__(None, None, None)
         self._counter_off(remap=False)
         if self._hook is not None:
             self._hook.remove()
@@ -530,6 +542,8 @@ class Tracer:
         tracer = self
 
         def __next__(iterator):
+            if not tracer.audit.paused and not tracer.in_eval:
+                tracer.audit.batch()
             if not tracer.counting or tracer.in_eval:
                 return original(iterator)
             before = tracer.counter.ops
@@ -592,7 +606,7 @@ class Tracer:
                 tracer._train_depth -= 1
             if tracer._train_depth == 0 and not tracer.disarmed and tracer._holds_an_optimizer(module):
                 if not mode and not tracer.in_eval:
-                    tracer._eval_begin()
+                    tracer._eval_begin(module)
                 elif mode and tracer.in_eval:
                     tracer._eval_end()
             return out
@@ -607,8 +621,10 @@ class Tracer:
 
     # -- evaluation, counted apart --------------------------------------------------------------------------
 
-    def _eval_begin(self) -> None:
+    def _eval_begin(self, module) -> None:
         self.in_eval = True
+        if self.phase == "audit":  # a graph built in evaluation and still alive later is kept (no no_grad)
+            self.eval_hook = module.register_forward_hook(self._eval_output)
         if self.phase in PHASES:
             self.eval.passes[self.phase] += 1
         if self.phase == "count":
@@ -618,8 +634,23 @@ class Tracer:
         elif self.phase == "time":
             self.eval_mark = (self.clock.now(),)
 
+    def _eval_output(self, module, args, output) -> None:
+        root = next((t for t in tree_flatten(output)[0]
+                     if isinstance(t, torch.Tensor) and t.grad_fn is not None), None)
+        if root is not None:
+            sentinel = _Sentinel()
+            with _unobserved():
+                root.grad_fn.register_prehook(sentinel)
+            self.eval_graphs.append((self.steps_run + 1, weakref.ref(sentinel)))
+
+    def _eval_unhook(self) -> None:
+        if self.eval_hook is not None:
+            self.eval_hook.remove()
+            self.eval_hook = None
+
     def _eval_end(self) -> None:
         self.in_eval = False
+        self._eval_unhook()
         mark, self.eval_mark = self.eval_mark, None
         if mark is None:
             return
@@ -685,6 +716,12 @@ class Tracer:
                          "kinds": Counter(c.kinds), "hazards": c.hazards, "hazard_sites": Counter(c.hazard_sites)}
             self._last = self._totals()
             self.data_ops_counted = self.data_ops
+        elif phase == "audit":
+            self.say(f"step {self.steps_run}: auditing what {n} optimizer steps consume")
+            for ref in self.optimizers:
+                if ref() is not None:
+                    self.audit.watch(ref())
+            self.audit.paused = False
         elif phase == "time":
             self.say(f"step {self.steps_run}: timing {n} steps")
             self.evals_in_step = []
@@ -749,6 +786,10 @@ class Tracer:
             self.step_times = times
         elif phase == "memory":
             self._end_memory(n)
+        elif phase == "audit":
+            self.audit.paused = True
+            self.audit.unwatch()
+            self._eval_unhook()
         self.phase = "ended"
 
     def _end_count(self, n: int) -> None:
@@ -799,14 +840,16 @@ class Tracer:
                 self.counter.track(grads, optimizer_device_state(optimizer, keep=tracker.on_device))
 
     def _check_graphs(self) -> None:
-        """Losses of steps that ended GRAPH_LAG or more boundaries ago whose autograd graph is still alive."""
-        keep = []
-        for step, ref in self.graphs:
-            if step > self.steps_run - GRAPH_LAG:
-                keep.append((step, ref))
-            elif ref() is not None and step not in self.retained_steps:
-                self.retained_steps.append(step)
-        self.graphs = keep
+        """Losses of steps that ended GRAPH_LAG or more boundaries ago whose autograd graph is still alive (and, from
+        the audit pass, graphs evaluation built)."""
+        for graphs, retained in ((self.graphs, self.retained_steps), (self.eval_graphs, self.eval_retained_steps)):
+            keep = []
+            for step, ref in graphs:
+                if step > self.steps_run - GRAPH_LAG:
+                    keep.append((step, ref))
+                elif ref() is not None and step not in retained:
+                    retained.append(step)
+            graphs[:] = keep
 
     # -- results ---------------------------------------------------------------------------------------
 
@@ -862,7 +905,29 @@ class Tracer:
             f["graph_retained_steps"] = len(measured_retained)
         f["nonfinite_loss_steps"] = sorted(s for s in self.nonfinite_steps if self.measured(s))
         f["trace_notes"] = list(self.notes)
+        f.update(self._verdict(f, measured_retained))
         return f
+
+    def _verdict(self, f: dict, retained: list[int]) -> dict:
+        """The script's verdict from the audit pass's findings (bench.audit) and what every pass saw: a loss graph
+        kept across steps, one evaluation kept, a non-finite loss."""
+        findings = self.audit.findings
+        broken = []
+        if f["nonfinite_loss_steps"]:
+            broken.append(f"the loss of step {f['nonfinite_loss_steps'][0]} is not finite (inf or NaN)")
+        if retained:
+            broken.append(f"the loss of step {retained[0]} still holds its autograd graph {GRAPH_LAG} steps later: "
+                          "the script keeps its losses' graphs (`running += loss` without .detach() or .item()?)")
+        if self.eval_retained_steps:
+            broken.append(f"evaluation at step {self.eval_retained_steps[0]} built autograd graphs that were still "
+                          f"alive {GRAPH_LAG} steps later (evaluation without torch.no_grad(), and a loss kept?)")
+        if not self.done["audit"] and not broken:
+            return {"verdict": "unverified", "verdict_reason": "the script ended before the audit pass",
+                    "audit_steps": 0}
+        verdict, reason = audit_verdict(findings, broken)
+        return {"verdict": verdict, "verdict_reason": reason,
+                "audit_steps": sum(1 for x in findings if x.kind != "skipped"),
+                "audit_findings": dict(Counter(x.kind for x in findings))}
 
 
 def _difference(a: Counter, b: Counter) -> Counter:
@@ -977,6 +1042,15 @@ def trace(target: Target, steps: int = DEFAULT_STEPS, warmup: int = DEFAULT_WARM
                  exit_code)
 
 
+def strict_failures(r: dict) -> list[str]:
+    """What makes `trace --strict` fail: a broken verdict, a pass that measured no step."""
+    failed = [f"verdict broken: {r.get('verdict_reason')}"] if r.get("verdict") == "broken" else []
+    empty = [p for p, n in (r.get("trace_passes") or {}).items() if not n]
+    if empty:
+        failed.append(f"no step measured in the {', '.join(empty)} pass(es)")
+    return failed
+
+
 def _steps_text(steps: list[int], limit: int = 8) -> str:
     shown = ", ".join(str(s) for s in steps[:limit])
     return shown + (f" and {len(steps) - limit} more" if len(steps) > limit else "")
@@ -1001,6 +1075,8 @@ def summary(r: dict, sites: list[dict] | None = None) -> str:
     where = "cuda" if r["device"] == "cuda" else f"cpu (the CUDA count, with {STAND_IN} standing for the GPU)"
     lines = [f"trace of {r['workload']} on {where}: {r.get('warmup_steps')} warm-up steps, then "
              + ", ".join(f"{passes.get(p, 0)} {p}" for p in PHASES) + " steps"]
+    if r.get("verdict"):
+        lines.append(f"verdict: {r['verdict']}: {r.get('verdict_reason')}")
     median = r.get("step_time_median_s")
     rows = [["host-device syncs", number("syncs_per_step"), ", ".join(str(int(s)) if float(s).is_integer() else
                                                                      f"{s:g}" for s in r.get("syncs_by_step") or [])],

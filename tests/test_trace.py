@@ -68,6 +68,14 @@ def line_of(path: Path, code: str) -> int:
 
 # -- the example scripts: the CUDA count, worked out in each script's docstring --------------------------------
 
+# the audit pass's verdict, from each script's code: every example zeroes its gradients before each step's backward
+# passes and steps once per accumulation; train_text_classifier clips at 0.1, which binds on its random-init model's
+# gradients (a scaled copy: different); train_amp's and train_grad_accum's clipping (5.0, 1.0) does not bind on theirs
+EXAMPLE_VERDICTS = {"train_mnist_like.py": "consistent", "train_amp.py": "consistent",
+                    "train_grad_accum.py": "consistent", "train_gan.py": "consistent",
+                    "train_text_classifier.py": "different"}
+
+
 @pytest.mark.parametrize(("script", "args", "steps", "warmup", "syncs"), [
     # 2 copies + loss.item() every 5 batches (the log line of batch 0 of epoch 2 falls in step 7); 5-batch epochs:
     # test() runs in the count pass (steps 4-8), after step 5, and is counted apart. A DataLoader worker per loader
@@ -91,9 +99,11 @@ def line_of(path: Path, code: str) -> int:
 def test_an_example_script_counts_its_cuda_syncs_on_a_cpu(script, args, steps, warmup, syncs):
     result = traced(EXAMPLES / script, *args, steps=steps, warmup=warmup)
     r = result.record
+    rounds = 2 if script == "train_gan.py" else 1  # a GAN's step is a round of two optimizer steps
+    assert (r["verdict"], r["audit_steps"]) == (EXAMPLE_VERDICTS[script], steps * rounds), r["verdict_reason"]
     assert (r["status"], result.exit_code, result.outcome.how) == ("ok", 0, "stopped"), r["error"]
     assert r["workload"] == script and r["variant"] == "trace" and r["device"] == "cpu"
-    assert r["trace_passes"] == {"count": steps, "time": steps, "memory": steps}
+    assert r["trace_passes"] == {"count": steps, "audit": steps, "time": steps, "memory": steps}
     assert r["syncs_per_step"] == pytest.approx(syncs)
     assert sum(d["count"] for d in r["sync_site_details"]) == pytest.approx(syncs * steps)
     assert all(d["site"].rpartition(":")[0].endswith(f"loops/examples/{script}") for d in r["sync_site_details"])
@@ -103,8 +113,9 @@ def test_an_example_script_counts_its_cuda_syncs_on_a_cpu(script, args, steps, w
     if script == "train_mnist_like.py":  # test(): 2 test batches x (2 copies + 2 .item()), apart from the steps
         assert (r["eval_passes"], r["eval_syncs"]) == (1, 8)
         assert sum(r["eval_sync_sites"].values()) == 8
-        assert r["eval_passes_by_pass"] == {"count": 1, "time": 1, "memory": 1}  # test() ran within each pass
-        assert "3 pass(es)  1 in the count pass, 1 in the time pass, 1 in the memory pass: 8 syncs" in trace.summary(r)
+        assert r["eval_passes_by_pass"] == {"count": 1, "audit": 1, "time": 1, "memory": 1}  # test() in each pass
+        assert ("4 pass(es)  1 in the count pass, 1 in the audit pass, 1 in the time pass, 1 in the memory pass: "
+                "8 syncs") in trace.summary(r)
         elsewhere = {**r, "eval_passes": 0, "eval_passes_by_pass": {"time": 1}}  # fell in the time pass instead
         assert "1 in the time pass: its syncs not counted" in trace.summary(elsewhere)
         assert multiprocessing.active_children() == []  # its DataLoader workers ended with the script
@@ -173,7 +184,7 @@ def test_a_graph_kept_across_steps_is_found(tmp_path, accumulate, kept):
     path = tiny(tmp_path, setup="running = torch.zeros((), device=device)", after=accumulate)
     r = traced(path, steps=4, warmup=1).record
     assert r["retains_graph"] is kept
-    assert r["graph_retained_steps"] == (12 - trace.GRAPH_LAG if kept else 0)  # every measured step checked
+    assert r["graph_retained_steps"] == (16 - trace.GRAPH_LAG if kept else 0)  # every measured step checked
     assert r["syncs_per_step"] == 2
 
 
@@ -222,8 +233,8 @@ def test_the_script_runs_as_python_runs_it_and_its_finally_blocks_run(tmp_path, 
     saved_argv, saved_path = list(sys.argv), list(sys.path)
     result = traced(tmp_path / "train.py", "--lr", "0.5", steps=2, warmup=1)
     assert result.outcome.how == "stopped", result.outcome.detail
-    assert result.record["trace_steps_run"] == 1 + 3 * 2 and result.record["syncs_per_step"] == 0
-    assert (tmp_path / "finally.txt").read_text() == "6"  # stopped in the 7th iteration's optimizer.step()
+    assert result.record["trace_steps_run"] == 1 + 4 * 2 and result.record["syncs_per_step"] == 0
+    assert (tmp_path / "finally.txt").read_text() == "8"  # stopped in the 9th iteration's optimizer.step()
     assert "does not catch" not in capsys.readouterr().out
     assert (sys.argv, sys.path) == (saved_argv, saved_path)
 
@@ -242,8 +253,9 @@ def test_a_script_that_stops_early_keeps_what_was_measured(tmp_path, ending, how
     result = traced(path, steps=5, warmup=1)
     r = result.record
     assert (result.outcome.how, result.exit_code, r["status"]) == (how, exit_code, status)
-    assert r["trace_passes"] == {"count": 2, "time": 0, "memory": 0} and r["syncs_per_step"] == 2
-    assert "after 3 of the 16 steps planned (1 warm-up + 3 passes of 5)" in r["trace_notes"][-1]
+    assert r["trace_passes"] == {"count": 2, "audit": 0, "time": 0, "memory": 0} and r["syncs_per_step"] == 2
+    assert "after 3 of the 21 steps planned (1 warm-up + 4 passes of 5)" in r["trace_notes"][-1]
+    assert r["verdict"] == "unverified" and "before the audit pass" in r["verdict_reason"]
     if how == "raised":
         assert "out of data" in r["error"]
         assert f'{path}", line {line_of(path, "raise RuntimeError")}' in result.outcome.traceback_text()
