@@ -64,6 +64,22 @@ def _resolve_names(workloads, variants):
         raise UsageError(str(exc)) from None
 
 
+def _check_builtin_names(args) -> None:
+    """Fail at once, with one line, on a built-in name that is not one: `loops.registry` is read without torch, which
+    takes seconds to import. A user's package.module:function is resolved when the command runs."""
+    from loops import BadName
+    from loops.registry import check_variant_name, check_workload_name
+
+    workloads = getattr(args, "workload", None)
+    try:
+        for name in [workloads] if isinstance(workloads, str) else workloads or []:  # selfcheck takes one
+            check_workload_name(name)
+        for name in getattr(args, "variant", None) or []:
+            check_variant_name(name)
+    except BadName as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_list(args) -> int:
     from loops import BUILTINS, WORKLOADS, resolve_variant, resolve_workload
     from reports.table import format_table
@@ -444,6 +460,7 @@ def cmd_selfcheck(args) -> int:
     from bench import selfcheck
 
     device = _devices(args.device, "cpu")[0]
+    _resolve_names([args.workload or "mlp"], None)
     return selfcheck.main(device, args.workload or "mlp")
 
 
@@ -707,8 +724,9 @@ COMMANDS = {"list": cmd_list, "check": cmd_check, "run": cmd_run, "selfcheck": c
 
 
 # the modules each command needs (torch alone takes seconds), imported before the command starts (`_import_for`)
-IMPORTS = {"list": ("loops", "reports.table"), "check": ("bench.runner", "reports.table"),
-           "run": ("bench.runner", "reports.report"), "selfcheck": ("bench.selfcheck",),
+IMPORTS = {"list": ("loops.variants", "loops.workloads", "reports.table"),  # `import loops` alone loads no torch
+           "check": ("bench.runner", "reports.table"), "run": ("bench.runner", "reports.report"),
+           "selfcheck": ("bench.selfcheck",),
            "report": ("reports.report",), "compare": ("reports.compare", "reports.load"), "merge": ("reports.merge",),
            "trace": ("bench.trace", "reports.report", "reports.findings")}
 
@@ -762,6 +780,7 @@ def _main(argv: list[str]) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     sys.path.insert(0, os.getcwd())  # so that a user's package.module:function in this directory imports
     try:
+        _check_builtin_names(args)
         _import_for(args.command)
         return COMMANDS[args.command](args)
     except (UsageError, ValueError) as exc:  # report and compare raise ValueError for unusable files
