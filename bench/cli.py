@@ -3,7 +3,7 @@ report, compare, merge and trace.
 
 Exit status: 0 success, 1 a failed check, a regression or (`run --strict`) a failed cell, 2 bad input (one line, no
 traceback), 3 results or a report could not be written (a full disk; the cells saved before are kept), 130
-interrupted.
+interrupted. `loopmark` alone lists the commands, one line each, and exits 2 (a command line with no command).
 """
 
 from __future__ import annotations
@@ -719,6 +719,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _commands(parser: argparse.ArgumentParser) -> str:
+    """The usage line and each command with its help, one line each (whatever the terminal's width)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    width = max(map(len, sub.choices))
+    lines = [f"  {a.dest:<{width}}  {a.help}" for a in sub._choices_actions]
+    return "\n".join([f"usage: {parser.prog} COMMAND [OPTIONS] (`{parser.prog} COMMAND --help` for its options)",
+                      "commands:", *lines])
+
+
 COMMANDS = {"list": cmd_list, "check": cmd_check, "run": cmd_run, "selfcheck": cmd_selfcheck,
             "report": cmd_report, "compare": cmd_compare, "merge": cmd_merge, "trace": cmd_trace}
 
@@ -770,6 +779,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    if not argv:  # no command: what there is to do, on stderr and exit 2 as for any other incomplete command line
+        print(_commands(build_parser()), file=sys.stderr)
+        return EXIT_USAGE
     command = next((a for a in argv if a in COMMANDS), None)
     try:
         args = build_parser().parse_args(argv)

@@ -98,13 +98,25 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
 
 @pytest.mark.parametrize("argv,code", [(["run", "--variant", "tensr_sum"], 2), (["check", "--workload", "mpl"], 2),
                                        (["run", "--workload", "mlp", "--variant", "tensor_sum+nope"], 2),
-                                       (["--help"], 0), (["--version"], 0)])
+                                       ([], 2), (["--help"], 0), (["--version"], 0)])
 def test_a_misspelt_name_help_and_version_answer_before_torch_is_imported(argv, code):
     """A built-in name is checked against `loops.registry`, which loads no torch (seconds of import): a typo, like
     --help and --version, is answered at once."""
     script = f"import sys; from bench.cli import main; code = main({argv!r}); print(code, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.stdout.split()[-2:] == [str(code), "False"], out.stderr
+
+
+def test_no_command_lists_each_command_on_one_line_and_exits_2(capsys):
+    """`loopmark` alone says what there is to do: every command, one line each, on stderr; exit 2 (no command)."""
+    from bench.cli import COMMANDS
+
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == "" and lines[0].startswith("usage: loopmark COMMAND")
+    for command in COMMANDS:
+        assert len([line for line in lines if line.split()[:1] == [command]]) == 1, (command, lines)
 
 
 def test_cuda_request_without_gpu_is_exit_2(capsys):
