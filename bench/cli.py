@@ -3,7 +3,7 @@ report, compare, merge and trace.
 
 Exit status: 0 success, 1 a failed check, a regression or (`run --strict`) a failed cell, 2 bad input (one line, no
 traceback), 3 results or a report could not be written (a full disk; the cells saved before are kept), 130
-interrupted.
+interrupted. `loopmark` alone lists the commands, one line each, and exits 2 (a command line with no command).
 """
 
 from __future__ import annotations
@@ -60,6 +60,22 @@ def _resolve_names(workloads, variants):
                 pass
         for v in variants or []:
             resolve_variant(v)
+    except BadName as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_builtin_names(args) -> None:
+    """Fail at once, with one line, on a built-in name that is not one: `loops.registry` is read without torch, which
+    takes seconds to import. A user's package.module:function is resolved when the command runs."""
+    from loops import BadName
+    from loops.registry import check_variant_name, check_workload_name
+
+    workloads = getattr(args, "workload", None)
+    try:
+        for name in [workloads] if isinstance(workloads, str) else workloads or []:  # selfcheck takes one
+            check_workload_name(name)
+        for name in getattr(args, "variant", None) or []:
+            check_variant_name(name)
     except BadName as exc:
         raise UsageError(str(exc)) from None
 
@@ -444,6 +460,7 @@ def cmd_selfcheck(args) -> int:
     from bench import selfcheck
 
     device = _devices(args.device, "cpu")[0]
+    _resolve_names([args.workload or "mlp"], None)
     return selfcheck.main(device, args.workload or "mlp")
 
 
@@ -711,13 +728,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _commands(parser: argparse.ArgumentParser) -> str:
+    """The usage line and each command with its help, one line each (whatever the terminal's width)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    width = max(map(len, sub.choices))
+    lines = [f"  {a.dest:<{width}}  {a.help}" for a in sub._choices_actions]
+    return "\n".join([f"usage: {parser.prog} COMMAND [OPTIONS] (`{parser.prog} COMMAND --help` for its options)",
+                      "commands:", *lines])
+
+
 COMMANDS = {"list": cmd_list, "check": cmd_check, "run": cmd_run, "selfcheck": cmd_selfcheck,
             "report": cmd_report, "compare": cmd_compare, "merge": cmd_merge, "trace": cmd_trace}
 
 
 # the modules each command needs (torch alone takes seconds), imported before the command starts (`_import_for`)
-IMPORTS = {"list": ("loops", "reports.table"), "check": ("bench.runner", "reports.table"),
-           "run": ("bench.runner", "reports.report"), "selfcheck": ("bench.selfcheck",),
+IMPORTS = {"list": ("loops.variants", "loops.workloads", "reports.table"),  # `import loops` alone loads no torch
+           "check": ("bench.runner", "reports.table"), "run": ("bench.runner", "reports.report"),
+           "selfcheck": ("bench.selfcheck",),
            "report": ("reports.report",), "compare": ("reports.compare", "reports.load"), "merge": ("reports.merge",),
            "trace": ("bench.trace", "reports.report", "reports.findings")}
 
@@ -761,6 +788,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    if not argv:  # no command: what there is to do, on stderr and exit 2 as for any other incomplete command line
+        print(_commands(build_parser()), file=sys.stderr)
+        return EXIT_USAGE
     command = next((a for a in argv if a in COMMANDS), None)
     try:
         args = build_parser().parse_args(argv)
@@ -771,6 +801,7 @@ def _main(argv: list[str]) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     sys.path.insert(0, os.getcwd())  # so that a user's package.module:function in this directory imports
     try:
+        _check_builtin_names(args)
         _import_for(args.command)
         return COMMANDS[args.command](args)
     except (UsageError, ValueError) as exc:  # report and compare raise ValueError for unusable files

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
+from loops.registry import WORKLOAD_NAMES, check_workload_name
 from loops.resolve import BadName, load_object
 
 
@@ -202,9 +203,8 @@ def conditional() -> Workload:
     )
 
 
-WORKLOADS: dict[str, Callable[[], Workload]] = {
-    "mlp": mlp, "cnn": cnn, "resnet18": resnet18, "digits": digits, "conditional": conditional,
-}
+# the functions named in loops.registry, which the command line reads without importing torch
+WORKLOADS: dict[str, Callable[[], Workload]] = {name: globals()[name] for name in WORKLOAD_NAMES}
 
 
 def resolve_workload(name: str) -> Workload:
@@ -214,6 +214,5 @@ def resolve_workload(name: str) -> Workload:
         if not isinstance(workload, Workload):
             raise BadName(f"workload {name!r} returned {type(workload).__name__}, not loops.Workload")
         return workload
-    if name not in WORKLOADS:
-        raise BadName(f"unknown workload {name!r}; valid: {', '.join(WORKLOADS)}, or package.module:function")
+    check_workload_name(name)
     return WORKLOADS[name]()

@@ -9,7 +9,6 @@ numeric fields as float (NaN where null), boolean fields as True/False/None, raw
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,9 +28,7 @@ def load(path) -> tuple[dict, pd.DataFrame]:
 
 def load_records(path) -> tuple[dict, list[dict]]:
     """Environment and the cell records of a loopmark results file or a pytest-benchmark JSON."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.json"
+    path = results.results_file(path)
     doc = results.read_json(path)
     try:
         if isinstance(doc, dict) and doc.get("format") == results.FORMAT:

@@ -24,8 +24,13 @@ def merge(paths, mixed_cpus: bool = False, partial: bool = False) -> tuple[dict,
     ValueError (one line) when they cannot be. `mixed_cpus`: accept runs on different CPU models (each cell keeps
     its own `device_name`). `partial`: accept shards that are not every shard of one run (a gate on the merge
     would otherwise pass on the cells that are there, silent about those that are not)."""
-    runs = []
+    runs, given = [], {}
     for path in paths:
+        file = results.results_file(path).resolve()  # a directory and its results.json are one run
+        if file in given:
+            same = given[file] == str(path)
+            raise ValueError(f"{path} is given twice{'' if same else f' (as {given[file]} too)'}: name each run once")
+        given[file] = str(path)
         env, records = results.read_results(path)
         runs.append((str(path), env, records))
     if not runs:
@@ -59,6 +64,11 @@ def _check_complete(runs: list) -> None:
     if whole:
         raise ValueError(f"{whole[0]} is not a shard, {next(p for p, s in shards.items() if s)} is: merge the "
                          "shards of one run (or pass --partial)")
+    first: dict[str, str] = {}
+    for path, shard in shards.items():  # a shard's copy: the same cells twice, another shard missing
+        if str(shard) in first:
+            raise ValueError(f"shard {shard} is given twice ({first[str(shard)]} and {path}): merge each shard once")
+        first[str(shard)] = path
     counts = {str(s).partition("/")[2] for s in shards.values()}
     if len(counts) > 1:
         raise ValueError(f"shards of different splits ({', '.join(sorted(str(s) for s in shards.values()))}): merge "

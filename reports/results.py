@@ -319,13 +319,22 @@ def _interrupts_deferred():
 def read_results(path) -> tuple[dict, list[dict]]:
     """(environment, records) of a results.json (or the directory holding one), checked and derived;
     raises ValueError with a one-line reason naming the file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.json"
+    path = results_file(path)
     doc = read_json(path)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"{path}: not a loopmark results file")
     return parse_results(doc, path)
+
+
+def results_file(path) -> Path:
+    """The results file `path` names: itself, or the results.json of the directory `path`; ValueError (one line)
+    for a directory without one."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not os.path.lexists(path / "results.json"):
+        raise ValueError(f"{path}: not a results directory (it holds no results.json)")
+    return path / "results.json"
 
 
 def parse_results(doc: dict, path) -> tuple[dict, list[dict]]:

@@ -56,6 +56,19 @@ def fake_cells(monkeypatch):
     return during
 
 
+@pytest.mark.parametrize("command", ["compare", "report", "merge"])
+def test_a_directory_without_results_is_named_not_a_results_directory(tmp_path, capsys, command):
+    """`loopmark compare bench reports`: a directory that holds no results is called that, not a missing
+    `bench/results.json`, a file the user never named."""
+    a, b = tmp_path / "bench", tmp_path / "reports"
+    a.mkdir()
+    b.mkdir()
+    argv = {"compare": ["compare", str(a), str(b)], "report": ["report", str(a)],
+            "merge": ["merge", str(a), str(b), "--out", str(tmp_path / "m")]}[command]
+    assert main(argv) == 2
+    _one_line(capsys.readouterr().err, f"{a}: not a results directory (it holds no results.json)")
+
+
 # -- item 16: deeply nested JSON, a FIFO or a device as input, `$` in names --------------------------------------
 
 def _results_dir(tmp_path: Path, content: str) -> Path:

@@ -71,8 +71,12 @@ def test_list_shows_variants_and_workloads(capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["check", "--variant", "nope"], "unknown variant 'nope'; valid: baseline"),
+    (["check", "--variant", "nope"], "unknown variant 'nope'; valid: a built-in (`loopmark list` names them)"),
     (["check", "--workload", "nope"], "unknown workload 'nope'; valid: mlp"),
+    (["run", "--variant", "tensr_sum"], "unknown variant 'tensr_sum'; did you mean 'tensor_sum'?"),
+    (["run", "--workload", "mpl"], "unknown workload 'mpl'; did you mean 'mlp'?"),
+    (["check", "--variant", "tensor_sum+set_to_nne_false"], "variant 'set_to_nne_false'; did you mean 'set_to_none_"),
+    (["selfcheck", "--workload", "mpl"], "unknown workload 'mpl'; did you mean 'mlp'?"),
     (["check", "--workload", "no_such_module:f"], "cannot import 'no_such_module'"),
     (["check", "--variant", "loops.example_user:missing"], "has no callable 'missing'"),
     (["run", "--variant", "tensor_sum+item_list_mean"], "changes loss_tracking a second time"),
@@ -90,6 +94,29 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,code", [(["run", "--variant", "tensr_sum"], 2), (["check", "--workload", "mpl"], 2),
+                                       (["run", "--workload", "mlp", "--variant", "tensor_sum+nope"], 2),
+                                       ([], 2), (["--help"], 0), (["--version"], 0)])
+def test_a_misspelt_name_help_and_version_answer_before_torch_is_imported(argv, code):
+    """A built-in name is checked against `loops.registry`, which loads no torch (seconds of import): a typo, like
+    --help and --version, is answered at once."""
+    script = f"import sys; from bench.cli import main; code = main({argv!r}); print(code, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split()[-2:] == [str(code), "False"], out.stderr
+
+
+def test_no_command_lists_each_command_on_one_line_and_exits_2(capsys):
+    """`loopmark` alone says what there is to do: every command, one line each, on stderr; exit 2 (no command)."""
+    from bench.cli import COMMANDS
+
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == "" and lines[0].startswith("usage: loopmark COMMAND")
+    for command in COMMANDS:
+        assert len([line for line in lines if line.split()[:1] == [command]]) == 1, (command, lines)
 
 
 def test_cuda_request_without_gpu_is_exit_2(capsys):

@@ -1,6 +1,7 @@
 """`loopmark run --shard I/N` and `loopmark merge`: the matrix split across CI jobs and put back together."""
 
 import json
+import shutil
 
 import pytest
 from conftest_reports_data import make_record
@@ -139,3 +140,21 @@ def test_merge_refuses_an_incomplete_set_of_shards_unless_partial(shards, needle
     assert needle in err and len(err.splitlines()) == 1, err
     assert not results.holds_results(tmp_path / "m")
     assert main(["merge", *paths, "--out", str(tmp_path / "m"), "--partial"]) == 0
+
+
+@pytest.mark.parametrize("second, needle", [("s1", "s1 is given twice: name each run once"),
+                                            ("s1/results.json", "s1/results.json is given twice (as "),
+                                            ("copy", "shard 1/2 is given twice (")])
+def test_merge_of_a_run_given_twice_says_so_rather_than_a_shard_missing(second, needle, tmp_path, capsys,
+                                                                         monkeypatch):
+    """`merge s1 s1` (the same run by another path, or a copy of its shard) is a run given twice: not `shard 2/2
+    missing`, which sends the user looking for a shard, nor a merge with --partial."""
+    monkeypatch.chdir(tmp_path)
+    _run(tmp_path / "s1", env={"shard": "1/2"})
+    shutil.copytree(tmp_path / "s1", tmp_path / "copy")
+    partials = [[]] if second == "copy" else [[], ["--partial"]]  # with --partial a copy's cells are "in both"
+    for partial in partials:
+        assert main(["merge", "s1", second, "--out", "m", *partial]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and err.startswith("loopmark merge: ") and len(err.splitlines()) == 1, err
+        assert not results.holds_results(tmp_path / "m")

@@ -63,3 +63,16 @@ def test_importing_the_reports_loads_no_torch():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'bench', 'loops')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_builtin_names_load_no_torch_and_name_the_registry():
+    """`loops.registry`, the built-in names the command line checks before anything else, imports no torch (seconds);
+    each workload name there builds the workload of that name, and every variant there resolves."""
+    code = ("import sys, loops.registry; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'bench', 'reports')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    from loops import registry, resolve_variant, resolve_workload
+
+    assert [resolve_workload(name).name for name in registry.WORKLOAD_NAMES] == list(registry.WORKLOAD_NAMES)
+    assert [resolve_variant(name).name for name in registry.BUILTINS] == list(registry.BUILTINS)
