@@ -39,7 +39,7 @@ and `torch.accelerator.is_available()` are true, and every CUDA device argument 
 by the counter, and what a tensor's storage shares with a tracked one is too (a `Parameter` made of a tracked tensor,
 `param.data = ...`). The time and memory passes run with CUDA arguments meaning `cpu`, so their figures are those of
 the script on this CPU. `torch.cuda.synchronize()` does nothing (the count pass counts it), `pin_memory()` keeps the
-tensor, and the DataLoader pins nothing (it sees no accelerator). See the README ("Trace your own script") for the
+tensor, and the DataLoader pins nothing (it sees no accelerator). See docs/trace.md ("Trace your own script") for the
 scripts whose CPU count equals their CUDA count.
 """
 

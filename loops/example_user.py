@@ -1,4 +1,4 @@
-"""A complete example of a user's own workload and loop variants, as README.md describes them.
+"""A complete example of a user's own workload and loop variants, as docs/own-loops.md describes them.
 
 Copy this file into your project, change the model and the loop, and point loopmark at it:
 

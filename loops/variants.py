@@ -9,7 +9,7 @@ verdict `INTERACTIONS` declares where the field values it sets interact, and oth
 verdicts: fields that act independently add their effects, so the composition is as far from the baseline as
 its farthest part.
 
-A user's variant is a plain function `fn(run: loops.Run)` named `package.module:function`; see README.md.
+A user's variant is a plain function `fn(run: loops.Run)` named `package.module:function`; see docs/own-loops.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Workloads: a model, its optimizer and loss, real DataLoaders over seeded data, a batch size and a seed.
 
 A user's workload is a function with no arguments that returns a `Workload`, named
-`package.module:function`; see README.md.
+`package.module:function`; see docs/own-loops.md.
 """
 
 from __future__ import annotations

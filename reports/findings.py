@@ -349,7 +349,7 @@ def variant_row(variant: str, cells: pd.DataFrame, reference=None, reference_nam
             "\n".join(memory) or "–"]
 
 
-# what `identical` and `equivalent` always mean (README, Verdicts): the row says the word, the reason is in the table
+# what `identical` and `equivalent` always mean (docs/check.md): the row says the word, the reason is in the table
 SHORT_VERDICTS = {"identical": "identical (bitwise)", "equivalent": "equivalent (within rounding)"}
 
 

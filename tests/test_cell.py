@@ -54,7 +54,7 @@ def test_the_loop_is_prepared_with_the_cell_and_belongs_to_it():
 
 
 def test_a_users_variant_is_the_cells_loop_as_it_is():
-    """A user's `fn(run)` has nothing to prepare (README's contract): the cell calls the function itself."""
+    """A user's `fn(run)` has nothing to prepare (docs/own-loops.md): the cell calls the function itself."""
     v = resolve_variant("loops.example_user:clipped_loop")
     cell = build_cell(example_user.regression(), v, CPU)
     assert cell.loop is example_user.clipped_loop and cell.device_tensors() == []

@@ -9,7 +9,7 @@ import torch
 from bench import correctness
 from loops import resolve_variant, resolve_workload
 
-# A user's module, as README.md's "Your own workload and variant" describes it: a tiny workload trained with the
+# A user's module, as docs/own-loops.md describes it: a tiny workload trained with the
 # seed's SGD, and the seed's training loops line by line (`tqdm(trainloader)` is `run.batches`).
 SEED_MODULE = '''
 import torch

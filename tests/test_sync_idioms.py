@@ -375,8 +375,8 @@ def _clipped_cell(variant: str):
 
 
 def test_clipped_loop_syncs_once_per_epoch():
-    """The README's `clipped_loop` clips every step and reads its loss once, at the end of the epoch: its only
-    sync. Clipping moves nothing to the host."""
+    """The `clipped_loop` of docs/own-loops.md clips every step and reads its loss once, at the end of the epoch:
+    its only sync. Clipping moves nothing to the host."""
     cell, staged = _clipped_cell("loops.example_user:clipped_loop")
     record = measure_syncs(cell, staged)
     assert record["syncs_per_step"] == pytest.approx(1 / STEPS)

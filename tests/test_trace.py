@@ -298,8 +298,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, n
 
 
 def test_two_traces_compare_clean_and_a_planted_item_fails_naming_its_line(tmp_path, monkeypatch, capsys):
-    """The README's CI example in small: trace, trace again, compare (exit 0); add `.item()` to the loop, trace,
-    compare (exit 1, the new line named with its code, the moved log line not reported); `loopmark report` on it."""
+    """The CI example of docs/trace.md ("Trace in CI") in small: trace, trace again, compare (exit 0); add `.item()`
+    to the loop, trace, compare (exit 1, the new line named with its code, the moved log line not reported);
+    `loopmark report` on it."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(bench.cli, "_report", lambda paths: None)  # `loopmark report` is run once, below
     path = tiny(tmp_path, setup="""

@@ -1,7 +1,7 @@
 """A corpus of real public training loops, each adapted to loopmark's contract and nothing more.
 
 Every module holds one loop from a public source (named, with its commit, in the comment at its top), re-expressed
-as README.md's "Your own workload and variant" asks: a workload function `workload()` returning `loops.Workload`
+as docs/own-loops.md asks: a workload function `workload()` returning `loops.Workload`
 (a small random-init model, seeded data, the optimizer the source builds) and a variant `train(run)` that runs one
 epoch over `run.batches` with `run.model`, `run.optimizer`, `run.criterion` and `run.device` and returns the epoch
 loss. The loop body is the source's: its own loss call, dropout, clipping, scheduler, `len(train_loader)`, log

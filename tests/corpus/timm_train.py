@@ -47,7 +47,8 @@ def CUDA_SYNCS_PER_STEP(steps: int) -> float:
 
 def CPU_SYNCS_PER_STEP(steps: int) -> float:
     """What the CPU stand-in counts: the script turns its GradScaler on only when `device.type == "cuda"`, a
-    branch that is false without a GPU (README, "Syncs": where the CPU count differs), so only `loss.item()`."""
+    branch that is false without a GPU (docs/measurement.md, "Syncs": where the CPU count differs), so only
+    `loss.item()`."""
     return 1.0
 
 
