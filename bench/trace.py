@@ -12,14 +12,17 @@ micro-batches fall in the step that consumes them. A `GradScaler` that finds inf
 runs from one boundary to the next: what a script does after `optimizer.step()` (a log line with `loss.item()`, a
 scheduler step) falls in the next step.
 
-**Passes.** After `warmup` steps, three passes of `steps` steps each, one after the other on the running script, so
+**Passes.** After `warmup` steps, four passes of `steps` steps each, one after the other on the running script, so
 that no instrument distorts another's figure (as `loopmark run`'s passes):
 
 1. *count*: host-device syncs with their sites (`bench.syncs.SyncCounter`, the counter `loopmark run` uses) and
    dispatched operators, per step; on a GPU also `torch.cuda.set_sync_debug_mode("warn")`'s count;
-2. *time*: each step's time (`perf_counter_ns`; on a GPU one CUDA event per boundary, read after the pass, so no
+2. *audit*: what each optimizer step consumed against what its backward passes produced (`bench.audit`), and the
+   graphs evaluation builds and keeps: the verdict. Its hooks on the parameters are removed when the pass ends, and
+   its global hooks, set when the tracer is armed (none can be added during a step), only look at a flag outside it;
+3. *time*: each step's time (`perf_counter_ns`; on a GPU one CUDA event per boundary, read after the pass, so no
    sync is added), and the C heap and RSS at each boundary (the host's growth per step);
-3. *memory*: the peak (CPU: the allocator's own records, `bench.memory.AllocatorLedger`; CUDA: the caching allocator's
+4. *memory*: the peak (CPU: the allocator's own records, `bench.memory.AllocatorLedger`; CUDA: the caching allocator's
    peak) and the tensor bytes alive at each boundary.
 
 Then the script is stopped: an exception of loopmark's own (a `BaseException`, which `except Exception` does not
