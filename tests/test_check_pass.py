@@ -1,6 +1,7 @@
 """The correctness pass's shortcuts change no verdict: fresh gradients reused from the baseline only where the
 step's state and inputs are the baseline's, and the rounding envelope that widens `equivalent`."""
 
+import pytest
 import torch
 
 from bench import correctness
@@ -104,3 +105,17 @@ def test_a_loop_that_cannot_run_in_float64_has_no_envelope():
     staged = stage_batches(workload, "train", 2, CPU)
     base = correctness.trajectory(workload, resolve_variant("baseline"), CPU, 2, staged)
     assert correctness.envelope(workload, resolve_variant("baseline"), CPU, 2, staged, 0, base) is None
+
+
+def test_the_criterion_the_loop_gets_reads_the_real_ones_attributes():
+    """A loop that reads its loss's settings (torchtune's `self._loss_fn.ignore_index`, `reduction`) gets the real
+    criterion's values through `run.criterion`, and calling it still records the loss."""
+    real = torch.nn.CrossEntropyLoss(ignore_index=-100, reduction="mean", label_smoothing=0.1)
+    sink, hits, sizes = [], [], []
+    seen = correctness._Seen([])
+    wrapped = correctness._RecordingCriterion(real, sink, hits, sizes, seen)
+    assert (wrapped.ignore_index, wrapped.reduction, wrapped.label_smoothing) == (-100, "mean", 0.1)
+    with pytest.raises(AttributeError):
+        wrapped.no_such_setting  # noqa: B018
+    loss = wrapped(torch.randn(4, 3), torch.tensor([0, 1, 2, -100]))
+    assert len(sink) == 1 and float(sink[0]) == pytest.approx(float(loss))
