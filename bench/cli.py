@@ -107,7 +107,7 @@ def cmd_check(args) -> int:
     _resolve_names(args.workload, args.variant)
     spread = _distributed_plan(args)
     if spread and not spread.launched():  # the ranks run this command under torchrun
-        return spread.launch_check(_child_args(args, "check"), args.nproc_per_node, args.device)
+        return spread.launch_check(_child_args(args, "check"), args.nproc_per_node, args.device, args.cell_timeout)
     if spread:
         spread.init(args.device)
     device = spread.rank_device(args.device) if spread else torch.device(_devices(args.device, "cpu")[0])
@@ -129,6 +129,8 @@ def cmd_check(args) -> int:
         for vname in names:
             variant = resolve_variant(vname)
             _status(f"checking {workload.name} {variant.name}")
+            if spread:  # the launcher ends every rank when a cell makes no progress within --cell-timeout
+                spread.heartbeat((workload.name, variant.name, str(device)), "correctness")
             try:
                 r = correctness.check(workload, variant, device, args.epochs or correctness.CHECK_EPOCHS,
                                       args.steps, args.seed, cache)
@@ -635,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=_int_at_least(0), default=0)
     c.add_argument("--nproc-per-node", type=_int_at_least(1), metavar="N",
                    help="check the distributed variants (ddp_*), N processes on this machine under torchrun")
+    c.add_argument("--cell-timeout", type=_non_negative, metavar="SECONDS", default=600,
+                   help="with --nproc-per-node: end every rank when a cell makes no progress in this long and as much "
+                        "again, a minute at most (a rank hung in a collective; default 600, 0: no limit)")
 
     r = sub.add_parser("run", help="measure every cell; write results.csv/json and a report")
     r.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")

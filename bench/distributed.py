@@ -492,7 +492,7 @@ def _stuck(ranks: _Ranks, beats: list[dict], nproc: int, timed_out: int | None =
             os.kill(int(b["pid"]), signal.SIGUSR1)
     time.sleep(1.0)
     where = {r: _innermost(ranks.where / f"stack{r}.txt") for r in sorted(heard) if r != timed_out}
-    stopped = [r for r, (_, in_torch) in where.items() if in_torch is False]
+    stopped = [r for r, (at, in_torch) in where.items() if in_torch is False and at]
     parts = [f"rank {r} stopped at {where[r][0]}" for r in stopped]
     parts += [f"rank {r} waiting in torch at {where[r][0]}" if where[r][0] else f"rank {r} at '{heard[r]['text']}'"
               for r in where if r not in stopped]
@@ -573,27 +573,28 @@ def _end(proc) -> None:
     proc.wait()
 
 
-def launch_check(child_args: list[str], nproc: int, device: str) -> int:
+def launch_check(child_args: list[str], nproc: int, device: str, cell_timeout: float | None = None) -> int:
     """`loopmark check --nproc-per-node N`: the check under torchrun; rank 0 prints the verdicts. Its exit status,
-    or 1 when a rank failed (named in one line)."""
-    import subprocess
+    or 1 when a rank failed or hung (named in one line): a cell with no progress within `cell_timeout` and as much
+    again (a minute at most) ends every rank, as under `loopmark run`."""
     import sys
+    import tempfile
+    from pathlib import Path
 
     env = quiet_ranks_env(nproc)
+    limit = cell_timeout + min(cell_timeout, 60) if cell_timeout else None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "bench",
            "check", *child_args]
-    log: list[str] = []
-    with _terminate_as_interrupt():
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
-        try:
-            _forward(proc.stdout, log, print)
-            proc.wait()
-        finally:
-            _end(proc)
-    cause = _root_cause("".join(log))  # a rank that failed (torchrun itself then exits 1)
-    if proc.returncode == 0 or (proc.returncode == 1 and cause is None):
-        return proc.returncode
-    who = f"rank {cause[0]} ended ({cause[1]})" if cause else f"torchrun ended ({_signal_name(proc.returncode)})"
+    with tempfile.TemporaryDirectory(prefix="loopmark-ranks-") as where, _terminate_as_interrupt():
+        ranks, env[HEARTBEAT_ENV] = _Ranks(Path(where)), where
+        code, hung, current, log = _one_torchrun(cmd, env, ranks, limit, nproc, print)
+    if hung is not None:
+        cell = " ".join(current[:2]) if current else "the check"
+        print(f"loopmark check: timeout: {cell}: {hung}", file=sys.stderr)
+        return 1
+    cause = _root_cause(log)  # a rank that failed (torchrun itself then exits 1)
+    if code == 0 or (code == 1 and cause is None):
+        return code
+    who = f"rank {cause[0]} ended ({cause[1]})" if cause else f"torchrun ended ({_signal_name(code)})"
     print(f"loopmark check: {who}", file=sys.stderr)
     return 1

@@ -108,6 +108,17 @@ def test_check_names_the_rank_whose_loop_raised():
     assert "rank 1" in done.stdout + done.stderr and "only rank 1 fails" in done.stdout + done.stderr
 
 
+def test_check_ends_a_rank_hung_in_a_collective_at_its_time_limit():
+    """`check --nproc-per-node 2` with rank 1 stuck where no signal reaches it: the launcher ends every rank after the
+    cell's limit and as much again, exit 1, naming the cell and where rank 1 stopped (not gloo's 30-minute wait)."""
+    done = loopmark("check", "--nproc-per-node", "2", "--variant", "tests.distributed_loops:stuck_on_rank_1",
+                    "--cell-timeout", "4", timeout=120)
+    text = done.stdout + done.stderr
+    assert done.returncode == 1, text
+    assert "timeout: " in text and "stuck_on_rank_1" in text and "no progress in 8 s" in text, text
+    assert "rank 1 stopped at tests/distributed_loops.py" in text and "at None" not in text, text
+
+
 def test_distributed_variants_need_ranks_and_ranks_need_distributed_variants(tmp_path):
     """Asking for a ddp variant without --nproc-per-node, or a one-process variant with it: one line, exit 2."""
     alone = loopmark("run", "--variant", "ddp_baseline", "--quick", "--out", str(tmp_path / "a"))
