@@ -39,7 +39,6 @@ is the criterion's mean, not divided by K. Anything else is `unknown`: the audit
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -360,16 +359,3 @@ def verdict(findings: list[Finding], extra_broken: list[str] = (), steps: int | 
     note = f"; {skipped} step(s) skipped by the GradScaler" if skipped else ""
     return "consistent", (f"each of {len(judged)} optimizer step(s) consumed exactly what its backward passes "
                           f"produced{note}")
-
-
-@contextlib.contextmanager
-def paused(audit: Audit | None):
-    """The block's backward passes and steps are loopmark's own (a fresh gradient recomputed), not the loop's."""
-    if audit is None:
-        yield
-        return
-    was, audit.paused = audit.paused, True
-    try:
-        yield
-    finally:
-        audit.paused = was

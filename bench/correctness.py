@@ -488,8 +488,9 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
     if across:
         hooks.append(cell.optimizers[0].register_step_post_hook(compare_ranks))
     # the consumption audit (bench.audit), entered before the backward watch so that the fresh gradients `seen`
-    # computes from the loop's own graph happen outside its backward passes
-    audit = Audit() if training and not across else None
+    # computes from the loop's own graph happen outside its backward passes. A built-in loop (prepared by loopmark)
+    # computes every loss through run.criterion, so every step of it is checked against its fresh gradient already
+    audit = Audit() if training and not across and variant.prepare is None else None
     watch = _watch_backward(seen) if training else contextlib.nullcontext()
     buffers_before = {n: b.clone() for n, b in cell.model.named_buffers()}
     try:
