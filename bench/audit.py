@@ -46,7 +46,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 RTOL = 1e-4  # the same float32 values summed in another order agree to ~1e-7; a wrong gradient is off by O(1)
 FP16_RTOL = 1e-2  # a float16 GradScaler's scaled gradients round differently from their unscaled sum
-DIVIDING = ("DivBackward0", "DivBackward1", "MulBackward0", "MulBackward1")  # a root divided (or scaled) by a factor
+SCALING = ("MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1")  # a loss times or divided by a factor
 
 
 @dataclass
@@ -61,7 +61,8 @@ class Finding:
 @dataclass
 class _Backward:
     before: list  # each watched parameter's .grad before it (None where None)
-    root: str = ""  # the backward root's grad_fn, seen through a GradScaler's scaling
+    root: str = ""  # the loss under the root's factors (NllLossBackward0 for `criterion(...) / 2`)
+    factor: float | None = None  # what the loss was multiplied by on its way to backward(), a GradScaler's scale apart
     after: list | None = None
     added: dict = field(default_factory=dict)  # parameter index -> the gradient it added (summed over hook calls)
 
@@ -183,7 +184,7 @@ class Audit:
                 audit._closure.add(audit._in_step)
             if audit._closed:
                 audit._phase, audit._stepped, audit._closed = [], {}, False
-            record = _Backward(audit._grads(), audit._root(tensors))
+            record = _Backward(audit._grads(), *audit._root(tensors))
             audit._phase.append(record)
             try:
                 return original(tensors, *args, **kwargs)
@@ -192,19 +193,22 @@ class Audit:
         backward.__wrapped__ = original
         return backward
 
-    def _root(self, tensors) -> str:
+    def _root(self, tensors) -> tuple[str, float | None]:
+        """(the loss's grad_fn, the factor it was scaled by) of a backward root: `loss / 2` is (NllLossBackward0, 0.5),
+        a GradScaler's `scale(loss / 2)` too (its scale is undone by `unscale_`)."""
         root = tensors if isinstance(tensors, torch.Tensor) else next(iter(tensors or ()), None)
         if not isinstance(root, torch.Tensor) or root.grad_fn is None:
-            return ""
-        return self._scaled.get(id(root), type(root.grad_fn).__name__)
+            return "", None
+        return _loss_factor(self._scaled.get(id(root), root.grad_fn))
 
     def _scale(self, original):
         audit = self
 
         def scale(scaler, outputs):
             out = original(scaler, outputs)
-            if isinstance(out, torch.Tensor) and out is not outputs and isinstance(outputs, torch.Tensor):
-                audit._scaled[id(out)] = type(outputs.grad_fn).__name__ if outputs.grad_fn is not None else ""
+            if isinstance(out, torch.Tensor) and out is not outputs and isinstance(outputs, torch.Tensor) \
+                    and outputs.grad_fn is not None:
+                audit._scaled[id(out)] = outputs.grad_fn
                 while len(audit._scaled) > 64:
                     audit._scaled.pop(next(iter(audit._scaled)))
             return out
@@ -330,12 +334,45 @@ class Audit:
         # 3. K backward passes of undivided losses over K batches drawn since the last step: K x the mean gradient
         k = len(phase)
         drawn = self._batches - self._step_batches if not self._closed else self._drawn
-        if k > 1 and drawn >= k and all(b.root and b.root not in DIVIDING for b in phase):
+        if k > 1 and drawn >= k and all(b.root and b.factor is not None and abs(b.factor - 1) < 1e-6 for b in phase):
             clipped = f"; then {finding.reason.split(') ', 1)[-1]}" if finding.kind == "changed" else ""
             return Finding(n, "undivided", f"step {n} ({name}) summed {k} backward passes of undivided losses, each "
                                            f"over a batch of its own (the root passed to backward() is "
-                                           f"{phase[0].root}, not divided by {k}): {k}x their mean gradient{clipped}")
+                                           f"{phase[0].root} times 1, not divided by {k}): {k}x their mean "
+                                           f"gradient{clipped}")
         return finding
+
+
+def _scalar(value) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad:
+        return float(value.detach().double())
+    return None
+
+
+def _loss_factor(node) -> tuple[str, float | None]:
+    """Walk down from a backward root through multiplications and divisions by a constant (a tensor that needs no
+    gradient, or a number): the first other node is the loss; the product of the factors is what it was scaled by
+    (None where a factor cannot be read)."""
+    factor = 1.0
+    for _ in range(16):
+        name = type(node).__name__
+        if name not in SCALING:
+            return name, factor
+        inputs = [n for n, _ in node.next_functions]
+        live = [i for i, n in enumerate(inputs) if n is not None]
+        if len(live) != 1 or (name.startswith("Div") and live != [0]):
+            return name, None  # both operands carry gradients (a product of two losses), or a loss in the divisor
+        saved = getattr(node, "_saved_other" if live == [0] else "_saved_self", None)
+        if saved is None and len(inputs) == 1:  # a Python scalar kept as the node's own attribute
+            saved = getattr(node, "_saved_other", None)
+        value = _scalar(saved)
+        if not value:
+            return name, None
+        factor = factor / value if name.startswith("Div") else factor * value
+        node = inputs[live[0]]
+    return type(node).__name__, None
 
 
 def verdict(findings: list[Finding], extra_broken: list[str] = (), steps: int | None = None) -> tuple[str, str]:

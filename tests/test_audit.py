@@ -157,3 +157,34 @@ def test_a_paused_audit_records_nothing_and_no_step_is_unverified():
         optimizer.step()
     assert audit.findings == []
     assert verdict(audit.findings)[0] == "unverified"
+
+
+def test_a_loss_times_one_is_undivided_and_a_scaled_one_is_divided():
+    """transformers 5.x leaves an undivided loss as `loss *= 1` then accelerate's `loss / 1`: still the loss times 1
+    (2 batches per step: 2x the mean gradient); `scaler.scale(loss / 2)` is the loss times 0.5 (the scale undone)."""
+    def times_one(model, optimizer, audit):
+        drawn = iter(batches())
+        for _ in range(3):
+            optimizer.zero_grad()
+            for _ in range(2):
+                x, y = next(drawn)
+                audit.batch()
+                loss = CRITERION(model(x), y)
+                loss *= torch.tensor(1.0)
+                (loss / 1).backward()
+            optimizer.step()
+
+    def scaled_half(model, optimizer, audit):
+        scaler, drawn = torch.amp.GradScaler("cpu", init_scale=256.0), iter(batches())
+        for _ in range(3):
+            optimizer.zero_grad()
+            for _ in range(2):
+                x, y = next(drawn)
+                audit.batch()
+                scaler.scale(CRITERION(model(x), y) / 2).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    got, why, _ = audited(times_one)
+    assert got == "different" and "NllLossBackward0 times 1, not divided by 2" in why, why
+    assert audited(scaled_half)[0] == "consistent", audited(scaled_half)

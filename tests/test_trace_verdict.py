@@ -172,3 +172,25 @@ def test_a_trace_turned_broken_fails_compare_and_strict(tmp_path, monkeypatch, c
     assert main(["compare", "before", "after", "--only-deterministic"]) == 1
     out = capsys.readouterr().out
     assert "verdict" in out and "broken" in out, out
+
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+@pytest.mark.parametrize(("kwargs", "verdict", "reason"), [
+    # forward(x, labels): the Trainer divides each micro-batch's loss by 2 (the root: NllLoss / 2 / 1)
+    (False, "consistent", "consumed exactly what its backward passes produced"),
+    # forward(..., **kwargs): undivided (NllLoss * 1 / 1), two batches per step: twice the mean gradient
+    (True, "different", "not divided by 2): 2x their mean gradient"),
+])
+def test_a_hugging_face_trainer_with_gradient_accumulation(tmp_path, monkeypatch, kwargs, verdict, reason):
+    """The real Trainer, where transformers is installed: with gradient_accumulation_steps=2 and a model that ignores
+    `num_items_in_batch` but takes **kwargs, every step uses twice the mean gradient; the same model without
+    **kwargs is divided as it should be."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / "train.py"
+    script.write_text((SCRIPTS / "hf_trainer_accumulation.py").read_text())
+    r = trace.trace(trace.script_target(str(script), ["--kwargs"] if kwargs else []), steps=3, warmup=2).record
+    assert (r["verdict"], reason in r["verdict_reason"]) == (verdict, True), r["verdict_reason"]
