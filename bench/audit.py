@@ -100,7 +100,9 @@ class Audit:
         self._scaled: dict[int, str] = {}  # id of a GradScaler.scale output -> its input's grad_fn
         self._in_step = 0
         self._drawn = 0  # batches drawn over the phase that the last step closed
-        self._closure: set[int] = set()
+        self._closure = False  # the step under way was given a closure (its backward passes run inside it)
+        self._known = False  # ... and its optimizer was watched before it
+        self._outside = 0  # ... and how many of the phase's backward passes ran before it
         self._fp16 = False
         self._saved: list = []
 
@@ -180,8 +182,6 @@ class Audit:
         def backward(tensors, *args, **kwargs):
             if audit.paused or not audit._params:
                 return original(tensors, *args, **kwargs)
-            if audit._in_step:  # a closure's backward inside optimizer.step() (LBFGS): that step is not judged
-                audit._closure.add(audit._in_step)
             if audit._closed:
                 audit._phase, audit._stepped, audit._closed = [], {}, False
             record = _Backward(audit._grads(), *audit._root(tensors))
@@ -247,26 +247,41 @@ class Audit:
         return self._number() if self._number else self._steps + 1
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
+        """Before a step: judge what it is about to consume. A step given a closure (`optimizer.step(closure)`, as
+        PyTorch Lightning and LBFGS call it) runs its backward passes inside itself: it is judged after it."""
         if self.paused:
             return
         known = bool(self._indices(optimizer))
         self.watch(optimizer)
         self._in_step = self._step_number()
         self._steps += 1
+        rest = args[1:] if args and args[0] is optimizer else args  # the hooks are given the optimizer among args
+        self._closure = callable(kwargs.get("closure", rest[0] if rest else None))
+        if self._closure:  # the closure's backward passes join the phase (Lightning's accumulation runs the
+            self._known = known  # first micro-batches' closures outside the step, the last one's inside it)
+            self._outside = 0 if self._closed else len(self._phase)
+            return
         if known:  # an optimizer first seen now: what its earlier backward passes added was not watched
             self.findings.append(self._judge(optimizer, self._in_step))
+        self._close_phase()
+
+    def _close_phase(self) -> None:
         if not self._closed:
             self._drawn, self._step_batches = self._batches - self._step_batches, self._batches
         self._closed = True
 
     def _post_step(self, optimizer, args, kwargs) -> None:
-        if self.paused:
+        """After a step given a closure: what it consumed is still in `.grad` (an optimizer does not change it)."""
+        if self.paused or not self._closure:
             return
-        last = self.findings[-1] if self.findings else None
-        if self._in_step in self._closure and last is not None and last.step == self._in_step:
-            self.findings[-1] = Finding(last.step, "unknown", f"step {last.step}: optimizer.step(closure) ran its "
-                                                              "own backward passes, not judged")
-        self._in_step = 0
+        n, self._closure = self._in_step, False
+        inside = len(self._phase) - self._outside if not self._closed else 0
+        if inside > 1:  # LBFGS evaluates its closure several times a step
+            self.findings.append(Finding(n, "unknown", f"step {n}: optimizer.step(closure) ran {inside} backward "
+                                                       "passes (a line search): not judged"))
+        elif self._known:
+            self.findings.append(self._judge(optimizer, n))
+        self._close_phase()
 
     # -- judging ----------------------------------------------------------------------------------------------
 

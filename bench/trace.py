@@ -447,8 +447,10 @@ class Tracer:
         self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
         for owner, name, value in patches:
             setattr(owner, name, value)
+        # paused until the audit pass (global step hooks cannot be added during a step); its post hook runs before the
+        # tracer's, which may end the audit pass at that very step
+        self.audit.__enter__()
         self._hook = register_optimizer_step_post_hook(self._on_optimizer_step)
-        self.audit.__enter__()  # paused until the audit pass; its global step hooks cannot be added during a step
         if not self.cuda:  # the counter tracks what lands on the stand-in from the start
             self._counter_on()
         self.phase = "warmup"

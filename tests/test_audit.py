@@ -127,7 +127,54 @@ def two_optimizers_one_backward(model, optimizer, audit):  # an encoder's and a 
         second.step()
 
 
+def closure(forget_zero_grad: bool):
+    def loop(model, optimizer, audit):
+        """PyTorch Lightning's automatic optimization: `optimizer.step(closure)`, the closure zeroing the gradients,
+        computing the loss and calling backward inside the step; judged after the step: consistent (broken without
+        the closure's zero_grad)."""
+        for x, y in batches():
+            def step_closure(x=x, y=y):
+                if not forget_zero_grad:
+                    optimizer.zero_grad()
+                loss = CRITERION(model(x), y)
+                loss.backward()
+                return loss
+            optimizer.step(closure=step_closure)
+    return loop
+
+
+def accumulated_closure(model, optimizer, audit):
+    """Lightning's accumulate_grad_batches=2: the first micro-batch's closure runs outside the step, the second inside
+    `optimizer.step(closure)`; each loss / 2. The step consumes both: consistent."""
+    for x, y in batches():
+        optimizer.zero_grad()
+        (CRITERION(model(x[:4]), y[:4]) / 2).backward()
+
+        def second(x=x, y=y):
+            loss = CRITERION(model(x[4:]), y[4:]) / 2
+            loss.backward()
+            return loss
+        optimizer.step(closure=second)
+
+
+def line_search(model, optimizer, audit):
+    """LBFGS evaluates its closure several times a step, each zeroing and backpropagating: not judged."""
+    lbfgs = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+    audit.watch(lbfgs)
+    for x, y in batches(2):
+        def evaluate(x=x, y=y):
+            lbfgs.zero_grad()
+            loss = CRITERION(model(x), y)
+            loss.backward()
+            return loss
+        lbfgs.step(evaluate)
+
+
 @pytest.mark.parametrize(("loop", "expected", "reason"), [
+    (accumulated_closure, "consistent", "each of 6 optimizer step(s)"),
+    (line_search, "unverified", "a line search"),
+    (closure(forget_zero_grad=False), "consistent", "each of 6 optimizer step(s)"),
+    (closure(forget_zero_grad=True), "broken", "step 2 (SGD) consumed earlier steps' gradients too"),
     (correct, "consistent", "consumed exactly what its backward passes produced"),
     (missing_zero_grad, "broken", "step 2 (SGD) consumed earlier steps' gradients too"),
     (zeroed_before_step, "broken", "step 1 (SGD) consumed no gradient"),

@@ -194,3 +194,16 @@ def test_a_hugging_face_trainer_with_gradient_accumulation(tmp_path, monkeypatch
     script.write_text((SCRIPTS / "hf_trainer_accumulation.py").read_text())
     r = trace.trace(trace.script_target(str(script), ["--kwargs"] if kwargs else []), steps=3, warmup=2).record
     assert (r["verdict"], reason in r["verdict_reason"]) == (verdict, True), r["verdict_reason"]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_lightning_script_steps_through_closures(tmp_path, monkeypatch, accumulate):
+    """PyTorch Lightning, where it is installed: each step runs its (last) backward pass inside
+    `optimizer.step(closure)`; with accumulate_grad_batches=2 the first micro-batch's backward runs before the step
+    and Lightning divides each loss by 2. Every step consumes what its backward passes produced: consistent."""
+    pytest.importorskip("lightning")
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / "train.py"
+    script.write_text((SCRIPTS / "lightning_module.py").read_text())
+    r = trace.trace(trace.script_target(str(script), [str(accumulate)]), steps=3, warmup=2).record
+    assert (r["verdict"], r["audit_steps"]) == ("consistent", 3), r["verdict_reason"]
