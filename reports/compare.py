@@ -234,28 +234,44 @@ MAX_SITES_SHOWN = 5
 
 def _sync_site_changes(b: dict, c: dict) -> str:
     """Where syncs/step changed, from the cells' `sync_sites` ({file:line: syncs over the sync pass's `steps`}): the
-    sites whose syncs per step went up first, then those that went down or are gone. A site whose line only moved (a
-    line added above it) is matched by its code where the cells keep it (`sync_site_details`), so it is not reported."""
+    sites whose syncs per step went up first, then those that went down or are gone. Sites are paired by `_pair_sites`:
+    a line that only moved (a line added above it) is recognised by its code, so it is not reported, and the line
+    added is."""
     base, cand = _sites_per_step(b), _sites_per_step(c)
     if base is None or cand is None:
         return ""
-    moved = {}  # candidate site -> baseline site: the same code in the same file, at another line
-    gone = [s for s in base if s not in cand]
-    for site in [s for s in cand if s not in base]:
-        code = cand[site][1]
-        match = next((g for g in gone if code and base[g][1] == code and _file(g) == _file(site)), None)
-        if match is not None:
-            moved[site] = match
-            gone.remove(match)
+    pairs = _pair_sites(base, cand)
     changes = []
     for site, (n, code) in cand.items():
-        old = base[moved.get(site, site)][0] if moved.get(site, site) in base else 0.0
+        old = base[pairs[site]][0] if site in pairs else 0.0
         if abs(n - old) > SYNCS_TOLERANCE:
             changes.append((old - n, f"{n - old:+g}/step at {site}" + (f" `{code}`" if code else "")))
-    changes += [(n, f"{-n:+g}/step at {site} (gone)") for site, (n, _) in base.items() if site in gone]
+    paired = set(pairs.values())
+    changes += [(n, f"{-n:+g}/step at {site} (gone)") for site, (n, _) in base.items() if site not in paired]
     shown = [text for _, text in sorted(changes, key=lambda change: change[0])]
     return ", ".join(shown[:MAX_SITES_SHOWN]) + (f", {len(shown) - MAX_SITES_SHOWN} more" if len(shown) >
                                                  MAX_SITES_SHOWN else "")
+
+
+def _pair_sites(base: dict[str, tuple[float, str]], cand: dict[str, tuple[float, str]]) -> dict[str, str]:
+    """{candidate site: baseline site} for the sites that are the same line of code. Where both know a site's code,
+    the same code in the same file is the same line, wherever it now stands; of several lines with one code, the
+    nearest ones pair first (then the earlier). A line whose code is known on one side only is paired by its place
+    (file:line); a line with different code at the same place is a different line: the one added, or the one gone."""
+    def line(site: str) -> int:
+        number = site.rpartition(":")[2]
+        return int(number) if number.isdigit() else 0
+
+    known = [(abs(line(s) - line(t)), line(s), s, t) for s, (_, code) in cand.items() for t, (_, old) in base.items()
+             if code and code == old and _file(s) == _file(t)]
+    pairs: dict[str, str] = {}
+    for _, _, site, old_site in sorted(known):
+        if site not in pairs and old_site not in pairs.values():
+            pairs[site] = old_site
+    for site, (_, code) in cand.items():
+        if site not in pairs and site in base and site not in pairs.values() and not (code and base[site][1]):
+            pairs[site] = site
+    return pairs
 
 
 def _collective_site_changes(b: dict, c: dict) -> str:
