@@ -507,6 +507,7 @@ def cmd_trace(args) -> int:
     from bench import trace
     from bench.env import environment
     from reports.findings import sync_sites
+    from reports.markup import printable
     from reports.results import OutputError, write_results
 
     try:
@@ -532,7 +533,7 @@ def cmd_trace(args) -> int:
     if result.outcome.exception is not None:
         print(result.outcome.traceback_text(), end="", file=sys.stderr)
     print()
-    print(trace.summary(result.record, sync_sites(result.record)))
+    print(printable(trace.summary(result.record, sync_sites(result.record))))
     try:
         write_results(out, env, [result.record])
     except OutputError as exc:
@@ -767,7 +768,9 @@ def _main(argv: list[str]) -> int:
     except (UsageError, ValueError) as exc:  # report and compare raise ValueError for unusable files
         if not isinstance(exc, UsageError) and args.command not in ("report", "compare"):
             raise
-        print(f"loopmark {args.command}: {exc}", file=sys.stderr)
+        from reports.markup import printable
+
+        print(printable(f"loopmark {args.command}: {exc}"), file=sys.stderr)  # exc may quote a file's text
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -388,7 +388,8 @@ def check_record(record, what: str) -> None:
 
 
 def csv_text(records: list[dict]) -> str:
-    """results.csv: CSV_COLUMNS, one row per record, nulls and NaN as empty fields, counts as integers."""
+    """results.csv: CSV_COLUMNS, one row per record, nulls and NaN as empty fields, counts as integers, text that
+    would start a formula led by `'` (`_csv_value`)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -397,11 +398,18 @@ def csv_text(records: list[dict]) -> str:
     return out.getvalue()
 
 
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell starting with one as a formula
+
+
 def _csv_value(column: str, v):
+    """A cell of results.csv. Text that starts like a formula gets a `'` before it, as spreadsheets write such text, so
+    that a name or a message opened in one is shown, never run; numbers (negative ones too) are written as they are."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     if column in COUNT_COLUMNS and isinstance(v, float) and v.is_integer():
         return int(v)
+    if isinstance(v, str) and v.startswith(FORMULA_PREFIXES):
+        return "'" + v
     return v
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from reports.markup import printable
+
 
 def format_table(header: Sequence[str], rows: Iterable[Sequence], right: Iterable[int] = ()) -> str:
     """Aligned columns separated by two spaces; columns in `right` are right-aligned (numbers), the last
-    column is never padded. Cells are converted with str(); None prints as '-'."""
+    column is never padded. Cells are converted with str(), without terminal control sequences; None prints as '-'."""
     right = set(right)
-    table = [[str(h) for h in header]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    table = [[str(h) for h in header]] + [["-" if c is None else printable(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in table if i < len(row)) for i in range(len(header))]
     lines = []
     for row in table:
