@@ -214,13 +214,12 @@ def cmd_run(args) -> int:
 def _finish(args, out: Path, records: list[dict]) -> int:
     """The end of a run: the summary, the report, and with --strict the failing cells."""
     _summary(records)
-    _report([out])
+    reported = _report([out])
     print(f"\nwrote {out}/results.csv, {out}/results.json")
     failed = strict_failures(records) if args.strict else []
     if failed:
         print(f"\nloopmark run --strict: {len(failed)} failing cell(s):", *failed, sep="\n  ", file=sys.stderr)
-        return EXIT_FAIL
-    return EXIT_OK
+    return EXIT_WRITE if not reported else EXIT_FAIL if failed else EXIT_OK
 
 
 def _distributed_plan(args):
@@ -430,14 +429,19 @@ def _summary(records: list[dict]) -> None:
         print("\ncells that did not finish ok:", *faults, sep="\n")
 
 
-def _report(paths) -> None:
+def _report(paths) -> bool:
+    """The report of the results just written; False, with one line, when it could not be written (the command then
+    exits 3: the results are safe on disk, and `loopmark report` makes the report again)."""
     try:
         from reports.report import write_report
 
         written = write_report(paths)
         print(f"report: {', '.join(str(p) for p in written if str(p).endswith(('.md', '.html')))}")
-    except Exception as exc:  # the results are safe on disk; a report can be made again with `loopmark report`
-        print(f"report not written ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return True
+    except Exception as exc:
+        print(f"report not written ({type(exc).__name__}: {exc}); the results are kept: `loopmark report "
+              f"{paths[0]}` writes it", file=sys.stderr)
+        return False
 
 
 def cmd_selfcheck(args) -> int:
@@ -539,14 +543,14 @@ def cmd_trace(args) -> int:
     except OutputError as exc:
         print(f"loopmark trace: {exc}", file=sys.stderr)
         return EXIT_WRITE
-    _report([out])
+    reported = _report([out])
     print(f"\nwrote {out}/results.csv, {out}/results.json")
     script_args = target.argv[1:]
     if result.outcome.exit_status == 2 and result.record.get("trace_steps_run") == 0 and any(
             a.split("=")[0] in TRACE_OPTIONS for a in script_args):
         print("loopmark trace: the script refused its arguments; loopmark's own options go before the script: "
               "loopmark trace --steps N SCRIPT.py [ARGS...]", file=sys.stderr)
-    return result.exit_code
+    return result.exit_code if reported else EXIT_WRITE
 
 
 # -- argument types: a bad value is one line and exit 2 ----------------------------------------------------

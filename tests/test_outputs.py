@@ -253,3 +253,46 @@ def test_results_set_aside_come_back_unless_replaced(tmp_path):
     aside.settle()
     assert (tmp_path / "results.json").read_text() == "new" and not (tmp_path / "results.csv").exists()
     assert not list(tmp_path.glob(".*overwritten"))
+
+
+def _fail_reports(monkeypatch):
+    """Every write of a report file (report.md, report.html, plot_*.png) fails as on a full disk; results do not."""
+    fsync = os.fsync
+
+    def failing(fd):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if name.startswith((".report.", ".plot_")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+
+
+TRAIN_SCRIPT = """\
+import torch
+model = torch.nn.Linear(4, 2)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+for step in range(50):
+    optimizer.zero_grad()
+    model(torch.randn(8, 4)).sum().backward()
+    optimizer.step()
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds a written file's name in /proc")
+@pytest.mark.parametrize("command", ["run", "trace"])
+def test_a_report_that_cannot_be_written_is_exit_3_and_the_results_are_kept(groups_run, tmp_path, monkeypatch,
+                                                                            capsys, command):
+    """The README's exit 3 for a report that cannot be written (a full disk), in `run` and in `trace`: one line that
+    says so and how to make it again; the results are whole."""
+    out = tmp_path / "r"
+    _fail_reports(monkeypatch)
+    if command == "run":
+        argv = [*RUN, "--variant", "tensor_sum", "--out", str(out)]
+    else:
+        (tmp_path / "train.py").write_text(TRAIN_SCRIPT)
+        argv = ["trace", "--steps", "2", "--warmup", "1", "--out", str(out), str(tmp_path / "train.py")]
+    assert main(argv) == 3
+    line = _one_error_line(capsys.readouterr().err, "report not written")
+    assert "No space left on device" in line and f"loopmark report {out}" in line
+    assert results.read_results(out)[1] and not (out / "report.md").exists()
