@@ -365,6 +365,10 @@ def read_json(path: Path):
         raise ValueError(f"{path}: not readable JSON (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not readable JSON ({one_line(exc)})") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (`int_max_str_digits`)
+        if str(exc).startswith(str(path)):  # refused before it was read
+            raise
+        raise ValueError(f"{path}: not readable JSON ({one_line(exc)})") from None
 
 
 def _check_input(path, info: os.stat_result) -> None:
@@ -385,6 +389,30 @@ def check_record(record, what: str) -> None:
     other = [k for k in TEXT_COLUMNS if record.get(k) is not None and not isinstance(record[k], str)]
     if other:
         raise ValueError(f"{what}: {', '.join(other)} {'is' if len(other) == 1 else 'are'} not text")
+    for name, v in _numbers(record):
+        problem = "is not a number" if isinstance(v, bool) or not isinstance(v, numbers.Real) else \
+            "is beyond the range of a float" if isinstance(v, int) and abs(v) > _FLOAT_MAX else None
+        if problem:
+            shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:36] + " ..."
+            raise ValueError(f"{what}: {name} {problem} ({shown})")
+
+
+NUMBER_LISTS = ("step_times_s", "block_medians_s", "memory_trace_bytes")  # raw fields: lists of numbers
+NUMBER_MAPS = ("sync_sites", "collective_sites")  # raw fields: {site: a count}
+_FLOAT_MAX = int(np.finfo(float).max)
+
+
+def _numbers(record: dict):
+    """(name, value) of every value of `record` that must be a number (null aside)."""
+    for k in NUMERIC_COLUMNS:
+        if record.get(k) is not None:
+            yield k, record[k]
+    for k in NUMBER_LISTS:
+        if isinstance(record.get(k), list):
+            yield from ((f"{k}[{i}]", v) for i, v in enumerate(record[k]) if v is not None)
+    for k in NUMBER_MAPS:
+        if isinstance(record.get(k), dict):
+            yield from ((f"{k}[{site!r}]", v) for site, v in record[k].items() if v is not None)
 
 
 def csv_text(records: list[dict]) -> str:

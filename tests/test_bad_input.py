@@ -289,3 +289,34 @@ def test_an_interrupt_before_any_cell_finished_says_nothing_was_kept(tmp_path, c
     err = capsys.readouterr().err
     _one_line(err, f"interrupted: no cell had finished, so nothing was written to {out}/results.csv")
     assert "kept" not in err and not (out / "results.json").exists() and not (out / "results.csv").exists()
+
+
+@pytest.mark.parametrize(("field", "value", "needle"), [
+    ("ops_per_step", 10**400, "cell 1: ops_per_step is beyond the range of a float (1000000000000"),
+    ("syncs_per_step", "1.0", "cell 1: syncs_per_step is not a number ('1.0')"),
+    ("peak_memory_bytes", True, "cell 1: peak_memory_bytes is not a number (True)"),
+    ("step_times_s", [0.1, "fast", 0.1], "cell 1: step_times_s[1] is not a number ('fast')"),
+    ("sync_sites", {"a.py:3": "many"}, "cell 1: sync_sites['a.py:3'] is not a number ('many')"),
+])
+@pytest.mark.parametrize("command", ["report", "compare baseline", "compare candidate", "merge"])
+def test_a_number_that_is_not_one_is_one_line_and_exit_2(tmp_path, capsys, command, field, value, needle):
+    """An integer beyond a float's range, or text, where a results file must hold a number: refused naming the
+    file, the cell and the field, never a traceback, and never taken as "missing" (which compare would pass)."""
+    cell = make_record(variant="tensor_sum")
+    cell[field] = value
+    bad = write_results_json(tmp_path / "bad", [make_record(), cell])
+    good = write_results_json(tmp_path / "good", [make_record(), make_record(variant="tensor_sum")])
+    argv = {"report": ["report", str(bad)], "compare baseline": ["compare", str(bad), str(good)],
+            "compare candidate": ["compare", str(good), str(bad)],
+            "merge": ["merge", str(bad), str(good), "--out", str(tmp_path / "merged"), "--partial"]}[command]
+    assert main(argv) == 2
+    _one_line(capsys.readouterr().err, f"{bad}: {needle}")
+
+
+def test_an_integer_of_more_digits_than_python_reads_is_one_line_and_exit_2(tmp_path, capsys):
+    good = write_results_json(tmp_path / "good", [make_record()])
+    text = good.read_text().replace('"ops_per_step": 120.0', '"ops_per_step": 1' + "0" * 5000)
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    assert main(["compare", str(good), str(bad)]) == 2
+    _one_line(capsys.readouterr().err, f"{bad}: not readable JSON (Exceeds the limit")
