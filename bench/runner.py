@@ -339,7 +339,7 @@ class Runner:
         """The cells of the results.json `--resume` finishes; ValueError (one line) if it is unreadable or was
         measured under other settings."""
         try:
-            env, records = results.read_results(self.out_dir)
+            env, records = results.read_results(self.out_dir, mend=True)
             check_resumable(self.out_dir / "results.json", env, records, self.s)
         except BaseException:
             self.close()

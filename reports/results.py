@@ -11,7 +11,7 @@ always agree with each other.
 `results.csv` holds one row per cell (`CSV_COLUMNS`); `results.json` holds everything, raw data included
 (`RAW_FIELDS`). Both are rewritten atomically after every finished cell, results.json first: it is the source
 of truth and carries the SHA-256 of the results.csv written with it (`csv_sha256`), so a results.csv left
-behind by an interrupt between the two is found and rewritten from results.json whenever the file is read.
+behind by an interrupt between the two is found and rewritten from results.json when the run is resumed.
 """
 
 from __future__ import annotations
@@ -276,8 +276,9 @@ def write_results(out_dir: Path, environment: dict, records: list[dict]) -> None
 
 def _mend_csv(doc: dict, path: Path) -> None:
     """Rewrite, from the cells of a results.json, the results.csv beside it that is not the one written with it (an
-    interrupt or a full disk between the two writes). Files without `csv_sha256` (written before it existed) and
-    directories that cannot be written are left as they are."""
+    interrupt or a full disk between the two writes): done by the run that owns the directory (`read_results(...,
+    mend=True)`: `run --resume`), never by a reader of it (report, compare, merge). Files without `csv_sha256` (written
+    before it existed) and directories that cannot be written are left as they are."""
     expected, path = doc.get("csv_sha256"), Path(path)
     if not isinstance(expected, str) or path.name != "results.json":
         return
@@ -314,20 +315,21 @@ def _interrupts_deferred():
             signal.raise_signal(signal.SIGINT)
 
 
-def read_results(path) -> tuple[dict, list[dict]]:
+def read_results(path, mend: bool = False) -> tuple[dict, list[dict]]:
     """(environment, records) of a results.json (or the directory holding one), checked and derived;
-    raises ValueError with a one-line reason naming the file."""
+    raises ValueError with a one-line reason naming the file. `mend`: the caller writes this run (`run --resume`), and
+    a results.csv left behind beside it is rewritten (`_mend_csv`)."""
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
     doc = read_json(path)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"{path}: not a loopmark results file")
-    return parse_results(doc, path)
+    return parse_results(doc, path, mend)
 
 
-def parse_results(doc: dict, path) -> tuple[dict, list[dict]]:
-    """(environment, records) of a loaded loopmark results document."""
+def parse_results(doc: dict, path, mend: bool = False) -> tuple[dict, list[dict]]:
+    """(environment, records) of a loaded loopmark results document (`mend`: as for `read_results`)."""
     if doc.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: loopmark results version {doc.get('version')!r} is not supported "
                          f"(expected {FORMAT_VERSION})")
@@ -336,7 +338,8 @@ def parse_results(doc: dict, path) -> tuple[dict, list[dict]]:
         raise ValueError(f"{path}: loopmark results file without a list of cells")
     for i, cell in enumerate(cells):
         check_record(cell, f"{path}: cell {i}")
-    _mend_csv(doc, path)
+    if mend:
+        _mend_csv(doc, path)
     return dict(doc.get("environment") or {}), derive([dict(c) for c in cells])
 
 
