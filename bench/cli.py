@@ -488,7 +488,6 @@ def cmd_merge(args) -> int:
         raise UsageError(f"--out {out}: holds the results of an earlier run; add --overwrite to replace them, or "
                          "choose another directory")
     try:
-        results.check_writable(out)
         command = " ".join(["loopmark merge", *args.paths, "--out", str(out)] + ["--mixed-cpus"] * args.mixed_cpus)
         records = write_merged(args.paths, out, command, args.mixed_cpus, args.partial)
     except results.OutputError as exc:
