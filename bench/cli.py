@@ -413,8 +413,11 @@ def _summary(records: list[dict]) -> None:
         return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
 
     spread = any(r.get("ranks") for r in records)  # distributed cells: their collectives per step too
+    ratios = [r for r in records if _finite(r.get("ratio_to_baseline")) and r["variant"] != r.get("baseline_variant")]
+    unreliable = [r for r in ratios if str(r.get("reliability") or "").startswith("unreliable")]
     rows = [[r["device"], r["workload"], r["variant"], fmt(r, "samples_per_s", ",.0f"),
-             fmt(r, "ratio_to_baseline", ".3f"), fmt(r, "syncs_per_step", ".2f"),
+             fmt(r, "ratio_to_baseline", ".3f") + ("?" if any(r is u for u in unreliable) else ""),
+             fmt(r, "syncs_per_step", ".2f"),
              *([fmt(r, "collectives_per_step", ".2f")] if spread else []),
              fmt(r, "memory_growth_bytes_per_step", ",.0f"),
              (r.get("verdict") or "-") + ("!" if r.get("verdict_as_expected") is False else ""), r["status"]]
@@ -423,10 +426,39 @@ def _summary(records: list[dict]) -> None:
     print(format_table(["device", "workload", "variant", "samples/s", "ratio", "syncs",
                         *(["collectives"] if spread else []), "growth B/st", "verdict", "status"], rows,
                        right=[3, 4, 5, 6, 7] if spread else [3, 4, 5, 6]))
+    if unreliable:
+        print(f"\n?: {len(unreliable)} of {len(ratios)} ratios unreliable: other work on the machine disturbed their "
+              "timed blocks or their baseline's (report.md says which and how); rerun on a quiet machine to trust them")
+    disagreeing = _disagreeing(records)
+    if disagreeing:
+        print(f"ratio and samples/s disagree by more than {DISAGREE - 1:.0%} for {len(disagreeing)} cell(s): "
+              "samples/s is the batch over the median of all the cell's steps, the ratio the median over rounds of "
+              "its step time over its baseline's in the same round; they agree when the machine's speed holds "
+              "steady, and the ratio is the one that divides out its changes")
     faults = [f"  {r['device']} {r['workload']} {r['variant']}: {r['status']}: {short(r['error'])}"
               for r in records if r.get("status") != "ok" and r.get("error")]
     if faults:
         print("\ncells that did not finish ok:", *faults, sep="\n")
+
+
+DISAGREE = 1.1  # the ratio and the samples/s of one cell disagree past this factor: the summary says why they can
+
+
+def _disagreeing(records: list[dict]) -> list[dict]:
+    """The cells whose ratio to their baseline and the baseline's samples/s over theirs differ by more than DISAGREE."""
+    base = {(r["workload"], r["device"], r["variant"]): r.get("samples_per_s") for r in records}
+    out = []
+    for r in records:
+        reference = base.get((r["workload"], r["device"], r.get("baseline_variant")))
+        sps, ratio = r.get("samples_per_s"), r.get("ratio_to_baseline")
+        if all(_finite(v) and v > 0 for v in (reference, sps, ratio)) and \
+                max(ratio / (reference / sps), (reference / sps) / ratio) > DISAGREE:
+            out.append(r)
+    return out
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _report(paths) -> bool:
