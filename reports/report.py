@@ -339,6 +339,8 @@ def _row(cell: dict) -> tuple[list[str], str]:
         verdict_text = f"{status}; {verdict_text}" if verdict_text else str(status)
         reason, cls = cell["error"] or reason, cls or "notok"
     variant = f"**{cell['variant']}**" if verdict == "broken" else cell["variant"]
+    if cell.get("test_id"):  # measured by the pytest plugin: the test tells two rows of one cell apart
+        variant += f" ({code(cell['test_id'])})"
     peak = human_bytes(cell["peak_memory_bytes"]) if _finite(cell["peak_memory_bytes"]) else "–"
     syncs = _number(cell["syncs_per_step"])
     # the zeroing cost it stands beside is the optimizer's: no optimizer in an evaluation loop

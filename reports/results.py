@@ -66,6 +66,8 @@ CSV_COLUMNS = [
     "main_cpu_over_wall_min", "others_running_max",
     # distributed cells: processes, and the collectives per optimizer step with the bytes they send (the worst rank's)
     "ranks", "collectives_per_step", "comm_bytes_per_step",
+    # a cell measured by the pytest plugin: the test that measured it (its node id), which names its row in a report
+    "test_id",
 ]
 # what only results.json keeps, per cell
 RAW_FIELDS = ["step_times_s", "block_medians_s", "memory_trace_bytes", "sync_sites", "description",
@@ -77,7 +79,7 @@ RAW_FIELDS = ["step_times_s", "block_medians_s", "memory_trace_bytes", "sync_sit
 BOOL_COLUMNS = ["retains_graph", "noisy", "verdict_as_expected"]
 TEXT_COLUMNS = [
     "workload", "variant", "device", "device_name", "torch_version", "verdict", "expected_verdict", "status",
-    "error", "kind", "idiom", "verdict_reason", "baseline_variant", "memory_growth_class", "reliability",
+    "error", "kind", "idiom", "verdict_reason", "baseline_variant", "memory_growth_class", "reliability", "test_id",
 ]
 NUMERIC_COLUMNS = [c for c in CSV_COLUMNS if c not in BOOL_COLUMNS and c not in TEXT_COLUMNS]
 COUNT_COLUMNS = {"batch_size", "steps", "repeats", "warmup_steps", "param_tensors", "peak_memory_bytes",
