@@ -229,6 +229,8 @@ def _distributed_plan(args):
     from loops import resolve_variant
 
     nproc = getattr(args, "nproc_per_node", None)
+    if nproc:
+        _check_nproc(nproc)
     if nproc or distributed.launched():
         if args.device == "cuda" or (args.device == "all" and _devices("all", "")[0] == "cuda"):
             args.device = "cuda"
@@ -243,6 +245,25 @@ def _distributed_plan(args):
     if ddp:
         raise UsageError(f"{ddp[0]!r} runs one process per rank: add --nproc-per-node N (2 on one machine)")
     return None
+
+
+MAX_RANKS_PER_CORE = 4  # more processes than this per core: refused (each rank is a whole torch process)
+
+
+def _check_nproc(nproc: int) -> None:
+    """`--nproc-per-node N` on this machine's cores: a warning above one rank per core (the ranks share the cores, and
+    their step times say so), refused above MAX_RANKS_PER_CORE per core: 64 ranks on 2 cores took 13 GB and gave
+    timings of nothing but their contention."""
+    from bench.timing import usable_cores
+
+    cores = usable_cores() or 1
+    if nproc > MAX_RANKS_PER_CORE * cores:
+        raise UsageError(f"--nproc-per-node {nproc}: more than {MAX_RANKS_PER_CORE} processes per core ({cores} "
+                         f"core{'s' if cores != 1 else ''} here); each rank is a whole torch process: use at most "
+                         f"{MAX_RANKS_PER_CORE * cores}")
+    if nproc > cores:
+        print(f"loopmark: warning: --nproc-per-node {nproc} on {cores} core{'s' if cores != 1 else ''}: the ranks "
+              "share the cores, so their step times measure that contention too", file=sys.stderr, flush=True)
 
 
 def _child_args(args, command: str) -> list[str]:

@@ -320,3 +320,26 @@ def test_an_integer_of_more_digits_than_python_reads_is_one_line_and_exit_2(tmp_
     bad.write_text(text)
     assert main(["compare", str(good), str(bad)]) == 2
     _one_line(capsys.readouterr().err, f"{bad}: not readable JSON (Exceeds the limit")
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_more_ranks_than_a_few_per_core_is_refused_before_any_starts(monkeypatch, capsys, command):
+    """`--nproc-per-node 64` on 2 cores started 67 processes and took 13 GB without a word: above 4 ranks per core it
+    is one line and exit 2, before any rank starts."""
+    import bench.timing
+
+    monkeypatch.setattr(bench.timing, "usable_cores", lambda: 2)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a process was started"))
+    assert main([command, "--nproc-per-node", "64", "--device", "cpu"]) == 2
+    _one_line(capsys.readouterr().err, "--nproc-per-node 64: more than 4 processes per core (2 cores here)")
+
+
+def test_more_ranks_than_cores_warns_and_up_to_cores_says_nothing(monkeypatch, capsys):
+    import bench.cli
+    import bench.timing
+
+    monkeypatch.setattr(bench.timing, "usable_cores", lambda: 2)
+    bench.cli._check_nproc(2)
+    assert capsys.readouterr().err == ""
+    bench.cli._check_nproc(8)
+    _one_line(capsys.readouterr().err, "warning: --nproc-per-node 8 on 2 cores: the ranks share the cores")
