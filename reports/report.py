@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import math
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -113,7 +114,9 @@ def write_report(paths: list, out_dir=None, reference_dir=REFERENCE_DIR) -> list
             png_path.unlink(missing_ok=True)  # stale from an earlier report
             continue
         buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=DPI)
+        with warnings.catch_warnings():  # a character no font has: said once, by plots._fonts_for
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            fig.savefig(buffer, format="png", dpi=DPI)
         results.atomic_write(png_path, buffer.getvalue())
         images[name] = (title, png_path.name, buffer.getvalue())
         written.append(png_path)

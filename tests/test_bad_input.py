@@ -343,3 +343,39 @@ def test_more_ranks_than_cores_warns_and_up_to_cores_says_nothing(monkeypatch, c
     assert capsys.readouterr().err == ""
     bench.cli._check_nproc(8)
     _one_line(capsys.readouterr().err, "warning: --nproc-per-node 8 on 2 cores: the ranks share the cores")
+
+
+def test_a_name_in_a_script_the_default_font_lacks_is_drawn_from_an_installed_font_that_has_it(monkeypatch):
+    """A character the figures' font lacks (a CJK name in DejaVu Sans) is drawn from an installed font that has it:
+    matplotlib then warns of no missing glyph. Here: a character only another installed font has."""
+    import warnings
+
+    import matplotlib
+    from matplotlib import font_manager
+    from matplotlib.font_manager import FontProperties
+
+    default = plots._charmap(font_manager.findfont(FontProperties()))
+    extra = sorted(ch for chars in plots._family_charmaps().values() for ch in chars - default if ch.isalpha())
+    if not extra:
+        pytest.skip("no installed font has a letter the default font lacks")
+    with matplotlib.rc_context():
+        df = to_frame(results.derive([make_record("w", "baseline", "cpu"), make_record("w", f"v{extra[0]}", "cpu")]))
+        fig = plots.throughput(df)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="Glyph .* missing from font")
+            fig.savefig(BytesIO(), format="png", dpi=20)
+        assert len(matplotlib.rcParams["font.family"]) > 1  # a fallback family added
+
+
+def test_a_name_no_installed_font_can_draw_is_said_once(monkeypatch, tmp_path, capsys):
+    """Drawn as boxes in every plot of the report, and said in one line; report.md shows the name."""
+    import matplotlib
+
+    monkeypatch.setattr(plots, "_said", [])
+    nowhere = "\U0010fffd\U0010fffc"  # private use: in no font
+    write_results_json(tmp_path / "r", [make_record(f"w{nowhere}", "baseline", "cpu")])
+    with matplotlib.rc_context():
+        assert main(["report", str(tmp_path / "r")]) == 0
+    assert f"w{nowhere}" in (tmp_path / "r" / "report.md").read_text()
+    _one_line(capsys.readouterr().err, f"plots: no installed font has the characters {''.join(sorted(nowhere))} of "
+                                       "some names: the plots draw them as boxes")
