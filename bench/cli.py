@@ -218,7 +218,10 @@ def _finish(args, out: Path, records: list[dict]) -> int:
     print(f"\nwrote {out}/results.csv, {out}/results.json")
     failed = strict_failures(records) if args.strict else []
     if failed:
-        print(f"\nloopmark run --strict: {len(failed)} failing cell(s):", *failed, sep="\n  ", file=sys.stderr)
+        from reports.markup import printable
+
+        print(f"\nloopmark run --strict: {len(failed)} failing cell(s):", *map(printable, failed), sep="\n  ",
+              file=sys.stderr)
     return EXIT_WRITE if not reported else EXIT_FAIL if failed else EXIT_OK
 
 
@@ -459,7 +462,9 @@ def _summary(records: list[dict]) -> None:
     faults = [f"  {r['device']} {r['workload']} {r['variant']}: {r['status']}: {short(r['error'])}"
               for r in records if r.get("status") != "ok" and r.get("error")]
     if faults:
-        print("\ncells that did not finish ok:", *faults, sep="\n")
+        from reports.markup import printable
+
+        print("\ncells that did not finish ok:", *map(printable, faults), sep="\n")
 
 
 DISAGREE = 1.1  # the ratio and the samples/s of one cell disagree past this factor: the summary says why they can

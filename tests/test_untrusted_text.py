@@ -128,3 +128,12 @@ def test_results_csv_text_that_starts_a_formula_is_led_by_a_quote(tmp_path):
     assert [r["variant"] for r in rows] == ["baseline", "'+cmd", "'-x"]
     assert [r["error"] for r in rows[1:]] == ["'@SUM(1)", "'- a list"]
     assert rows[0]["memory_growth_bytes_per_step"] == "-12.5"
+
+
+def test_the_run_summary_prints_no_terminal_control_sequences(capsys):
+    import bench.cli
+
+    bench.cli._summary([{"device": "cpu", "workload": TERMINAL, "variant": TERMINAL, "status": "error",
+                         "error": TERMINAL, "verdict": TERMINAL}])
+    out = capsys.readouterr().out
+    assert "red" in out and not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e]", out)
