@@ -177,8 +177,7 @@ def _compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory
                         "candidate): time gate and ops/step gate skipped")
     if device_differs:
         warnings.append(f"{literal(key[2])} device differs ({literal(base_device)} in the baseline, "
-                        f"{literal(cand_device)} in the "
-                        "candidate): time gate skipped")
+                        f"{literal(cand_device)} in the candidate): time gate skipped")
 
     steps_differ = _value(b.get("steps")) != _value(c.get("steps"))
     if steps_differ:
