@@ -218,7 +218,7 @@ def _finish(args, out: Path, records: list[dict]) -> int:
     print(f"\nwrote {out}/results.csv, {out}/results.json")
     failed = strict_failures(records) if args.strict else []
     if failed:
-        from reports.markup import printable
+        from reports.table import printable
 
         print(f"\nloopmark run --strict: {len(failed)} failing cell(s):", *map(printable, failed), sep="\n  ",
               file=sys.stderr)
@@ -462,7 +462,7 @@ def _summary(records: list[dict]) -> None:
     faults = [f"  {r['device']} {r['workload']} {r['variant']}: {r['status']}: {short(r['error'])}"
               for r in records if r.get("status") != "ok" and r.get("error")]
     if faults:
-        from reports.markup import printable
+        from reports.table import printable
 
         print("\ncells that did not finish ok:", *map(printable, faults), sep="\n")
 
@@ -568,8 +568,8 @@ def cmd_trace(args) -> int:
     from bench import trace
     from bench.env import environment
     from reports.findings import sync_sites
-    from reports.markup import printable
     from reports.results import OutputError, write_results
+    from reports.table import printable
 
     try:
         if args.module is not None:
@@ -829,7 +829,7 @@ def _main(argv: list[str]) -> int:
     except (UsageError, ValueError) as exc:  # report and compare raise ValueError for unusable files
         if not isinstance(exc, UsageError) and args.command not in ("report", "compare"):
             raise
-        from reports.markup import printable
+        from reports.table import printable
 
         print(printable(f"loopmark {args.command}: {exc}"), file=sys.stderr)  # exc may quote a file's text
         return EXIT_USAGE

@@ -37,8 +37,8 @@ from bench.syncs import measure_syncs
 from bench.timing import LoadWatch, time_block
 from loops import Variant, Workload, builtin_names, resolve_variant, resolve_workload
 from reports import results
-from reports.markup import printable
 from reports.results import CellSpec, Measurement, baseline_of
+from reports.table import printable
 
 DEFAULT_TRAIN_WORKLOADS = ("mlp", "cnn")
 DEFAULT_EVAL_WORKLOADS = ("cnn",)

@@ -6,7 +6,7 @@ line breaks; everything else is text shown as it is. `to_markdown` and `to_html`
 nothing a workload's name or an exception's message holds (`<script>`, `![x](http://...)`, `[x](javascript:...)`)
 becomes a tag, an image or a link. Untrusted text put in a code span goes through `code`, which keeps its backticks
 inside the span; elsewhere through `literal`, which keeps its backticks and asterisks from being read as markup.
-`printable` drops terminal control sequences; `to_text` renders the markup for a terminal.
+`to_text` renders the markup for a terminal, without control sequences (`reports.table.printable`).
 """
 
 from __future__ import annotations
@@ -14,20 +14,13 @@ from __future__ import annotations
 import html
 import re
 
+from reports.table import printable
+
 TICK, STAR = "\ue000", "\ue001"  # a backtick and an asterisk of untrusted text, never markup (Unicode private use)
-# ANSI escape sequences (CSI: colours, cursor moves; OSC: window titles, hyperlinks; two-byte escapes), the other C0
-# and C1 control characters but newline and tab, and the bidirectional overrides that reorder what a line shows
-_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]"
-                      r"|[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _TOKENS = re.compile(r"(`[^`]*`|\*\*)")  # a code span or a strong marker; the rest is text
 # what could start a tag (`<` before a name), an entity, a link or an image (`]` before `(`, `[` or `:`), a code span,
 # emphasis or a table cell, and a backslash that could undo an escape
 _MD_SPECIAL = re.compile(r"(\\(?=[!-/:-@\[-`{-~])|[`*|]|<(?=[A-Za-z/!?])|&(?=[#A-Za-z])|\](?=[(\[:]))")
-
-
-def printable(text) -> str:
-    """`text` without terminal control sequences and control characters (newline and tab are kept)."""
-    return _CONTROL.sub("", str(text))
 
 
 def code(text) -> str:

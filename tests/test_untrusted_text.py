@@ -13,7 +13,7 @@ from conftest_reports_data import make_record, null_record, write_results_json
 from bench.cli import main as loopmark
 from bench.runner import progress_line
 from reports import markup, results
-from reports.table import format_table
+from reports.table import format_table, printable
 
 HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "![x](http://example.com/p.png)",
            "[x](javascript:alert(1))", "a`b", "``c``", "x|y", "\\<b>", "**bold", "[x]: http://example.com/ref"]
@@ -66,7 +66,7 @@ def test_a_name_with_backticks_stays_in_its_code_span():
 
 
 def test_printable_drops_terminal_control_sequences():
-    assert markup.printable(f"a{TERMINAL}\tb\nc\x00") == "aredevil\tb\nc"  # a window title is not text
+    assert printable(f"a{TERMINAL}\tb\nc\x00") == "aredevil\tb\nc"  # a window title is not text
     assert "\x1b" not in format_table(["name"], [[TERMINAL]])
     record = {"device": "cpu", "workload": TERMINAL, "variant": "v", "status": "error", "error": TERMINAL}
     assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", progress_line(record))
