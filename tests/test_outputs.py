@@ -279,15 +279,18 @@ def _fail_reports(monkeypatch):
     monkeypatch.setattr(os, "fsync", failing)
 
 
-TRAIN_SCRIPT = """\
-import torch
-model = torch.nn.Linear(4, 2)
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-for step in range(50):
-    optimizer.zero_grad()
-    model(torch.randn(8, 4)).sum().backward()
-    optimizer.step()
-"""
+def _traced(monkeypatch):
+    """`loopmark trace` without tracing: the script is measured as one synthetic trace cell (the trace itself is
+    tests/test_trace.py's)."""
+    from types import SimpleNamespace
+
+    from bench import trace
+
+    def fake(target, steps, warmup, **kwargs):
+        outcome = SimpleNamespace(exception=None, exit_status=0)
+        return SimpleNamespace(record=make_record("train.py", "trace", times=TIMES), outcome=outcome, exit_code=0)
+
+    monkeypatch.setattr(trace, "trace", fake)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds a written file's name in /proc")
@@ -301,7 +304,8 @@ def test_a_report_that_cannot_be_written_is_exit_3_and_the_results_are_kept(grou
     if command == "run":
         argv = [*RUN, "--variant", "tensor_sum", "--out", str(out)]
     else:
-        (tmp_path / "train.py").write_text(TRAIN_SCRIPT)
+        (tmp_path / "train.py").write_text("print('not run')\n")
+        _traced(monkeypatch)
         argv = ["trace", "--steps", "2", "--warmup", "1", "--out", str(out), str(tmp_path / "train.py")]
     assert main(argv) == 3
     line = _one_error_line(capsys.readouterr().err, "report not written")
