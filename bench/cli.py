@@ -232,13 +232,15 @@ def cmd_run(args) -> int:
 def _finish(args, out: Path, records: list[dict]) -> int:
     """The end of a run: the summary, the report, and with --strict the failing cells."""
     _summary(records)
-    _report([out])
+    reported = _report([out])
     print(f"\nwrote {out}/results.csv, {out}/results.json")
     failed = strict_failures(records) if args.strict else []
     if failed:
-        print(f"\nloopmark run --strict: {len(failed)} failing cell(s):", *failed, sep="\n  ", file=sys.stderr)
-        return EXIT_FAIL
-    return EXIT_OK
+        from reports.table import printable
+
+        print(f"\nloopmark run --strict: {len(failed)} failing cell(s):", *map(printable, failed), sep="\n  ",
+              file=sys.stderr)
+    return EXIT_WRITE if not reported else EXIT_FAIL if failed else EXIT_OK
 
 
 def _distributed_plan(args):
@@ -248,6 +250,8 @@ def _distributed_plan(args):
     from loops import resolve_variant
 
     nproc = getattr(args, "nproc_per_node", None)
+    if nproc:
+        _check_nproc(nproc)
     if nproc or distributed.launched():
         if args.device == "cuda" or (args.device == "all" and _devices("all", "")[0] == "cuda"):
             args.device = "cuda"
@@ -262,6 +266,25 @@ def _distributed_plan(args):
     if ddp:
         raise UsageError(f"{ddp[0]!r} runs one process per rank: add --nproc-per-node N (2 on one machine)")
     return None
+
+
+MAX_RANKS_PER_CORE = 4  # more processes than this per core: refused (each rank is a whole torch process)
+
+
+def _check_nproc(nproc: int) -> None:
+    """`--nproc-per-node N` on this machine's cores: a warning above one rank per core (the ranks share the cores, and
+    their step times say so), refused above MAX_RANKS_PER_CORE per core: 64 ranks on 2 cores took 13 GB and gave
+    timings of nothing but their contention."""
+    from bench.timing import usable_cores
+
+    cores = usable_cores() or 1
+    if nproc > MAX_RANKS_PER_CORE * cores:
+        raise UsageError(f"--nproc-per-node {nproc}: more than {MAX_RANKS_PER_CORE} processes per core ({cores} "
+                         f"core{'s' if cores != 1 else ''} here); each rank is a whole torch process: use at most "
+                         f"{MAX_RANKS_PER_CORE * cores}")
+    if nproc > cores:
+        print(f"loopmark: warning: --nproc-per-node {nproc} on {cores} core{'s' if cores != 1 else ''}: the ranks "
+              "share the cores, so their step times measure that contention too", file=sys.stderr, flush=True)
 
 
 def _child_args(args, command: str) -> list[str]:
@@ -432,8 +455,11 @@ def _summary(records: list[dict]) -> None:
         return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
 
     spread = any(r.get("ranks") for r in records)  # distributed cells: their collectives per step too
+    ratios = [r for r in records if _finite(r.get("ratio_to_baseline")) and r["variant"] != r.get("baseline_variant")]
+    unreliable = [r for r in ratios if str(r.get("reliability") or "").startswith("unreliable")]
     rows = [[r["device"], r["workload"], r["variant"], fmt(r, "samples_per_s", ",.0f"),
-             fmt(r, "ratio_to_baseline", ".3f"), fmt(r, "syncs_per_step", ".2f"),
+             fmt(r, "ratio_to_baseline", ".3f") + ("?" if any(r is u for u in unreliable) else ""),
+             fmt(r, "syncs_per_step", ".2f"),
              *([fmt(r, "collectives_per_step", ".2f")] if spread else []),
              fmt(r, "memory_growth_bytes_per_step", ",.0f"),
              (r.get("verdict") or "-") + ("!" if r.get("verdict_as_expected") is False else ""), r["status"]]
@@ -442,20 +468,56 @@ def _summary(records: list[dict]) -> None:
     print(format_table(["device", "workload", "variant", "samples/s", "ratio", "syncs",
                         *(["collectives"] if spread else []), "growth B/st", "verdict", "status"], rows,
                        right=[3, 4, 5, 6, 7] if spread else [3, 4, 5, 6]))
+    if unreliable:
+        print(f"\n?: {len(unreliable)} of {len(ratios)} ratios unreliable: other work on the machine disturbed their "
+              "timed blocks or their baseline's (report.md says which and how); rerun on a quiet machine to trust them")
+    disagreeing = _disagreeing(records)
+    if disagreeing:
+        print(f"ratio and samples/s disagree by more than {DISAGREE - 1:.0%} for {len(disagreeing)} cell(s): "
+              "samples/s is the batch over the median of all the cell's steps, the ratio the median over rounds of "
+              "its step time over its baseline's in the same round; they agree when the machine's speed holds "
+              "steady, and the ratio is the one that divides out its changes")
     faults = [f"  {r['device']} {r['workload']} {r['variant']}: {r['status']}: {short(r['error'])}"
               for r in records if r.get("status") != "ok" and r.get("error")]
     if faults:
-        print("\ncells that did not finish ok:", *faults, sep="\n")
+        from reports.table import printable
+
+        print("\ncells that did not finish ok:", *map(printable, faults), sep="\n")
 
 
-def _report(paths) -> None:
+DISAGREE = 1.1  # the ratio and the samples/s of one cell disagree past this factor: the summary says why they can
+
+
+def _disagreeing(records: list[dict]) -> list[dict]:
+    """The cells whose ratio to their baseline and the baseline's samples/s over theirs differ by more than DISAGREE."""
+    base = {(r["workload"], r["device"], r["variant"]): r.get("samples_per_s") for r in records}
+    out = []
+    for r in records:
+        reference = base.get((r["workload"], r["device"], r.get("baseline_variant")))
+        sps, ratio = r.get("samples_per_s"), r.get("ratio_to_baseline")
+        if all(_finite(v) and v > 0 for v in (reference, sps, ratio)) and \
+                max(ratio / (reference / sps), (reference / sps) / ratio) > DISAGREE:
+            out.append(r)
+    return out
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _report(paths) -> bool:
+    """The report of the results just written; False, with one line, when it could not be written (the command then
+    exits 3: the results are safe on disk, and `loopmark report` makes the report again)."""
     try:
         from reports.report import write_report
 
         written = write_report(paths)
         print(f"report: {', '.join(str(p) for p in written if str(p).endswith(('.md', '.html')))}")
-    except Exception as exc:  # the results are safe on disk; a report can be made again with `loopmark report`
-        print(f"report not written ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return True
+    except Exception as exc:
+        print(f"report not written ({type(exc).__name__}: {exc}); the results are kept: `loopmark report "
+              f"{paths[0]}` writes it", file=sys.stderr)
+        return False
 
 
 def cmd_selfcheck(args) -> int:
@@ -503,7 +565,6 @@ def cmd_merge(args) -> int:
         raise UsageError(f"--out {out}: holds the results of an earlier run; add --overwrite to replace them, or "
                          "choose another directory")
     try:
-        results.check_writable(out)
         command = " ".join(["loopmark merge", *args.paths, "--out", str(out)] + ["--mixed-cpus"] * args.mixed_cpus)
         records = write_merged(args.paths, out, command, args.mixed_cpus, args.partial)
     except results.OutputError as exc:
@@ -527,6 +588,7 @@ def cmd_trace(args) -> int:
     from bench.env import environment
     from reports.findings import sync_sites
     from reports.results import OutputError, write_results
+    from reports.table import printable
 
     try:
         if args.module is not None:
@@ -551,13 +613,13 @@ def cmd_trace(args) -> int:
     if result.outcome.exception is not None:
         print(result.outcome.traceback_text(), end="", file=sys.stderr)
     print()
-    print(trace.summary(result.record, sync_sites(result.record)))
+    print(printable(trace.summary(result.record, sync_sites(result.record))))
     try:
         write_results(out, env, [result.record])
     except OutputError as exc:
         print(f"loopmark trace: {exc}", file=sys.stderr)
         return EXIT_WRITE
-    _report([out])
+    reported = _report([out])
     print(f"\nwrote {out}/results.csv, {out}/results.json")
     if args.strict and result.exit_code == 0:
         failed = trace.strict_failures(result.record)
@@ -569,7 +631,7 @@ def cmd_trace(args) -> int:
             a.split("=")[0] in TRACE_OPTIONS for a in script_args):
         print("loopmark trace: the script refused its arguments; loopmark's own options go before the script: "
               "loopmark trace --steps N SCRIPT.py [ARGS...]", file=sys.stderr)
-    return result.exit_code
+    return result.exit_code if reported else EXIT_WRITE
 
 
 # -- argument types: a bad value is one line and exit 2 ----------------------------------------------------
@@ -812,7 +874,9 @@ def _main(argv: list[str]) -> int:
     except (UsageError, ValueError) as exc:  # report and compare raise ValueError for unusable files
         if not isinstance(exc, UsageError) and args.command not in ("report", "compare"):
             raise
-        print(f"loopmark {args.command}: {exc}", file=sys.stderr)
+        from reports.table import printable
+
+        print(printable(f"loopmark {args.command}: {exc}"), file=sys.stderr)  # exc may quote a file's text
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

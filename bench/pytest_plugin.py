@@ -202,6 +202,7 @@ class Loopmark:
             benchmark = None
             _time_own(self._session.scratch(), wl, v, dev, s, staged, spec, m)
         record = alone_record(spec, m, s.seed)
+        record["test_id"] = self._request.node.nodeid
         if benchmark is not None:
             benchmark.extra_info["loopmark"] = results._clean({**record, "steps_per_round": s.steps})
         return self._keep(record)
@@ -239,7 +240,7 @@ class Loopmark:
         found = [r for r in results.read_results(out / "run")[1] if r["variant"] == v.name]
         if not found:
             pytest.fail(f"{v.name}: no cell in {out / 'run'}", pytrace=False)
-        return self._keep(found[0])
+        return self._keep({**found[0], "test_id": self._request.node.nodeid})
 
     def _device(self, device, torch):
         __tracebackhide__ = True
@@ -291,10 +292,12 @@ def time_with_benchmark(benchmark, workload, variant, device, s, staged, m, warm
     each, on a cell warmed up as `loopmark run` warms it; the blocks' per-step times go into `m`. Each round's clock
     (CUDA events pre-created) is made by `setup`, outside the timed function; the block marks its steps as in
     `loopmark run` (one timestamp per batch, a single synchronize at its end on CUDA), so the record holds loopmark's
-    per-step times of the very blocks pytest-benchmark timed."""
+    per-step times of the very blocks pytest-benchmark timed. The load each round ran under is read as `loopmark run`
+    reads it (`bench.timing.LoadWatch`, from `setup` to the next round's, outside the timed function) into
+    `m.block_load`, from which the record's `reliability` is judged."""
     from bench import runner
     from bench.cell import build_cell, graph_breaks
-    from bench.timing import StepClock, run_block
+    from bench.timing import LoadWatch, StepClock, run_block
 
     cell = build_cell(workload, variant, device, s.seed)
     breaks, start = graph_breaks(), time.perf_counter()
@@ -304,7 +307,16 @@ def time_with_benchmark(benchmark, workload, variant, device, s, staged, m, warm
     if benchmark.group is None:  # a `@pytest.mark.benchmark(group=...)` wins
         benchmark.group = f"loopmark {workload.name} {device.type}"
 
+    watches: list = []  # one per round, left at the next round's setup (pedantic's teardown is not in every version)
+
+    def stop_watch():
+        if watches and not watches[-1].figures:
+            watches[-1].__exit__(None, None, None)
+            m.block_load.append(watches[-1].figures)
+
     def setup():
+        stop_watch()
+        watches.append(LoadWatch().__enter__())
         return (StepClock(cell.batches(staged), device),), {}
 
     def block(clock):
@@ -313,9 +325,10 @@ def time_with_benchmark(benchmark, workload, variant, device, s, staged, m, warm
         reported.append(loss)
 
     benchmark.pedantic(block, setup=setup, rounds=s.repeats, warmup_rounds=warmup_rounds, iterations=1)
+    stop_watch()
     warm = len(m.blocks) - s.repeats  # the warm-up rounds' blocks (none where pytest-benchmark is disabled)
     if warm > 0:
-        del m.blocks[:warm], reported[:warm]
+        del m.blocks[:warm], reported[:warm], m.block_load[:warm]
     for i, loss in enumerate(reported, 1):  # read back after timing: no sync inside a round
         if not runner._finite(loss):
             m.fault("diverged", f"non-finite loss in block {i}")

@@ -38,6 +38,7 @@ from bench.timing import LoadWatch, time_block
 from loops import Variant, Workload, builtin_names, resolve_variant, resolve_workload
 from reports import results
 from reports.results import CellSpec, Measurement, baseline_of
+from reports.table import printable
 
 DEFAULT_TRAIN_WORKLOADS = ("mlp", "cnn")
 DEFAULT_EVAL_WORKLOADS = ("cnn",)
@@ -337,7 +338,7 @@ class Runner:
         """The cells of the results.json `--resume` finishes; ValueError (one line) if it is unreadable or was
         measured under other settings."""
         try:
-            env, records = results.read_results(self.out_dir)
+            env, records = results.read_results(self.out_dir, mend=True)
             check_resumable(self.out_dir / "results.json", env, records, self.s)
         except BaseException:
             self.close()
@@ -527,13 +528,13 @@ def progress_line(record: dict) -> str:
     rate = f"{sps:,.0f} samples/s" if sps else "-"
     mark = f" (expected {record['expected_verdict']})" if record.get("verdict_as_expected") is False else ""
     error = f"  {short(record['error'])}" if record.get("status") != "ok" and record.get("error") else ""
-    return (f"{record['device']:4s} {record['workload']:<12s} {record['variant']:<38s} {record['status']:<8s} "
-            f"{rate:>18s}  verdict={record.get('verdict') or '-'}{mark}{error}")
+    return printable(f"{record['device']:4s} {record['workload']:<12s} {record['variant']:<38s} {record['status']:<8s} "
+                     f"{rate:>18s}  verdict={record.get('verdict') or '-'}{mark}{error}")
 
 
 def short(text: str, width: int = 100) -> str:
-    """One line of at most `width` characters."""
-    text = " ".join(str(text).split())
+    """One line of at most `width` characters, without terminal control sequences."""
+    text = " ".join(printable(text).split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

@@ -112,7 +112,7 @@ class LoadWatch:
             "involuntary_switches": switches - self._switches if switches is not None and self._switches is not None
             else None,
             "others_running": self._others, "threads": torch.get_num_threads(),
-            "cores": _cores(),
+            "cores": usable_cores(),
         }
         return False
 
@@ -173,7 +173,8 @@ def _thread_switches() -> int | None:
         return None
 
 
-def _cores() -> int | None:
+def usable_cores() -> int | None:
+    """The CPU cores this process may run on (its affinity), else the machine's."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

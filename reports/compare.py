@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
+from reports.markup import code, literal, to_markdown, to_text
 from reports.results import TRACE_VARIANT, baseline_of
 from reports.stats import block_ratios, ratio_with_ci
 from reports.table import format_table
@@ -97,8 +98,8 @@ def compare(base_env: dict, base_df: pd.DataFrame, cand_env: dict, cand_df: pd.D
     for key in [k for k in base if k in cand]:
         b, c = base[key], cand[key]
         if b.get("status") == "ok" and c.get("status") != "ok":
-            error = f": {c.get('error')}" if c.get("error") else ""
-            cells.append(CellResult(key, regressions=[f"status ok -> {c.get('status')}{error}"]))
+            error = f": {literal(c.get('error'))}" if c.get("error") else ""
+            cells.append(CellResult(key, regressions=[f"status ok -> {literal(c.get('status'))}{error}"]))
             continue
         if b.get("status") != "ok" or c.get("status") != "ok":
             not_compared.append((key, b.get("status") or "unknown", c.get("status") or "unknown"))
@@ -125,26 +126,29 @@ def time_gate(base_times, cand_times, max_slowdown_pct: float, alpha: float,
 
 
 def format_text(c: Comparison) -> str:
-    """An aligned plain-text table, regressions first, then the lists and the verdict line."""
-    rows = [[_cell_name(r.key), _result(r), _time(r), _p(r.p_value), "; ".join(r.regressions + r.notes)]
-            for r in _ordered(c.cells)]
+    """An aligned plain-text table, regressions first, then the lists and the verdict line (what the results files
+    say, their names and messages, without terminal control sequences)."""
+    rows = [[to_text(x) for x in (_cell_name(r.key), _result(r), _time(r), _p(r.p_value),
+                                  "; ".join(r.regressions + r.notes))] for r in _ordered(c.cells)]
     lines = [f"baseline:  {c.baseline}", f"candidate: {c.candidate}", _thresholds(c)]
     lines += [f"warning: {w}" for w in c.warnings]
     lines += ["", format_table(["cell", "result", "time cand/base [95% CI]", "p", "details"], rows, right=[3])]
     lines += [""] + _lists(c, lambda title, items: [f"{title}:"] + [f"  {item}" for item in items])
-    return "\n".join(line.rstrip() for line in lines + [verdict_line(c)]) + "\n"
+    return "\n".join(to_text(line).rstrip() for line in lines + [verdict_line(c)]) + "\n"
 
 
 def format_md(c: Comparison) -> str:
-    """A Markdown table for a PR comment or $GITHUB_STEP_SUMMARY, regressions first, then the verdict line."""
+    """A Markdown table for a PR comment or $GITHUB_STEP_SUMMARY, regressions first, then the verdict line. What the
+    results files say (names, messages, paths) is escaped: it is shown, never rendered as HTML, a link or an image."""
     lines = ["### loopmark compare", "",
-             f"Baseline `{c.baseline}`, candidate `{c.candidate}`. {_thresholds(c)}", ""]
-    lines += [f"> **Warning:** {w}  " for w in c.warnings] + ([""] if c.warnings else [])
+             to_markdown(f"Baseline {code(c.baseline)}, candidate {code(c.candidate)}. {_thresholds(c)}"), ""]
+    lines += [f"> **Warning:** {to_markdown(w)}  " for w in c.warnings] + ([""] if c.warnings else [])
     lines += ["| cell | result | time cand/base [95% CI] | p | details |", "|---|---|---|---|---|"]
-    lines += [f"| {_cell_name(r.key)} | {'**REGRESSION**' if r.regressed else 'ok'} | {_time(r)} | "
-              f"{_p(r.p_value)} | {_md('; '.join(r.regressions + r.notes))} |" for r in _ordered(c.cells)]
+    lines += [f"| {to_markdown(_cell_name(r.key), table=True)} | {'**REGRESSION**' if r.regressed else 'ok'} | "
+              f"{_time(r)} | {_p(r.p_value)} | {to_markdown('; '.join(r.regressions + r.notes), table=True)} |"
+              for r in _ordered(c.cells)]
     lines.append("")
-    lines += _lists(c, lambda title, items: [f"**{title}:** " + ", ".join(f"`{i}`" for i in items), ""])
+    lines += _lists(c, lambda title, items: [f"**{title}:** " + ", ".join(to_markdown(code(i)) for i in items), ""])
     lines.append(f"**{verdict_line(c)}**")
     return "\n".join(lines) + "\n"
 
@@ -169,11 +173,11 @@ def _compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory
     base_device, cand_device = _device_name(b, base_env), _device_name(c, cand_env)
     device_differs = bool(base_device and cand_device and base_device != cand_device)
     if torch_differs:
-        warnings.append(f"torch version differs ({base_torch} in the baseline, {cand_torch} in the "
+        warnings.append(f"torch version differs ({literal(base_torch)} in the baseline, {literal(cand_torch)} in the "
                         "candidate): time gate and ops/step gate skipped")
     if device_differs:
-        warnings.append(f"{key[2]} device differs ({base_device} in the baseline, {cand_device} in the "
-                        "candidate): time gate skipped")
+        warnings.append(f"{literal(key[2])} device differs ({literal(base_device)} in the baseline, "
+                        f"{literal(cand_device)} in the candidate): time gate skipped")
 
     steps_differ = _value(b.get("steps")) != _value(c.get("steps"))
     if steps_differ:
@@ -234,28 +238,44 @@ MAX_SITES_SHOWN = 5
 
 def _sync_site_changes(b: dict, c: dict) -> str:
     """Where syncs/step changed, from the cells' `sync_sites` ({file:line: syncs over the sync pass's `steps`}): the
-    sites whose syncs per step went up first, then those that went down or are gone. A site whose line only moved (a
-    line added above it) is matched by its code where the cells keep it (`sync_site_details`), so it is not reported."""
+    sites whose syncs per step went up first, then those that went down or are gone. Sites are paired by `_pair_sites`:
+    a line that only moved (a line added above it) is recognised by its code, so it is not reported, and the line
+    added is."""
     base, cand = _sites_per_step(b), _sites_per_step(c)
     if base is None or cand is None:
         return ""
-    moved = {}  # candidate site -> baseline site: the same code in the same file, at another line
-    gone = [s for s in base if s not in cand]
-    for site in [s for s in cand if s not in base]:
-        code = cand[site][1]
-        match = next((g for g in gone if code and base[g][1] == code and _file(g) == _file(site)), None)
-        if match is not None:
-            moved[site] = match
-            gone.remove(match)
+    pairs = _pair_sites(base, cand)
     changes = []
-    for site, (n, code) in cand.items():
-        old = base[moved.get(site, site)][0] if moved.get(site, site) in base else 0.0
+    for site, (n, line) in cand.items():
+        old = base[pairs[site]][0] if site in pairs else 0.0
         if abs(n - old) > SYNCS_TOLERANCE:
-            changes.append((old - n, f"{n - old:+g}/step at {site}" + (f" `{code}`" if code else "")))
-    changes += [(n, f"{-n:+g}/step at {site} (gone)") for site, (n, _) in base.items() if site in gone]
+            changes.append((old - n, f"{n - old:+g}/step at {literal(site)}" + (f" {code(line)}" if line else "")))
+    paired = set(pairs.values())
+    changes += [(n, f"{-n:+g}/step at {literal(site)} (gone)") for site, (n, _) in base.items() if site not in paired]
     shown = [text for _, text in sorted(changes, key=lambda change: change[0])]
     return ", ".join(shown[:MAX_SITES_SHOWN]) + (f", {len(shown) - MAX_SITES_SHOWN} more" if len(shown) >
                                                  MAX_SITES_SHOWN else "")
+
+
+def _pair_sites(base: dict[str, tuple[float, str]], cand: dict[str, tuple[float, str]]) -> dict[str, str]:
+    """{candidate site: baseline site} for the sites that are the same line of code. Where both know a site's code,
+    the same code in the same file is the same line, wherever it now stands; of several lines with one code, the
+    nearest ones pair first (then the earlier). A line whose code is known on one side only is paired by its place
+    (file:line); a line with different code at the same place is a different line: the one added, or the one gone."""
+    def line(site: str) -> int:
+        number = site.rpartition(":")[2]
+        return int(number) if number.isdigit() else 0
+
+    known = [(abs(line(s) - line(t)), line(s), s, t) for s, (_, new) in cand.items() for t, (_, old) in base.items()
+             if new and new == old and _file(s) == _file(t)]
+    pairs: dict[str, str] = {}
+    for _, _, site, old_site in sorted(known):
+        if site not in pairs and old_site not in pairs.values():
+            pairs[site] = old_site
+    for site, (_, new) in cand.items():
+        if site not in pairs and site in base and site not in pairs.values() and not (new and base[site][1]):
+            pairs[site] = site
+    return pairs
 
 
 def _collective_site_changes(b: dict, c: dict) -> str:
@@ -263,9 +283,9 @@ def _collective_site_changes(b: dict, c: dict) -> str:
     base, cand = b.get("collective_sites"), c.get("collective_sites")
     if not isinstance(base, dict) or not isinstance(cand, dict):
         return ""
-    changes = [(float(base.get(s, 0.0)) - float(n), f"{float(n) - float(base.get(s, 0.0)):+g}/step at {s}")
+    changes = [(float(base.get(s, 0.0)) - float(n), f"{float(n) - float(base.get(s, 0.0)):+g}/step at {literal(s)}")
                for s, n in cand.items() if abs(float(n) - float(base.get(s, 0.0))) > SYNCS_TOLERANCE]
-    changes += [(float(n), f"{-float(n):+g}/step at {s} (gone)") for s, n in base.items() if s not in cand]
+    changes += [(float(n), f"{-float(n):+g}/step at {literal(s)} (gone)") for s, n in base.items() if s not in cand]
     return ", ".join(text for _, text in sorted(changes)[:MAX_SITES_SHOWN])
 
 
@@ -364,7 +384,7 @@ def _ordered(cells: list[CellResult]) -> list[CellResult]:
 
 
 def _cell_name(key: Key) -> str:
-    return "/".join(key)
+    return literal("/".join(key))
 
 
 def _result(r: CellResult) -> str:
@@ -392,13 +412,11 @@ def _lists(c: Comparison, render) -> list[str]:
     lines: list[str] = []
     if c.not_compared:
         lines += render("not compared (status not ok)",
-                        [f"{_cell_name(k)} (baseline {b}, candidate {s})" for k, b, s in c.not_compared])
+                        [f"{_cell_name(k)} (baseline {literal(b)}, candidate {literal(s)})"
+                         for k, b, s in c.not_compared])
     if c.only_in_baseline:
         lines += render("only in the baseline", [_cell_name(k) for k in c.only_in_baseline])
     if c.only_in_candidate:
         lines += render("only in the candidate", [_cell_name(k) for k in c.only_in_candidate])
     return lines
 
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")

@@ -16,6 +16,7 @@ import pandas as pd
 
 from reports import stats
 from reports.load import by_workload_device, in_display_order, is_baseline
+from reports.markup import code
 from reports.units import human_bytes
 
 # what a sync operation is, in the words of a loop's author (the sync pass's operation names, bench/syncs.py)
@@ -85,7 +86,7 @@ def device_note(df: pd.DataFrame, reference, reference_name, reference_source) -
             "host never waits for a device, so the ratios below are the cost of the loop's own CPU work. On a GPU "
             "each sync stalls the host until the queued kernels have run, most costly where steps are short.")
     if reference is not None and len(reference):
-        text += (f" GPU reference results ({reference_name}, committed in `{reference_source}`, not this run) are "
+        text += (f" GPU reference results ({reference_name}, committed in {code(reference_source)}, not this run) are "
                  "shown beside the CPU ones: there the sync cost is in the ratios.")
     else:
         text += (" No GPU reference results are committed under `results/reference/`: run `loopmark run --device "
@@ -108,7 +109,7 @@ def idiom_paragraph(idiom: str, cells: pd.DataFrame, df: pd.DataFrame, reference
     names = list(dict.fromkeys(cells["variant"]))
     others = [n for n in names if n != base_name]
     ranks = _ranks(ok)
-    parts = [f"Measured: {_count(len(others), 'variant')} against `{base_name}` on {where}"
+    parts = [f"Measured: {_count(len(others), 'variant')} against {code(base_name)} on {where}"
              + (f", {ranks} ranks each." if ranks else ".")]
     parts.append(_sync_sentence(ok, df, base_name, reference, reference_name))
     parts += _collective_sentences(ok, base_name)
@@ -142,13 +143,13 @@ def _sync_sentence(ok: pd.DataFrame, df: pd.DataFrame, base_name: str, reference
     devices = set(ok["device"])
     if low == high:
         text = f"Every variant syncs {_per_step(low)} per step"
-        text += f", as `{base_name}` does." if base_syncs in (None, low) \
-            else f"; `{base_name}` {_per_step(base_syncs)}."
+        text += f", as {code(base_name)} does." if base_syncs in (None, low) \
+            else f"; {code(base_name)} {_per_step(base_syncs)}."
     else:
         fewest = [v for v, c in counts.items() if c == low]
         most = [v for v, c in counts.items() if c == high]
         text = (f"Syncs per step range from {_per_step(low)} ({_names(fewest)}) to {_per_step(high)} "
-                f"({_names(most)})" + (f"; `{base_name}` has {_per_step(base_syncs)}." if base_syncs is not None
+                f"({_names(most)})" + (f"; {code(base_name)} has {_per_step(base_syncs)}." if base_syncs is not None
                                        and base_name not in counts else "."))
     if low == high and base_syncs in (None, low):  # no difference in syncs to cost anything
         return text
@@ -175,20 +176,21 @@ def _collective_sentences(ok: pd.DataFrame, base_name: str) -> list[str]:
         if base is None:
             low = min(counted, key=lambda c: c["collectives_per_step"])
             high = max(counted, key=lambda c: c["collectives_per_step"])
-            out.append(f"Collectives per step{where} range from {_collectives_short(low)} (`{low['variant']}`) to "
-                       f"{_collectives_short(high)} (`{high['variant']}`).")
+            out.append(f"Collectives per step{where} range from {_collectives_short(low)} ({code(low['variant'])}) to "
+                       f"{_collectives_short(high)} ({code(high['variant'])}).")
             continue
         key = (base["collectives_per_step"], _or_zero(base["comm_bytes_per_step"]))
         more = [c for c in counted if (c["collectives_per_step"], _or_zero(c["comm_bytes_per_step"])) > key]
         fewer = [c for c in counted if (c["collectives_per_step"], _or_zero(c["comm_bytes_per_step"])) < key]
         n, sent = base["collectives_per_step"], base["comm_bytes_per_step"]
-        text = (f"Each rank of `{base_name}` issues {_per_step(n)} collective{'' if n == 1 else 's'} per step{where}"
+        text = (f"Each rank of {code(base_name)} issues {_per_step(n)} collective{'' if n == 1 else 's'} per "
+                f"step{where}"
                 + (f", sending {human_bytes(sent)}" if _finite(sent) else ""))
         if more:
-            text += "; more in " + ", ".join(f"`{c['variant']}` ({_collectives_short(c)})" for c in more)
+            text += "; more in " + ", ".join(f"{code(c['variant'])} ({_collectives_short(c)})" for c in more)
         if fewer:
             text += ("," if more else ";") + " fewer in " + ", ".join(
-                f"`{c['variant']}` ({_collectives_short(c)})" for c in fewer)
+                f"{code(c['variant'])} ({_collectives_short(c)})" for c in fewer)
         if (more or fewer) and len(counted) > len(more) + len(fewer) + 1:
             text += "; the others as many"
         out.append(text + ".")
@@ -214,7 +216,7 @@ def _rank_sentence(ok: pd.DataFrame) -> str:
         return (f"The {ranks} ranks agree in every cell: equal syncs, collectives and bytes sent per step, peak memory "
                 f"and median step time within {RANK_SPREAD:.0%} of each other.")
     one_place = len(set(zip(ok["workload"], ok["device"]))) == 1
-    items = [f"`{c['variant']}`" + ("" if one_place else f" on {c['workload']}/{c['device']}") + f": {', '.join(d)}"
+    items = [code(c['variant']) + ("" if one_place else f" on {c['workload']}/{c['device']}") + f": {', '.join(d)}"
              for c, d in differ]
     agree = len(measured) - len(differ)
     rest = f"; they agree in the other {_count(agree, 'cell')}" if agree else ""
@@ -226,16 +228,17 @@ def _correctness_sentence(cells: pd.DataFrame) -> str:
     different = cells[cells["verdict"] == "different"]
     parts = []
     if len(broken):
-        items = [f"`{v}`: {_reason(c)}" for v, c in _first_per_variant(broken)]
+        items = [f"{code(v)}: {_reason(c)}" for v, c in _first_per_variant(broken)]
         parts.append("**Broken** (wrong results, however fast): " + "; ".join(items) + ".")
     else:
         parts.append("No variant of it is broken.")
     if len(different):
-        items = [f"`{v}` on {_where(c)} ({_reason(c.iloc[0])})" for v, c in different.groupby("variant", sort=False)]
+        items = [f"{code(v)} on {_where(c)} ({_reason(c.iloc[0])})"
+                 for v, c in different.groupby("variant", sort=False)]
         parts.append("A different result, not wrong: " + "; ".join(items) + ".")
     unverified = cells[cells["verdict"] == "unverified"]
     if len(unverified):
-        parts.append("Unverified: " + ", ".join(f"`{v}`" for v in dict.fromkeys(unverified["variant"])) + ".")
+        parts.append("Unverified: " + ", ".join(code(v) for v in dict.fromkeys(unverified["variant"])) + ".")
     return " ".join(parts)
 
 
@@ -253,21 +256,21 @@ def _fastest_sentences(cells: pd.DataFrame, df: pd.DataFrame, base_name: str) ->
         where = f"{workload}/{device}"
         if len(faster):
             best = faster.loc[faster["ratio_to_baseline"].idxmin()]
-            out.append(f"Fastest correct on {where}: `{best['variant']}`, {ratio_text(best)} of `{base_name}`'s "
-                       "step time.")
+            out.append(f"Fastest correct on {where}: {code(best['variant'])}, {ratio_text(best)} of "
+                       f"{code(base_name)}'s step time.")
         elif len(correct):
-            out.append(f"On {where} no correct variant is measurably faster than `{base_name}` (every 95 % interval "
-                       "reaches 1 or lies above it).")
+            out.append(f"On {where} no correct variant is measurably faster than {code(base_name)} (every 95 % "
+                       "interval reaches 1 or lies above it).")
         elif len(timed):
             out.append(f"On {where} no correct variant has a reliable timing.")
         slower = correct[correct["ratio_ci_low"].map(_finite) & (correct["ratio_ci_low"] > 1)]
         if len(slower):
             out.append(f"Measurably slower on {where}: " + ", ".join(
-                f"`{c['variant']}` {ratio_text(c)}" for _, c in slower.iterrows()) + ".")
+                f"{code(c['variant'])} {ratio_text(c)}" for _, c in slower.iterrows()) + ".")
         broken_fast = reliable[(reliable["verdict"] == "broken") & reliable["ratio_ci_high"].map(_finite)
                                & (reliable["ratio_ci_high"] < 1)]
         for _, c in broken_fast.iterrows():
-            out.append(f"`{c['variant']}` looks faster on {where} ({ratio_text(c)}), but it is broken.")
+            out.append(f"{code(c['variant'])} looks faster on {where} ({ratio_text(c)}), but it is broken.")
     if unreliable:
         verb = "is" if unreliable == 1 else "are"
         out.append(f"{_count(unreliable, 'timing')} of this idiom marked unreliable (interference during the timed "
@@ -283,9 +286,9 @@ def _memory_sentence(ok: pd.DataFrame) -> str:
         where = [f"{_bytes_per_step(c)} on {c['workload']}/{c['device']}" for _, c in cells.iterrows()
                  if c["memory_growth_class"] in ("leak", "grows")]
         if "leak" in classes:
-            leaks.append(f"`{variant}` ({', '.join(where)})")
+            leaks.append(f"{code(variant)} ({', '.join(where)})")
         elif "grows" in classes:
-            grows.append(f"`{variant}` ({', '.join(where)})")
+            grows.append(f"{code(variant)} ({', '.join(where)})")
         elif classes:
             flat.append(variant)
     threshold = f"{human_bytes(stats.LEAK_BYTES_PER_STEP)}/step"
@@ -315,7 +318,7 @@ def variant_row(variant: str, cells: pd.DataFrame, reference=None, reference_nam
     `COLLECTIVES_HEADER`'s column after the syncs (a distributed idiom's table)."""
     first = cells.iloc[0]
     broken = (cells["verdict"] == "broken").any()
-    name = f"**{variant}**" if broken else f"`{variant}`"
+    name = f"**{variant}**" if broken else code(variant)
     description = first.get("description")
     if isinstance(description, str) and description:
         name += f"\n{description}"
@@ -422,10 +425,11 @@ def sync_summary(cell, short: bool = False) -> str:
     if not sites:
         return f"{_per_step(syncs)}"
     if short:
-        texts = [f"{s['when']}: `{s['site']}`" + (f" `{s['code']}`" if s["code"] else "")
+        texts = [f"{s['when']}: {code(s['site'])}" + (f" {code(s['code'])}" if s["code"] else "")
                  + (f" ({s['operation']})" if s["operation"] else "") for s in sites]
         return "\n".join(texts) if len(sites) == 1 else f"{_per_step(syncs)}/step:\n" + "\n".join(texts)
-    texts = [f"{s['when']} at `{s['site']}`" + (f" (`{s['code']}`" + (f", {s['operation']})" if s["operation"] else ")")
+    texts = [f"{s['when']} at {code(s['site'])}" + (f" ({code(s['code'])}"
+                                                    + (f", {s['operation']})" if s["operation"] else ")")
                                                   if s["code"] else f" ({s['operation']})" if s["operation"] else "")
              for s in sites]
     return f"{_per_step(syncs)}/step: " + "; ".join(texts)
@@ -452,7 +456,7 @@ def collective_summary(cell) -> str:
     for site, per_step in sorted(sites.items(), key=lambda kv: (-kv[1], kv[0])) if isinstance(sites, dict) else ():
         count = per_step * steps if _finite(per_step) and _finite(steps) else None
         whole = count if _finite(count) and abs(count - round(count)) < 1e-6 else None
-        lines.append(f"{_when(whole, per_step, steps)}: `{site}`")
+        lines.append(f"{_when(whole, per_step, steps)}: {code(site)}")
     return "\n".join(lines)
 
 
@@ -517,7 +521,7 @@ def sync_sites(cell) -> list[dict]:
             return []
         kinds = kinds if isinstance(kinds, dict) else {}
         operation = _operations(kinds) if len(kinds) == 1 else (
-            "one of " + ", ".join(f"`{k}`" for k in kinds) if kinds else "")
+            "one of " + ", ".join(code(k) for k in kinds) if kinds else "")
         for site, count in sorted(sites.items(), key=lambda kv: (-kv[1], kv[0])):
             out.append({"site": site, "count": count, "per_step": count / steps if _finite(steps) and steps else None,
                         "operation": operation, "code": ""})
@@ -617,7 +621,7 @@ def _reason(cell) -> str:
 
 
 def _names(names: list[str]) -> str:
-    shown = ", ".join(f"`{n}`" for n in names[:4])
+    shown = ", ".join(code(n) for n in names[:4])
     return shown + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 

@@ -95,7 +95,10 @@ def _from_pytest_benchmark(doc: dict) -> tuple[dict, list[dict]]:
             continue  # a benchmark that is not a loopmark cell
         results.check_record(info, f"benchmark {bench.get('fullname') or bench.get('name')!r}: "
                                    "extra_info.loopmark")
-        records.append(_timed_record(info, bench.get("stats") or {}))
+        record = _timed_record(info, bench.get("stats") or {})
+        if not record.get("test_id") and isinstance(bench.get("fullname"), str):  # written before the plugin said it
+            record["test_id"] = bench["fullname"]
+        records.append(record)
     if not records:
         raise ValueError("pytest-benchmark JSON without any loopmark benchmark (extra_info.loopmark)")
     results.derive(records)

@@ -12,8 +12,6 @@ Torch-free, like every module of `reports`: the merged cells are written by `rep
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from reports import results
 
 CELL_SETTINGS = {"steps": "steps", "repeats": "repeats", "warmup": "warmup_steps"}  # settings every cell records
@@ -82,10 +80,15 @@ def _check_complete(runs: list) -> None:
 
 
 def write_merged(paths, out_dir, command: str, mixed_cpus: bool = False, partial: bool = False) -> list[dict]:
-    """Merge `paths` into `out_dir`/results.json and results.csv (the one results writer); the merged records."""
+    """Merge `paths` into `out_dir`/results.json and results.csv (the one results writer); the merged records. Runs that
+    cannot be merged are refused (ValueError) before `out_dir` is made; a report found there (of the run whose results
+    are replaced) is removed once the merged results are written: it is not theirs."""
     env, records = merge(paths, mixed_cpus, partial)
     env["command"] = command
-    results.write_results(Path(out_dir), env, records)
+    out_dir = results.check_writable(out_dir)
+    results.write_results(out_dir, env, records)
+    for stale in [out_dir / "report.md", out_dir / "report.html", *out_dir.glob("plot_*.png")]:
+        stale.unlink(missing_ok=True)
     return records
 
 

@@ -5,16 +5,23 @@ Each figure has one panel per (workload, device) with variants on the y axis, so
 stay readable; its height grows with the number of variants. A function returns None when the
 DataFrame holds nothing it could plot (e.g. `cpu_vs_gpu` with one device).
 Cells with a broken verdict are red and hatched, their names red and bold.
+Names are drawn as written (`_literal`), in any script an installed font has (`_fonts_for`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import sys
 
+import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib import font_manager
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+from matplotlib.ft2font import FT2Font
 from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter, FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
@@ -177,7 +184,7 @@ def memory_over_steps(df: pd.DataFrame) -> Figure | None:
     growing = pd.concat([in_display_order(cells) for key, cells in by_workload_device(growing)], ignore_index=True)
     cols = 1 if len(growing) == 1 else 2
     rows = math.ceil(len(growing) / cols)
-    fig = _figure(WIDTH_IN, 1.0 + 2.9 * rows)
+    fig = _figure(WIDTH_IN, 1.0 + 2.9 * rows, df)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     colors = dict(zip(dict.fromkeys(growing["variant"]), itertools.cycle(DISTINCT_COLORS)))
     for ax, cell in zip(axes, growing.to_dict("records")):
@@ -226,7 +233,7 @@ def cpu_vs_gpu(df: pd.DataFrame) -> Figure | None:
         return None
     panels = [df[df["workload"] == w] for w in workloads]
     variants = [in_display_order(cells)["variant"].drop_duplicates().tolist() for cells in panels]
-    fig = _figure(WIDTH_IN + 2, _height([len(v) * 1.6 for v in variants]))
+    fig = _figure(WIDTH_IN + 2, _height([len(v) * 1.6 for v in variants]), df)
     grid = fig.add_gridspec(len(panels), 2, height_ratios=[len(v) + 1.5 for v in variants])
     for row, (workload, cells, names) in enumerate(zip(workloads, panels, variants)):
         for col, (metric, xlabel) in enumerate(CPU_VS_GPU_METRICS):
@@ -272,7 +279,7 @@ def _panels(df: pd.DataFrame, title: str, *draws, metric) -> Figure | None:
         return None
     facets = by_workload_device(df)
     counts = [len(cells) for _, cells in facets]
-    fig = _figure(WIDTH_IN, _height(counts))
+    fig = _figure(WIDTH_IN, _height(counts), df)
     grid = fig.add_gridspec(len(facets), len(draws), height_ratios=[n + 2.5 for n in counts])
     for row, ((workload, device), cells) in enumerate(facets):
         for col, draw in enumerate(draws):
@@ -373,7 +380,9 @@ def _facet_title(workload: str, device: str, cells: pd.DataFrame) -> str:
     return _literal(f"{workload} on {device}" + (f" ({names[0]})" if names else ""))
 
 
-def _figure(width_in: float, height_in: float) -> Figure:
+def _figure(width_in: float, height_in: float, df: pd.DataFrame) -> Figure:
+    """An empty figure, its fonts able to draw the names in `df`."""
+    _fonts_for(df)
     fig = Figure(figsize=(width_in, height_in), layout="constrained")
     fig.get_layout_engine().set(w_pad=0.1, h_pad=0.08)  # inches kept clear around every panel
     return fig
@@ -397,6 +406,62 @@ def _literal(text) -> str:
     """`text` (a name from a results file) as matplotlib must draw it: literally. Text between two `$` would be
     parsed as TeX math (mathtext): `a$b$` drawn as a math b, `$\\x$` failing the whole figure; `\\$` is a `$`."""
     return str(text).replace("$", r"\$")
+
+
+NAME_COLUMNS = ("workload", "variant", "device", "device_name", "status")  # the text of a results file a plot draws
+LAST_RESORT = "Last Resort"  # matplotlib's font of placeholder boxes: it has every character and shows none of them
+_said: list[str] = []  # the characters no installed font has, once said
+
+
+def _fonts_for(df: pd.DataFrame) -> None:
+    """Fonts for the names in `df`: a character the figures' font lacks (a Chinese, Japanese or Korean name in DejaVu
+    Sans) is drawn from an installed font that has it, added after the figures' fonts in matplotlib's font.family
+    (matplotlib falls back from family to family, glyph by glyph). Where no installed font has it, it is drawn as a
+    box and one line on stderr says so, once per process."""
+    names = {str(v) for c in NAME_COLUMNS if c in df for v in df[c].dropna()}
+    wanted = {ch for name in names for ch in name if ord(ch) > 0x7E}
+    if not wanted:
+        return
+    families = list(matplotlib.rcParams["font.family"])
+    covered = _charmap(font_manager.findfont(FontProperties()))
+    covered = covered.union(*(_family_charmaps().get(f, frozenset()) for f in families))
+    missing = wanted - covered
+    while missing:
+        family, chars = max(((f, missing & m) for f, m in _family_charmaps().items() if f not in families),
+                            key=lambda fc: len(fc[1]), default=(None, set()))
+        if not chars:
+            break
+        families.append(family)
+        missing -= chars
+    matplotlib.rcParams["font.family"] = families
+    if missing and not _said:
+        _said.append("".join(sorted(missing)))
+        shown = "".join(sorted(missing)[:12]) + ("…" if len(missing) > 12 else "")
+        print(f"plots: no installed font has the characters {shown} of some names: the plots draw them as boxes "
+              "(report.md and report.html show them); install a font that has them (for Chinese, Japanese, Korean: "
+              "Noto Sans CJK) and make the report again", file=sys.stderr)
+
+
+@functools.cache
+def _family_charmaps() -> dict[str, frozenset]:
+    """{family: the characters of the font matplotlib draws it with (its regular style)}, Last Resort aside."""
+    out = {}
+    for family in sorted({entry.name for entry in font_manager.fontManager.ttflist}):
+        if family.startswith(LAST_RESORT):
+            continue
+        try:
+            out[family] = _charmap(font_manager.findfont(FontProperties(family=family), fallback_to_default=False))
+        except ValueError:  # listed, but not found as a regular style
+            continue
+    return out
+
+
+@functools.cache
+def _charmap(path: str) -> frozenset:
+    try:
+        return frozenset(chr(c) for c in FT2Font(path).get_charmap())
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()
 
 
 def _short(v: float) -> str:

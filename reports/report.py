@@ -10,12 +10,12 @@ import base64
 import html
 import io
 import math
-import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
 
-from reports import plots, results, stats
+from reports import markup, plots, results, stats
 from reports.findings import (
     RANK_SPREAD,
     findings,
@@ -27,6 +27,7 @@ from reports.findings import (
     sync_sites,
 )
 from reports.load import PYTEST_BENCHMARK, by_workload_device, in_display_order, load_records, to_frame
+from reports.markup import code
 from reports.results import FLOOR_VARIANT, TRACE_VARIANT
 from reports.units import human_bytes
 
@@ -113,7 +114,9 @@ def write_report(paths: list, out_dir=None, reference_dir=REFERENCE_DIR) -> list
             png_path.unlink(missing_ok=True)  # stale from an earlier report
             continue
         buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=DPI)
+        with warnings.catch_warnings():  # a character no font has: said once, by plots._fonts_for
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            fig.savefig(buffer, format="png", dpi=DPI)
         results.atomic_write(png_path, buffer.getvalue())
         images[name] = (title, png_path.name, buffer.getvalue())
         written.append(png_path)
@@ -196,7 +199,7 @@ def document(envs: list[dict], df: pd.DataFrame, images: dict, reference: dict |
         if unreliable:
             blocks += [("p", "**Timings without an interval** (interference seen during the timed blocks: rerun on "
                              "a quiet machine; or blocks not timed in rounds with the baseline's):"),
-                       ("list", [f"`{c['variant']}`: {c['reliability'].removeprefix('unreliable: ')}"
+                       ("list", [f"{code(c['variant'])}: {c['reliability'].removeprefix('unreliable: ')}"
                                  for c in unreliable])]
         blocks += _rank_blocks(cells, _backends(envs))
         for cell in cells.to_dict("records"):
@@ -216,18 +219,18 @@ def to_markdown(blocks: list[tuple]) -> str:
     for block in blocks:
         kind = block[0]
         if kind in ("h1", "h2", "h3"):
-            out.append(f"{'#' * int(kind[1])} {block[1]}\n")
+            out.append(f"{'#' * int(kind[1])} {markup.to_markdown(block[1])}\n")
         elif kind == "p":
-            out.append(block[1] + "\n")
+            out.append(markup.to_markdown(block[1]) + "\n")
         elif kind == "list":
-            out.append("\n".join(f"- {item}" for item in block[1]) + "\n")
+            out.append("\n".join(f"- {markup.to_markdown(item)}" for item in block[1]) + "\n")
         elif kind == "table":
             header, rows, numeric = block[1], block[2], block[4]
             rule = ["---:" if i in numeric else "---" for i in range(len(header))]
             lines = [_md_row(header), "|" + "|".join(rule) + "|"]
             out.append("\n".join(lines + [_md_row(r) for r in rows]) + "\n")
         elif kind == "image":
-            out.append(f"![{block[1]}]({block[2]})\n")
+            out.append(f"![{markup.to_markdown(block[1])}]({block[2]})\n")  # a plot's title, its file's name
     return "\n".join(out)
 
 
@@ -243,7 +246,7 @@ def to_html(blocks: list[tuple]) -> str:
         elif kind == "table":
             header, rows, classes, numeric = block[1:5]
             css = f' class="{block[5]}"' if len(block) > 5 and block[5] else ""  # an optional class of the table
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+            head = "".join(f"<th>{markup.to_html(h)}</th>" for h in header)
             body_rows = "".join(
                 (f'<tr class="{cls}">' if cls else "<tr>") + "".join(
                     f'<td class="num">{_inline(c)}</td>' if i in numeric else f"<td>{_inline(c)}</td>"
@@ -263,13 +266,13 @@ def to_html(blocks: list[tuple]) -> str:
 
 def _environment_lines(env: dict) -> list[str]:
     gpu = env.get("gpu") or {}
-    lines = [f"results: `{env.get('source')}` ({env.get('source_format')})"]
+    lines = [f"results: {code(env.get('source'))} ({env.get('source_format')})"]
     run = ", ".join(str(x) for x in (env.get("loopmark_version") and f"loopmark {env['loopmark_version']}",
                                      env.get("timestamp")) if x)
     if run:
         lines.append(run)
     if env.get("command"):
-        lines.append(f"command: `{env['command']}`")
+        lines.append(f"command: {code(env['command'])}")
     if env.get("commit"):
         lines.append(f"commit {env['commit']}" + (f" on {env['branch']}" if env.get("branch") else "")
                      + (" (dirty)" if env.get("dirty") else ""))
@@ -339,6 +342,8 @@ def _row(cell: dict) -> tuple[list[str], str]:
         verdict_text = f"{status}; {verdict_text}" if verdict_text else str(status)
         reason, cls = cell["error"] or reason, cls or "notok"
     variant = f"**{cell['variant']}**" if verdict == "broken" else cell["variant"]
+    if cell.get("test_id"):  # measured by the pytest plugin: the test tells two rows of one cell apart
+        variant += f" ({code(cell['test_id'])})"
     peak = human_bytes(cell["peak_memory_bytes"]) if _finite(cell["peak_memory_bytes"]) else "–"
     syncs = _number(cell["syncs_per_step"])
     # the zeroing cost it stands beside is the optimizer's: no optimizer in an evaluation loop
@@ -454,13 +459,13 @@ def _sync_section(df: pd.DataFrame) -> list[tuple]:
         if len(set(cells["device"])) > 1:
             blocks.append(("h3", f"on {device}"))
         if rows:
-            table = [[f"**{v}**" if _is_broken(cells, v) else v, f"`{site}`", when, op,
-                      f"`{code}`" if code else "", ", ".join(dict.fromkeys(workloads))]
-                     for (v, site, when, op, code), workloads in rows.items()]
+            table = [[f"**{v}**" if _is_broken(cells, v) else v, code(site), when, op,
+                      code(line) if line else "", ", ".join(dict.fromkeys(workloads))]
+                     for (v, site, when, op, line), workloads in rows.items()]
             blocks.append(("table", ["variant", "where", "how often", "operation", "code", "workloads"], table,
                            [""] * len(table), set()))
         if none:
-            blocks.append(("p", "No sync: " + ", ".join(f"`{v}`" for v in dict.fromkeys(none)) + "."))
+            blocks.append(("p", "No sync: " + ", ".join(code(v) for v in dict.fromkeys(none)) + "."))
     return blocks
 
 
@@ -471,8 +476,8 @@ def _reference_section(reference: dict, df: pd.DataFrame) -> list[tuple]:
     about = ", ".join(str(x) for x in (f"torch {env['torch']}" if env.get("torch") else None,
                                       env.get("timestamp")) if x)
     blocks: list[tuple] = [("h2", f"GPU reference ({reference['name']}): committed results, not this run"), (
-        "p", f"From `{reference['source']}`" + (f" ({about})" if about else "") + ". The same cells on a GPU, where "
-             "the time a sync costs shows in the step time; beside them this run's CPU figures.")]
+        "p", f"From {code(reference['source'])}" + (f" ({about})" if about else "") + ". The same cells on a GPU, "
+             "where the time a sync costs shows in the step time; beside them this run's CPU figures.")]
     for (workload, _device), cells in by_workload_device(ref):
         rows = []
         for cell in cells.to_dict("records"):
@@ -509,7 +514,7 @@ def _rank_blocks(cells: pd.DataFrame, backend: str) -> list[tuple]:
         differences = rank_differences(cell)
         if not differences:
             continue
-        variant = f"**{cell['variant']}**" if cell["verdict"] == "broken" else f"`{cell['variant']}`"
+        variant = f"**{cell['variant']}**" if cell["verdict"] == "broken" else code(cell['variant'])
         timed = any(d.startswith("median step time") for d in differences)
         blocks.append(("p", f"{variant}: its {len(rank_figures(cell))} ranks differ in {', '.join(differences)}."
                        + (" Its timing is marked unreliable (the reason is under the table above): the ranks' step "
@@ -561,7 +566,7 @@ def _trace_blocks(cell: dict) -> list[tuple]:
         return []
     name = cell["workload"]
     passes = cell.get("trace_passes") if isinstance(cell.get("trace_passes"), dict) else {}
-    items = [f"command: `{cell['description']}`" if cell.get("description") else None,
+    items = [f"command: {code(cell['description'])}" if cell.get("description") else None,
              f"{_number(cell.get('warmup_steps'))} warm-up steps, then "
              + ", ".join(f"{n} {p}" for p, n in passes.items()) + " steps (count, time and memory passes)",
              f"operators: {_number(cell.get('ops_per_step'))}/step",
@@ -585,7 +590,7 @@ def _trace_blocks(cell: dict) -> list[tuple]:
     sites = sync_sites(cell)
     if sites:
         shown = sites[:TRACE_SITES]
-        rows = [[f"`{s['site']}`", s["operation"], _number(s["per_step"]), f"`{s['code']}`" if s["code"] else ""]
+        rows = [[code(s['site']), s["operation"], _number(s["per_step"]), code(s['code']) if s["code"] else ""]
                 for s in shown]
         blocks += [("h3", f"{name}: sync sites ({len(shown)} of {len(sites)}, most syncs first)"),
                    ("table", ["site", "operation", "syncs/step", "code"], rows, [""] * len(rows), {2})]
@@ -635,12 +640,11 @@ def _finite(v) -> bool:
 def _md_row(cells: list[str]) -> str:
     """A Markdown table row; a line break within a cell becomes `; `."""
     # lines become "; " ("2/step:" and its sites below it: "2/step: 1 per step: ...; 1 per step: ...")
-    return "| " + " | ".join(c.replace("|", "\\|").replace(":\n", ": ").replace("\n", "; ") for c in cells) + " |"
+    return "| " + " | ".join(markup.to_markdown(c.replace(":\n", ": ").replace("\n", "; "), table=True)
+                             for c in cells) + " |"
 
 
 def _inline(text: str) -> str:
     """HTML for a block's text: escaped, with **strong**, `code` and line breaks."""
-    text = html.escape(str(text))
-    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text).replace("\n", "<br>")
+    return markup.to_html(text)
 

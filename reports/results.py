@@ -11,7 +11,7 @@ always agree with each other.
 `results.csv` holds one row per cell (`CSV_COLUMNS`); `results.json` holds everything, raw data included
 (`RAW_FIELDS`). Both are rewritten atomically after every finished cell, results.json first: it is the source
 of truth and carries the SHA-256 of the results.csv written with it (`csv_sha256`), so a results.csv left
-behind by an interrupt between the two is found and rewritten from results.json whenever the file is read.
+behind by an interrupt between the two is found and rewritten from results.json when the run is resumed.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ CSV_COLUMNS = [
     "main_cpu_over_wall_min", "others_running_max",
     # distributed cells: processes, and the collectives per optimizer step with the bytes they send (the worst rank's)
     "ranks", "collectives_per_step", "comm_bytes_per_step",
+    # a cell measured by the pytest plugin: the test that measured it (its node id), which names its row in a report
+    "test_id",
 ]
 # what only results.json keeps, per cell
 RAW_FIELDS = ["step_times_s", "block_medians_s", "memory_trace_bytes", "sync_sites", "description",
@@ -79,7 +81,7 @@ RAW_FIELDS = ["step_times_s", "block_medians_s", "memory_trace_bytes", "sync_sit
 BOOL_COLUMNS = ["retains_graph", "noisy", "verdict_as_expected"]
 TEXT_COLUMNS = [
     "workload", "variant", "device", "device_name", "torch_version", "verdict", "expected_verdict", "status",
-    "error", "kind", "idiom", "verdict_reason", "baseline_variant", "memory_growth_class", "reliability",
+    "error", "kind", "idiom", "verdict_reason", "baseline_variant", "memory_growth_class", "reliability", "test_id",
 ]
 NUMERIC_COLUMNS = [c for c in CSV_COLUMNS if c not in BOOL_COLUMNS and c not in TEXT_COLUMNS]
 COUNT_COLUMNS = {"batch_size", "steps", "repeats", "warmup_steps", "param_tensors", "peak_memory_bytes",
@@ -278,8 +280,9 @@ def write_results(out_dir: Path, environment: dict, records: list[dict]) -> None
 
 def _mend_csv(doc: dict, path: Path) -> None:
     """Rewrite, from the cells of a results.json, the results.csv beside it that is not the one written with it (an
-    interrupt or a full disk between the two writes). Files without `csv_sha256` (written before it existed) and
-    directories that cannot be written are left as they are."""
+    interrupt or a full disk between the two writes): done by the run that owns the directory (`read_results(...,
+    mend=True)`: `run --resume`), never by a reader of it (report, compare, merge). Files without `csv_sha256` (written
+    before it existed) and directories that cannot be written are left as they are."""
     expected, path = doc.get("csv_sha256"), Path(path)
     if not isinstance(expected, str) or path.name != "results.json":
         return
@@ -316,14 +319,15 @@ def _interrupts_deferred():
             signal.raise_signal(signal.SIGINT)
 
 
-def read_results(path) -> tuple[dict, list[dict]]:
+def read_results(path, mend: bool = False) -> tuple[dict, list[dict]]:
     """(environment, records) of a results.json (or the directory holding one), checked and derived;
-    raises ValueError with a one-line reason naming the file."""
+    raises ValueError with a one-line reason naming the file. `mend`: the caller writes this run (`run --resume`), and
+    a results.csv left behind beside it is rewritten (`_mend_csv`)."""
     path = results_file(path)
     doc = read_json(path)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"{path}: not a loopmark results file")
-    return parse_results(doc, path)
+    return parse_results(doc, path, mend)
 
 
 def results_file(path) -> Path:
@@ -337,8 +341,8 @@ def results_file(path) -> Path:
     return path / "results.json"
 
 
-def parse_results(doc: dict, path) -> tuple[dict, list[dict]]:
-    """(environment, records) of a loaded loopmark results document."""
+def parse_results(doc: dict, path, mend: bool = False) -> tuple[dict, list[dict]]:
+    """(environment, records) of a loaded loopmark results document (`mend`: as for `read_results`)."""
     if doc.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: loopmark results version {doc.get('version')!r} is not supported "
                          f"(expected {FORMAT_VERSION})")
@@ -347,7 +351,8 @@ def parse_results(doc: dict, path) -> tuple[dict, list[dict]]:
         raise ValueError(f"{path}: loopmark results file without a list of cells")
     for i, cell in enumerate(cells):
         check_record(cell, f"{path}: cell {i}")
-    _mend_csv(doc, path)
+    if mend:
+        _mend_csv(doc, path)
     return dict(doc.get("environment") or {}), derive([dict(c) for c in cells])
 
 
@@ -376,6 +381,10 @@ def read_json(path: Path):
         raise ValueError(f"{path}: not readable JSON (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not readable JSON ({one_line(exc)})") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (`int_max_str_digits`)
+        if str(exc).startswith(str(path)):  # refused before it was read
+            raise
+        raise ValueError(f"{path}: not readable JSON ({one_line(exc)})") from None
 
 
 def _check_input(path, info: os.stat_result) -> None:
@@ -396,10 +405,35 @@ def check_record(record, what: str) -> None:
     other = [k for k in TEXT_COLUMNS if record.get(k) is not None and not isinstance(record[k], str)]
     if other:
         raise ValueError(f"{what}: {', '.join(other)} {'is' if len(other) == 1 else 'are'} not text")
+    for name, v in _numbers(record):
+        problem = "is not a number" if isinstance(v, bool) or not isinstance(v, numbers.Real) else \
+            "is beyond the range of a float" if isinstance(v, int) and abs(v) > _FLOAT_MAX else None
+        if problem:
+            shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:36] + " ..."
+            raise ValueError(f"{what}: {name} {problem} ({shown})")
+
+
+NUMBER_LISTS = ("step_times_s", "block_medians_s", "memory_trace_bytes")  # raw fields: lists of numbers
+NUMBER_MAPS = ("sync_sites", "collective_sites")  # raw fields: {site: a count}
+_FLOAT_MAX = int(np.finfo(float).max)
+
+
+def _numbers(record: dict):
+    """(name, value) of every value of `record` that must be a number (null aside)."""
+    for k in NUMERIC_COLUMNS:
+        if record.get(k) is not None:
+            yield k, record[k]
+    for k in NUMBER_LISTS:
+        if isinstance(record.get(k), list):
+            yield from ((f"{k}[{i}]", v) for i, v in enumerate(record[k]) if v is not None)
+    for k in NUMBER_MAPS:
+        if isinstance(record.get(k), dict):
+            yield from ((f"{k}[{site!r}]", v) for site, v in record[k].items() if v is not None)
 
 
 def csv_text(records: list[dict]) -> str:
-    """results.csv: CSV_COLUMNS, one row per record, nulls and NaN as empty fields, counts as integers."""
+    """results.csv: CSV_COLUMNS, one row per record, nulls and NaN as empty fields, counts as integers, text that
+    would start a formula led by `'` (`_csv_value`)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -408,11 +442,18 @@ def csv_text(records: list[dict]) -> str:
     return out.getvalue()
 
 
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell starting with one as a formula
+
+
 def _csv_value(column: str, v):
+    """A cell of results.csv. Text that starts like a formula gets a `'` before it, as spreadsheets write such text, so
+    that a name or a message opened in one is shown, never run; numbers (negative ones too) are written as they are."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     if column in COUNT_COLUMNS and isinstance(v, float) and v.is_integer():
         return int(v)
+    if isinstance(v, str) and v.startswith(FORMULA_PREFIXES):
+        return "'" + v
     return v
 
 

@@ -302,3 +302,93 @@ def test_an_interrupt_before_any_cell_finished_says_nothing_was_kept(tmp_path, c
     err = capsys.readouterr().err
     _one_line(err, f"interrupted: no cell had finished, so nothing was written to {out}/results.csv")
     assert "kept" not in err and not (out / "results.json").exists() and not (out / "results.csv").exists()
+
+
+@pytest.mark.parametrize(("field", "value", "needle"), [
+    ("ops_per_step", 10**400, "cell 1: ops_per_step is beyond the range of a float (1000000000000"),
+    ("syncs_per_step", "1.0", "cell 1: syncs_per_step is not a number ('1.0')"),
+    ("peak_memory_bytes", True, "cell 1: peak_memory_bytes is not a number (True)"),
+    ("step_times_s", [0.1, "fast", 0.1], "cell 1: step_times_s[1] is not a number ('fast')"),
+    ("sync_sites", {"a.py:3": "many"}, "cell 1: sync_sites['a.py:3'] is not a number ('many')"),
+])
+@pytest.mark.parametrize("command", ["report", "compare baseline", "compare candidate", "merge"])
+def test_a_number_that_is_not_one_is_one_line_and_exit_2(tmp_path, capsys, command, field, value, needle):
+    """An integer beyond a float's range, or text, where a results file must hold a number: refused naming the
+    file, the cell and the field, never a traceback, and never taken as "missing" (which compare would pass)."""
+    cell = make_record(variant="tensor_sum")
+    cell[field] = value
+    bad = write_results_json(tmp_path / "bad", [make_record(), cell])
+    good = write_results_json(tmp_path / "good", [make_record(), make_record(variant="tensor_sum")])
+    argv = {"report": ["report", str(bad)], "compare baseline": ["compare", str(bad), str(good)],
+            "compare candidate": ["compare", str(good), str(bad)],
+            "merge": ["merge", str(bad), str(good), "--out", str(tmp_path / "merged"), "--partial"]}[command]
+    assert main(argv) == 2
+    _one_line(capsys.readouterr().err, f"{bad}: {needle}")
+
+
+def test_an_integer_of_more_digits_than_python_reads_is_one_line_and_exit_2(tmp_path, capsys):
+    good = write_results_json(tmp_path / "good", [make_record()])
+    text = good.read_text().replace('"ops_per_step": 120.0', '"ops_per_step": 1' + "0" * 5000)
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    assert main(["compare", str(good), str(bad)]) == 2
+    _one_line(capsys.readouterr().err, f"{bad}: not readable JSON (Exceeds the limit")
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_more_ranks_than_a_few_per_core_is_refused_before_any_starts(monkeypatch, capsys, command):
+    """`--nproc-per-node 64` on 2 cores started 67 processes and took 13 GB without a word: above 4 ranks per core it
+    is one line and exit 2, before any rank starts."""
+    import bench.timing
+
+    monkeypatch.setattr(bench.timing, "usable_cores", lambda: 2)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a process was started"))
+    assert main([command, "--nproc-per-node", "64", "--device", "cpu"]) == 2
+    _one_line(capsys.readouterr().err, "--nproc-per-node 64: more than 4 processes per core (2 cores here)")
+
+
+def test_more_ranks_than_cores_warns_and_up_to_cores_says_nothing(monkeypatch, capsys):
+    import bench.cli
+    import bench.timing
+
+    monkeypatch.setattr(bench.timing, "usable_cores", lambda: 2)
+    bench.cli._check_nproc(2)
+    assert capsys.readouterr().err == ""
+    bench.cli._check_nproc(8)
+    _one_line(capsys.readouterr().err, "warning: --nproc-per-node 8 on 2 cores: the ranks share the cores")
+
+
+def test_a_name_in_a_script_the_default_font_lacks_is_drawn_from_an_installed_font_that_has_it(monkeypatch):
+    """A character the figures' font lacks (a CJK name in DejaVu Sans) is drawn from an installed font that has it:
+    matplotlib then warns of no missing glyph. Here: a character only another installed font has."""
+    import warnings
+
+    import matplotlib
+    from matplotlib import font_manager
+    from matplotlib.font_manager import FontProperties
+
+    default = plots._charmap(font_manager.findfont(FontProperties()))
+    extra = sorted(ch for chars in plots._family_charmaps().values() for ch in chars - default if ch.isalpha())
+    if not extra:
+        pytest.skip("no installed font has a letter the default font lacks")
+    with matplotlib.rc_context():
+        df = to_frame(results.derive([make_record("w", "baseline", "cpu"), make_record("w", f"v{extra[0]}", "cpu")]))
+        fig = plots.throughput(df)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="Glyph .* missing from font")
+            fig.savefig(BytesIO(), format="png", dpi=20)
+        assert len(matplotlib.rcParams["font.family"]) > 1  # a fallback family added
+
+
+def test_a_name_no_installed_font_can_draw_is_said_once(monkeypatch, tmp_path, capsys):
+    """Drawn as boxes in every plot of the report, and said in one line; report.md shows the name."""
+    import matplotlib
+
+    monkeypatch.setattr(plots, "_said", [])
+    nowhere = "\U0010fffd\U0010fffc"  # private use: in no font
+    write_results_json(tmp_path / "r", [make_record(f"w{nowhere}", "baseline", "cpu")])
+    with matplotlib.rc_context():
+        assert main(["report", str(tmp_path / "r")]) == 0
+    assert f"w{nowhere}" in (tmp_path / "r" / "report.md").read_text()
+    _one_line(capsys.readouterr().err, f"plots: no installed font has the characters {''.join(sorted(nowhere))} of "
+                                       "some names: the plots draw them as boxes")

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+import bench.cli
 from bench.cli import main
 from reports.results import CSV_COLUMNS
 
@@ -228,3 +229,22 @@ def test_sigint_leaves_valid_files_with_every_finished_cell(tmp_path):
         rows = list(csv.DictReader(f))
     assert 2 <= len(cells) < 4 and len(rows) == len(cells)
     assert all(c["status"] == "ok" and c["step_times_s"] for c in cells)
+
+
+def test_the_summary_after_a_run_flags_unreliable_ratios_and_says_why_the_speed_columns_differ(capsys):
+    """A ratio whose timing was disturbed is marked `?` with a line saying so (as report.md does); where the ratio
+    and the samples/s of a cell disagree (998/330 is 3x, the ratio 7.94x), a line says why they can."""
+    def cell(variant, sps, ratio, reliability):
+        return {"device": "cpu", "workload": "mlp", "variant": variant, "baseline_variant": "baseline",
+                "samples_per_s": sps, "ratio_to_baseline": ratio, "reliability": reliability, "status": "ok",
+                "syncs_per_step": 1.0, "memory_growth_bytes_per_step": 0.0, "verdict": "identical"}
+
+    bench.cli._summary([cell("baseline", 998.0, 1.0, "ok"), cell("tensor_sum", 500.0, 2.0, "ok")])
+    out = capsys.readouterr().out
+    assert "?" not in out and "disagree" not in out  # steady: 998/500 is the ratio
+    bench.cli._summary([cell("baseline", 998.0, 1.0, "unreliable: waited"), cell("tensor_sum", 330.0, 7.94,
+                                                                                 "unreliable: waited")])
+    out = capsys.readouterr().out
+    assert re.search(r"tensor_sum\s+330\s+7\.940\?", out) and re.search(r"baseline\s+998\s+1\.000 ", out)
+    assert "?: 1 of 1 ratios unreliable" in out
+    assert "ratio and samples/s disagree by more than 10% for 1 cell(s)" in out

@@ -322,3 +322,69 @@ def test_different_steps_per_block_skip_the_count_gates_with_a_warning(tmp_path,
     cand = _records(tensor_sum={"step_times_s": longer, "syncs_per_step": 0.001})
     rc, out, _ = _compare(tmp_path, capsys, _records(), cand, "--only-deterministic")
     assert rc == 0 and "steps per block differ" in out
+
+
+# -- which sync site changed ----------------------------------------------------------------------------------
+
+RUNNING_LOSS, ACCURACY, GRAD_NORM = "running_loss += loss.item()", "correct += (pred == y).sum().item()", \
+    "norm = grad_norm(model).item()"
+
+
+def _with_sites(record: dict, sites: list[tuple[int, str, float]], file: str = "loops/lmloops.py") -> dict:
+    """`record` with one sync site per (line, code, syncs per step) in `file`, its syncs/step their sum."""
+    steps = record["steps"]
+    record["sync_sites"] = {f"{file}:{line}": round(n * steps) for line, _, n in sites}
+    record["sync_site_details"] = [{"site": f"{file}:{line}", "per_step": n, "count": round(n * steps), "code": code}
+                                   for line, code, n in sites]
+    record["syncs_per_step"] = sum(n for _, _, n in sites)
+    return record
+
+
+@pytest.mark.parametrize("kind", ["run", "trace"])
+@pytest.mark.parametrize(("before", "after", "added"), [
+    # a line added above both sites: both move down one
+    ([(33, RUNNING_LOSS, 1.0), (40, ACCURACY, 1.0)],
+     [(33, GRAD_NORM, 1.0), (34, RUNNING_LOSS, 1.0), (41, ACCURACY, 1.0)], 33),
+    # between them: the one below moves
+    ([(33, RUNNING_LOSS, 1.0), (40, ACCURACY, 1.0)],
+     [(33, RUNNING_LOSS, 1.0), (36, GRAD_NORM, 1.0), (41, ACCURACY, 1.0)], 36),
+    # below both: nothing moves
+    ([(33, RUNNING_LOSS, 1.0), (40, ACCURACY, 1.0)],
+     [(33, RUNNING_LOSS, 1.0), (40, ACCURACY, 1.0), (45, GRAD_NORM, 1.0)], 45),
+    # between two lines of the same code: the nearest lines pair, the one in the middle is new
+    ([(30, RUNNING_LOSS, 1.0), (40, RUNNING_LOSS, 1.0)],
+     [(30, RUNNING_LOSS, 1.0), (35, RUNNING_LOSS, 1.0), (41, RUNNING_LOSS, 1.0)], 35),
+])
+def test_a_sync_added_is_blamed_on_the_new_line_not_on_the_lines_it_moved(tmp_path, capsys, kind, before, after,
+                                                                           added):
+    """Sites pair by their code first (then the nearest line): the report names the line added, and only it."""
+    def cells(sites):
+        if kind == "trace":
+            return [_with_sites(make_record("train.py", "trace", "cpu"), sites)]
+        records = _records()
+        _with_sites(records[1], sites)
+        return records
+
+    rc, out, _ = _compare(tmp_path, capsys, cells(before), cells(after), "--only-deterministic")
+    assert rc == 1
+    code = {line: code for line, code, _ in after}[added]
+    assert f"syncs/step changed: 2 -> 3 (+1/step at loops/lmloops.py:{added} `{code}`)" in out
+
+
+def test_a_site_without_its_code_pairs_by_its_place(tmp_path, capsys):
+    """Results without `sync_site_details` (or without the line's code) compare sites by file:line."""
+    before, after = _records(), _records()
+    _with_sites(before[1], [(33, "", 1.0)])
+    _with_sites(after[1], [(33, "", 2.0)])
+    rc, out, _ = _compare(tmp_path, capsys, before, after, "--only-deterministic")
+    assert rc == 1 and "syncs/step changed: 1 -> 2 (+1/step at loops/lmloops.py:33)" in out
+
+
+def test_a_line_gone_and_a_line_added_are_both_named(tmp_path, capsys):
+    before, after = _records(), _records()
+    _with_sites(before[1], [(33, RUNNING_LOSS, 1.0)])
+    _with_sites(after[1], [(33, GRAD_NORM, 2.0)])
+    rc, out, _ = _compare(tmp_path, capsys, before, after, "--only-deterministic")
+    assert rc == 1
+    assert (f"syncs/step changed: 1 -> 2 (+2/step at loops/lmloops.py:33 `{GRAD_NORM}`, -1/step at "
+            "loops/lmloops.py:33 (gone))") in out

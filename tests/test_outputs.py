@@ -154,23 +154,34 @@ def _fail_after(monkeypatch, writes: int, error=lambda: OSError(errno.ENOSPC, os
     monkeypatch.setattr(os, "fsync", failing)
 
 
-@pytest.mark.parametrize("reader", ["read_results", "load"])
-def test_a_results_csv_left_behind_between_the_two_writes_is_rewritten_when_read(tmp_path, monkeypatch, reader):
-    """results.json written, results.csv not (the process stopped between them): the next read of the file brings
-    results.csv back in line with results.json."""
+@pytest.mark.parametrize("reader", ["read_results", "load", "report", "compare", "merge", "run --resume"])
+def test_a_results_csv_left_behind_between_the_two_writes_is_rewritten_by_resume_alone(groups_run, tmp_path,
+                                                                                       monkeypatch, capsys, reader):
+    """results.json written, results.csv not (the process stopped between them): `run --resume`, which owns the
+    directory, brings results.csv back in line with results.json; a reader of it (report, compare, merge) writes
+    nothing there."""
     from reports.load import load
 
+    run = tmp_path / "r"
     first = [make_record("mlp", "baseline", times=TIMES)]
-    results.write_results(tmp_path, {}, first)
+    results.write_results(run, {}, first)
     with monkeypatch.context() as m:
         _fail_after(m, 1)
         with pytest.raises(OSError):
-            results.write_results(tmp_path, {}, [*first, make_record("mlp", "tensor_sum", times=TIMES)])
-    assert _csv_variants(tmp_path) == ["baseline"]  # the pair disagrees on disk
-    (results.read_results if reader == "read_results" else load)(tmp_path)
-    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
-    assert _csv_variants(tmp_path) == ["baseline", "tensor_sum"]
-    assert (tmp_path / "results.csv").read_text() == results.csv_text(cells)
+            results.write_results(run, {}, [*first, make_record("mlp", "tensor_sum", times=TIMES)])
+    assert _csv_variants(run) == ["baseline"]  # the pair disagrees on disk
+    stale = (run / "results.csv").read_bytes()
+    {"read_results": lambda: results.read_results(run), "load": lambda: load(run),
+     "report": lambda: main(["report", str(run), "--out", str(tmp_path / "report")]),
+     "compare": lambda: main(["compare", str(run), str(run)]),
+     "merge": lambda: main(["merge", str(run), "--out", str(tmp_path / "merged"), "--partial"]),
+     "run --resume": lambda: main([*RUN, "--variant", "tensor_sum", "--out", str(run), "--resume"])}[reader]()
+    if reader != "run --resume":
+        assert (run / "results.csv").read_bytes() == stale
+        return
+    cells = json.loads((run / "results.json").read_text())["cells"]
+    assert _csv_variants(run) == ["baseline", "tensor_sum"]
+    assert (run / "results.csv").read_text() == results.csv_text(cells)
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals reach the main thread")
@@ -225,7 +236,7 @@ def test_an_unwritable_out_is_refused_before_anything_is_measured(groups_run, tm
 @pytest.mark.parametrize("writes", [2, 3], ids=["json-fails", "csv-fails"])
 def test_a_full_disk_mid_run_keeps_the_saved_cells(groups_run, tmp_path, monkeypatch, capsys, writes):
     """The disk fills after the first cell (`writes` files written): one line, exit 3, no traceback; results.json
-    keeps every cell saved before, and results.csv agrees with it once read."""
+    keeps every cell saved before, and results.csv agrees with it once mended (as `run --resume` reads it)."""
     out = tmp_path / "r"
     _fail_after(monkeypatch, writes)
     assert main([*RUN, "--variant", "tensor_sum", "--variant", "graph_sum", "--out", str(out)]) == 3
@@ -234,7 +245,7 @@ def test_a_full_disk_mid_run_keeps_the_saved_cells(groups_run, tmp_path, monkeyp
     saved = {2: {"baseline"}, 3: {"baseline", "tensor_sum"}}[writes]
     monkeypatch.undo()
     assert _variants(out) == saved
-    results.read_results(out)
+    results.read_results(out, mend=True)
     assert set(_csv_variants(out)) == saved
 
 
@@ -253,3 +264,50 @@ def test_results_set_aside_come_back_unless_replaced(tmp_path):
     aside.settle()
     assert (tmp_path / "results.json").read_text() == "new" and not (tmp_path / "results.csv").exists()
     assert not list(tmp_path.glob(".*overwritten"))
+
+
+def _fail_reports(monkeypatch):
+    """Every write of a report file (report.md, report.html, plot_*.png) fails as on a full disk; results do not."""
+    fsync = os.fsync
+
+    def failing(fd):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if name.startswith((".report.", ".plot_")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+
+
+def _traced(monkeypatch):
+    """`loopmark trace` without tracing: the script is measured as one synthetic trace cell (the trace itself is
+    tests/test_trace.py's)."""
+    from types import SimpleNamespace
+
+    from bench import trace
+
+    def fake(target, steps, warmup, **kwargs):
+        outcome = SimpleNamespace(exception=None, exit_status=0)
+        return SimpleNamespace(record=make_record("train.py", "trace", times=TIMES), outcome=outcome, exit_code=0)
+
+    monkeypatch.setattr(trace, "trace", fake)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds a written file's name in /proc")
+@pytest.mark.parametrize("command", ["run", "trace"])
+def test_a_report_that_cannot_be_written_is_exit_3_and_the_results_are_kept(groups_run, tmp_path, monkeypatch,
+                                                                            capsys, command):
+    """The README's exit 3 for a report that cannot be written (a full disk), in `run` and in `trace`: one line that
+    says so and how to make it again; the results are whole."""
+    out = tmp_path / "r"
+    _fail_reports(monkeypatch)
+    if command == "run":
+        argv = [*RUN, "--variant", "tensor_sum", "--out", str(out)]
+    else:
+        (tmp_path / "train.py").write_text("print('not run')\n")
+        _traced(monkeypatch)
+        argv = ["trace", "--steps", "2", "--warmup", "1", "--out", str(out), str(tmp_path / "train.py")]
+    assert main(argv) == 3
+    line = _one_error_line(capsys.readouterr().err, "report not written")
+    assert "No space left on device" in line and f"loopmark report {out}" in line
+    assert results.read_results(out)[1] and not (out / "report.md").exists()

@@ -46,5 +46,6 @@ def test_report_from_a_real_pytest_benchmark_json(measured_once, pytester, tmp_p
     report = (out / "report.md").read_text()
     assert "(pytest-benchmark)" in report and "## mlp on cpu" in report
     table = report.split("## mlp on cpu", 1)[1].split("\n## ", 1)[0]  # the cell's table ("Where the syncs are" too
-    (row,) = [line for line in table.splitlines() if line.startswith("| baseline |")]  # has a baseline row)
+    (row,) = [line for line in table.splitlines()  # has a baseline row), named by its test
+              if line.startswith("| baseline (`test_one_cell.py::test_mlp_baseline`) |")]
     assert "identical" in row

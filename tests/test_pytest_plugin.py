@@ -9,6 +9,7 @@ modules it imported).
 """
 
 import json
+import re
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -167,6 +168,9 @@ def test_a_user_project_benchmarks_its_loop_with_pytest_benchmark_and_loopmark_r
         assert entry["stats"]["rounds"] == 2 and entry["group"] == "loopmark tiny cpu"
         info = entry["extra_info"]["loopmark"]
         assert info["steps_per_round"] == 3 and len(info["step_times_s"]) == 6 and info["block_medians_s"] is None
+        # the load of each round, read as `loopmark run` reads it; the test that measured the cell
+        assert len(info["block_load"]) == 2 and all(b["wall_s"] > 0 for b in info["block_load"])
+        assert info["test_id"] == f"test_user.py::{entry['name']}"
     info = benches["test_device_loss"]["extra_info"]["loopmark"]
     assert info["verdict"] == cells["userloops:device_loss"]["verdict"] and info["syncs_per_step"] == 0
     assert info["sync_sites"] == cells["userloops:device_loss"]["sync_sites"]
@@ -176,7 +180,11 @@ def test_a_user_project_benchmarks_its_loop_with_pytest_benchmark_and_loopmark_r
     report = (tmp_path / "report" / "report.md").read_text()
     assert "(pytest-benchmark)" in report and "## tiny on cpu" in report
     table = report.split("## tiny on cpu", 1)[1].split("\n## ", 1)[0]  # the cells' table, not later ones
-    rows = {line.split(" | ")[0].strip("|* "): line for line in table.splitlines() if line.startswith("| ")}
+    rows = {line.split(" | ")[0].partition(" (")[0].strip("|* "): line for line in table.splitlines()
+            if line.startswith("| ")}
+    assert "| userloops:device_loss (`test_user.py::test_device_loss`) |" in rows["userloops:device_loss"]
+    assert re.search(r"load during timing: \d of 8 timed blocks disturbed", report)
+    assert all(c["reliability"] == "ok" or c["reliability"].startswith("unreliable: ") for c in cells.values())
     assert cells["userloops:device_loss"]["verdict"] in rows["userloops:device_loss"]
     assert "broken" in rows["userloops:no_zero_grad"] and "identical" in rows["baseline"]
     assert main(["compare", str(json_path), str(json_path)]) == 0  # time: not gated, see alone_record

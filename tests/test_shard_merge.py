@@ -102,7 +102,7 @@ def test_merge_refuses_runs_that_could_not_be_one_in_one_line_exit_2(other, need
     assert main(["merge", first, second, "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and err.startswith("loopmark merge: ") and len(err.splitlines()) == 1, err
-    assert not results.holds_results(tmp_path / "m")
+    assert not (tmp_path / "m").exists()  # refused before --out is made
 
 
 def test_merge_takes_other_cpu_models_when_asked_and_keeps_each_cells_own(tmp_path):
@@ -125,6 +125,16 @@ def test_merge_does_not_write_over_results_or_into_an_input(tmp_path, capsys):
     assert doc["environment"]["command"].startswith("loopmark merge ")
 
 
+def test_merge_overwrite_into_a_run_directory_removes_that_runs_report(tmp_path, capsys):
+    """The report beside the results --overwrite replaces is that run's, not the merge's: it goes with them."""
+    first, second, old = _run(tmp_path / "a"), _run(tmp_path / "b", ("cnn",)), tmp_path / "old"
+    results.write_results(old, {}, [make_record("mlp", "baseline")])
+    assert main(["report", str(old)]) == 0
+    assert (old / "report.md").exists() and list(old.glob("plot_*.png"))
+    assert main(["merge", first, second, "--out", str(old), "--overwrite"]) == 0
+    assert sorted(p.name for p in old.iterdir()) == ["results.csv", "results.json"]
+
+
 @pytest.mark.parametrize("shards, needle", [
     (["1/2"], "shard 2/2 missing"),
     (["1/3", "3/3"], "shard 2/3 missing"),
@@ -138,7 +148,7 @@ def test_merge_refuses_an_incomplete_set_of_shards_unless_partial(shards, needle
     assert main(["merge", *paths, "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
-    assert not results.holds_results(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
     assert main(["merge", *paths, "--out", str(tmp_path / "m"), "--partial"]) == 0
 
 

@@ -302,7 +302,7 @@ def test_two_traces_compare_clean_and_a_planted_item_fails_naming_its_line(tmp_p
     to the loop, trace, compare (exit 1, the new line named with its code, the moved log line not reported);
     `loopmark report` on it."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(bench.cli, "_report", lambda paths: None)  # `loopmark report` is run once, below
+    monkeypatch.setattr(bench.cli, "_report", lambda paths: True)  # `loopmark report` is run once, below
     path = tiny(tmp_path, setup="""
         import argparse
         parser = argparse.ArgumentParser()
@@ -346,3 +346,21 @@ def test_on_a_gpu_the_count_is_the_same_and_the_debug_mode_agrees(script, args, 
     r = traced(EXAMPLES / script, *args, steps=4, warmup=3).record
     assert r["device"] == "cuda" and r["syncs_per_step"] == pytest.approx(syncs)
     assert r["syncs_per_step_cuda_debug"] == pytest.approx(syncs)  # no torch.cuda.synchronize() in these scripts
+
+
+def test_compare_of_two_traces_blames_a_line_added_above_a_sync_not_the_sync_it_moved(tmp_path, monkeypatch, capsys):
+    """The issue's case on real traces: a new `.item()` above an existing one moves the old line down; compare names
+    the new line, with its code, and not the old one."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench.cli, "_report", lambda paths: True)
+    path = tiny(tmp_path, setup="running = 0.0", after="running += loss.item()")
+    options = ["trace", "--steps", "3", "--warmup", "1"]
+    assert main([*options, "--out", "base", "train.py"]) == 0
+    path.write_text(path.read_text().replace("    running += loss.item()\n",
+                                             "    norm = loss.item()\n    running += loss.item()\n"))
+    assert main([*options, "--out", "new", "train.py"]) == 0
+    capsys.readouterr()
+    assert main(["compare", "base", "new", "--only-deterministic"]) == 1
+    out = capsys.readouterr().out
+    added, moved = line_of(path, "norm = loss.item()"), line_of(path, "running += loss.item()")
+    assert f"(+1/step at train.py:{added} `norm = loss.item()`)" in out and f"train.py:{moved}" not in out
