@@ -5,6 +5,7 @@ planted bug). Each expectation is worked out from the loop's code in its module,
 """
 
 import importlib
+import json
 import math
 import re
 import sys
@@ -110,3 +111,18 @@ def test_an_uneven_last_batch_reaches_the_loop():
     passes = math.ceil(module.TRAIN_SAMPLES / module.BATCH_SIZE)
     sizes = [len(labels) for _, labels in stage_batches(wl, "train", 2 * passes, CPU)]
     assert sizes == [32, 32, 32, 4] * 2
+
+
+def test_run_measures_a_workload_the_baseline_cannot_run(tmp_path, monkeypatch, capsys):
+    """`loopmark run` on DCGAN's two optimizers: the baseline the plan adds cannot run them and is `skipped`, saying
+    why, not an error; the user's loop is measured and judged (`consistent`, 5 syncs per step); `--strict` passes."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    code = main(["run", "--device", "cpu", "--steps", "3", "--repeats", "1", "--warmup", "1", "--strict", "--out",
+                 str(out), "--workload", "tests.corpus.dcgan:workload", "--variant", "tests.corpus.dcgan:train"])
+    capsys.readouterr()
+    cells = {c["variant"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
+    assert code == 0
+    assert cells["baseline"]["status"] == "skipped" and "cannot run this workload" in cells["baseline"]["error"]
+    mine = cells["tests.corpus.dcgan:train"]
+    assert (mine["status"], mine["verdict"], mine["syncs_per_step"]) == ("ok", "consistent", 5.0), mine["error"]
