@@ -48,6 +48,7 @@ import warnings
 from collections import Counter
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -99,20 +100,31 @@ class _Tracker:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.tracked = WeakTensorKeyDictionary()
-        self.storages: set[int] = set()  # whole storages on the accelerator, views of them made anywhere included
+        # whole storages on the accelerator, views of them made anywhere included: {storage_key: weak reference}. The
+        # weak reference keeps the storage's identity from being reused once it is freed (an address would be: a host
+        # batch allocated where a collective's temporary tensor was would count as device memory)
+        self.storages: dict[int, StorageWeakRef] = {}
+        self._prune_at = _PRUNE_AT
 
     def on_device(self, t) -> bool:
         if not isinstance(t, torch.Tensor):
             return False
         if self.cuda:
             return t.is_cuda
-        return t in self.tracked or (bool(self.storages) and _storage(t) in self.storages)
+        return t in self.tracked or (bool(self.storages) and storage_key(t) in self.storages)
 
     def mark_storage(self, t) -> None:
         """`t`'s storage lives on the accelerator, with every view of it: DDP's gradient buckets, whose views it made
         when it built them."""
-        if isinstance(t, torch.Tensor) and not self.cuda and _storage(t) is not None:
-            self.storages.add(_storage(t))
+        if not isinstance(t, torch.Tensor) or self.cuda:
+            return
+        key = storage_key(t)
+        if key is None or key in self.storages:
+            return
+        if len(self.storages) >= self._prune_at:  # a collective per step on a temporary: drop the freed ones
+            self.storages = {k: ref for k, ref in self.storages.items() if not ref.expired()}
+            self._prune_at = max(_PRUNE_AT, 2 * len(self.storages))
+        self.storages[key] = StorageWeakRef(t.untyped_storage())
 
     def mark(self, t) -> None:
         if isinstance(t, torch.Tensor) and not self.cuda:
@@ -123,10 +135,16 @@ class _Tracker:
             del self.tracked[t]
 
 
-def _storage(t: torch.Tensor) -> int | None:
+_PRUNE_AT = 256  # storages a tracker holds before it drops those that were freed
+
+
+def storage_key(t: torch.Tensor) -> int | None:
+    """The identity of `t`'s storage, shared by every view of it: the address of its StorageImpl, which no other
+    storage takes while this one is alive or weakly referenced (unlike its data pointer, which a freed storage gives
+    back to the allocator). None for a tensor without a plain storage."""
     try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # a tensor without storage
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, meta: no plain storage
         return None
 
 

@@ -68,7 +68,15 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
 
 from bench.memory import AllocatorLedger, cpu_peaks, heap_bytes, rss_bytes, slope_per_step
-from bench.syncs import STAND_IN, CudaDebugSyncs, SyncCounter, is_sync_warning, optimizer_device_state, site_details
+from bench.syncs import (
+    STAND_IN,
+    CudaDebugSyncs,
+    SyncCounter,
+    is_sync_warning,
+    optimizer_device_state,
+    site_details,
+    storage_key,
+)
 from reports.results import TRACE_VARIANT, CellSpec, Measurement, record
 from reports.table import format_table
 from reports.units import human_bytes
@@ -241,13 +249,6 @@ def _unobserved():
     """Our own tensor operations, hidden from every mode (the counter, the device mapping)."""
     with torch._C.DisableTorchFunction(), _disable_current_modes():
         yield
-
-
-def _storage_ptr(t: torch.Tensor) -> int:
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, meta: no plain storage
-        return 0
 
 
 def _live_tensors() -> list[torch.Tensor]:
@@ -786,9 +787,9 @@ class Tracer:
         made of one, `param.data = ...` by `Module.to`) and then the optimizers' state of tracked parameters."""
         tracker = self.counter.tracker
         with _unobserved():
-            storages = {_storage_ptr(t) for t in list(tracker.tracked.keys())} - {0}
+            storages = {storage_key(t) for t in list(tracker.tracked.keys())} - {None}
             for t in _live_tensors():
-                if not tracker.on_device(t) and _storage_ptr(t) in storages:
+                if not tracker.on_device(t) and storage_key(t) in storages:
                     tracker.mark(t)
             for ref in self.optimizers:
                 optimizer = ref()
