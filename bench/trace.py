@@ -836,7 +836,7 @@ class Tracer:
             f["data_ops_per_step"] = (self.data_ops - self.data_ops_counted) / n
             f["sync_sites"] = dict(counted["sites"])
             f["sync_kinds"] = dict(counted["kinds"])
-            f["sync_site_details"] = site_details(counted["sites"], counted["site_kinds"], n)
+            f["sync_site_details"] = site_details(counted["sites"], counted["site_kinds"], n, self.counter.site_code)
             f["unsynced_reads_per_step"] = counted["hazards"] / n
             f["unsynced_read_sites"] = dict(counted["hazard_sites"])
             if self.cuda:
@@ -949,6 +949,7 @@ def trace(target: Target, steps: int = DEFAULT_STEPS, warmup: int = DEFAULT_WARM
           say=None) -> Trace:
     """Run `target` under a Tracer and make its cell record (workload = the script's name, variant = "trace")."""
     tracer = Tracer(steps, warmup, say=say)
+    tracer.counter.root = os.path.dirname(target.path) if target.path else None  # its sites: from its directory
     with tracer:
         outcome = run_target(target)
     figures = tracer.figures()

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
-from reports.results import TRACE_VARIANT, baseline_of
+from reports.results import TRACE_VARIANT, baseline_of, site_code, site_file
 from reports.stats import block_ratios, ratio_with_ci
 from reports.table import format_table
 from reports.units import human_bytes
@@ -243,7 +243,7 @@ def _sync_site_changes(b: dict, c: dict) -> str:
     gone = [s for s in base if s not in cand]
     for site in [s for s in cand if s not in base]:
         code = cand[site][1]
-        match = next((g for g in gone if code and base[g][1] == code and _file(g) == _file(site)), None)
+        match = next((g for g in gone if code and base[g][1] == code and site_file(g) == site_file(site)), None)
         if match is not None:
             moved[site] = match
             gone.remove(match)
@@ -275,13 +275,8 @@ def _sites_per_step(record: dict) -> dict[str, tuple[float, str]] | None:
     if not isinstance(sites, dict) or not steps:
         return None
     details = record.get("sync_site_details")
-    code = {d.get("site"): d.get("code") or "" for d in details if isinstance(d, dict)} if isinstance(details, list) \
-        else {}
+    code = {d.get("site"): site_code(d) for d in details if isinstance(d, dict)} if isinstance(details, list) else {}
     return {str(site): (float(n) / float(steps), code.get(site, "")) for site, n in sites.items()}
-
-
-def _file(site: str) -> str:
-    return site.rpartition(":")[0]
 
 
 def _memory(result: CellResult, b: dict, c: dict, memory_pct: float) -> None:
