@@ -8,7 +8,8 @@ reads a device scalar argument (`masked_fill` / `index_fill` with a 0-d device t
 `torch.tensor(list_of_device_tensors)` (one read-back per element), a blocking copy between pageable host
 memory and the device, and an explicit `torch.cuda.synchronize()` / `torch.accelerator.synchronize()`.
 Each is counted where it is dispatched and attributed to the first `file:line` outside torch and
-loopmark's harness: the loop line that caused it.
+loopmark's harness: the loop line that caused it, or inside an installed package, that line followed by the
+user's line that reached it (`locate`).
 
 What counts is what would synchronise *if the loop ran on CUDA*. On CUDA that is simply "the tensor is
 on the GPU". On CPU the pass runs the loop with `device=cpu:0`, a stand-in accelerator: tensors that
