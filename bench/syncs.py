@@ -167,21 +167,21 @@ def _shown_path(filename: str, module_globals: dict, root: str | None) -> str:
 
 def _line(frame) -> int:
     """The line of the instruction the frame is running. A condition's jump, where `bool(tensor)` syncs, carries the
-    whole `if (...):` statement's lines (Python 3.11), so the line of the value it tests is taken: the instruction
-    before it. Python 3.10 has only the statement's first line."""
+    line of its statement or of the condition's first operand (Python 3.11: `if (` of a condition spread over lines),
+    so the line of the value it tests is taken: that of the instruction before it, which put the value on the stack.
+    Python 3.10 has only the statement's first line."""
     code, lasti = frame.f_code, frame.f_lasti
     positions = _positions(code)
     i = lasti // 2
     if not positions or not 0 <= i < len(positions) or positions[i][0] is None:
         return frame.f_lineno
-    start, end = positions[i][:2]
-    if end is not None and end > start and "_IF_" in dis.opname[code.co_code[lasti]]:
+    if "_IF_" in dis.opname[code.co_code[lasti]]:
         j = i - 1
-        while j >= 0 and positions[j][:2] == (start, end):  # its EXTENDED_ARG
+        while j >= 0 and dis.opname[code.co_code[2 * j]] == "EXTENDED_ARG":  # part of the jump
             j -= 1
-        if j >= 0 and positions[j][0] is not None and start <= positions[j][0] <= end:
+        if j >= 0 and positions[j][0] is not None:
             return positions[j][0]
-    return start
+    return positions[i][0]
 
 
 @functools.lru_cache(maxsize=1024)

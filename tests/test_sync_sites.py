@@ -23,7 +23,7 @@ def log(value):
     return value.item()
 """
 
-# a step reading back 3 times: through the library, in a condition spread over lines, and at the end of a call chain
+# a step reading back 4 times: through the library, in two conditions spread over lines, at the end of a call chain
 USER = """\
 import fakelib
 
@@ -34,6 +34,9 @@ def step(x, flag):
         flag
         and x.isnan().any()
     ):
+        pass
+    if (flag is None
+            or x.isinf().any()):
         pass
     return (
         x
@@ -86,13 +89,14 @@ def test_a_sync_inside_a_library_keeps_its_frame_and_names_the_users_line(projec
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="before 3.11 a frame knows only its statement's first line")
 def test_a_sync_in_a_statement_over_several_lines_is_the_line_of_its_expression(project):
-    """`bool()` of a tensor in a condition spread over lines is the line of that operand, not `if (`; `.item()` at
-    the end of a call chain is the line of `.item()`."""
+    """`bool()` of a tensor in a condition spread over lines is the line of that operand, not `if (` nor the line of
+    the condition's first operand; `.item()` at the end of a call chain is the line of `.item()`."""
     module, user, _ = project
     sites = {d["site"]: d["code"] for d in counted_sites(module)}
     assert sites[f"userstep.py:{line_of(user, 'x.isnan()')}"] == "and x.isnan().any()"
+    assert sites[f"userstep.py:{line_of(user, 'x.isinf()')}"] == "or x.isinf().any()):"
     assert sites[f"userstep.py:{line_of(user, ').sum().item()')}"] == ").sum().item()"
-    assert len(sites) == 3
+    assert len(sites) == 4
 
 
 def test_sites_read_the_same_from_any_working_directory(project, tmp_path, monkeypatch):
