@@ -77,7 +77,7 @@ from bench.syncs import (
     site_details,
     storage_key,
 )
-from reports.results import TRACE_VARIANT, CellSpec, Measurement, record
+from reports.results import TRACE_VARIANT, CellSpec, Measurement, record, site_code
 from reports.table import format_table
 from reports.units import human_bytes
 
@@ -1034,7 +1034,8 @@ def summary(r: dict, sites: list[dict] | None = None) -> str:
                                               if r.get("eval_time_s") else "")])
     lines += ["", format_table(["per step", "value", ""], rows, right=[1])]
     if sites is None:
-        sites = [{**d, "operation": ", ".join(d["operations"])} for d in r.get("sync_site_details") or []]
+        sites = [{**d, "operation": ", ".join(d["operations"]), "code": site_code(d)}
+                 for d in r.get("sync_site_details") or []]
     if sites:
         lines += ["", f"sync sites, most syncs first ({min(len(sites), TOP_SITES)} of {len(sites)}):",
                   format_table(["site", "operation", "per step", "code"],

@@ -337,13 +337,21 @@ def test_on_a_gpu_the_count_is_the_same_and_the_debug_mode_agrees(script, args, 
 
 def test_a_traced_scripts_sites_are_relative_to_its_directory_wherever_it_is_started(tmp_path, monkeypatch):
     """The same script traced from its directory and from elsewhere names the same sites, relative to the script's
-    directory (`compare` sees no "+1" and "-1 (gone)"); a module next to it reads as its module's path."""
-    project = tmp_path / "project"
+    directory (`compare` sees no "+1" and "-1 (gone)"); a module next to it reads as its module's path, and a sync in
+    an installed package names the script's line that reached it, with both lines' code in the summary."""
+    project, packages = tmp_path / "project", tmp_path / "venv" / "site-packages"
+    (packages / "fakefw").mkdir(parents=True)
+    (packages / "fakefw" / "__init__.py").write_text("def log(loss):\n    return loss.item()\n")
     project.mkdir()
     (project / "helper.py").write_text("def log(loss):\n    return loss.item()\n")
-    path = tiny(project, setup="import helper", after="helper.log(loss)")
+    monkeypatch.syspath_prepend(str(packages))
+    monkeypatch.delitem(sys.modules, "fakefw", raising=False)
+    path = tiny(project, setup="import fakefw\nimport helper", after="helper.log(loss)\nfakefw.log(loss)")
     seen = []
     for cwd in (project, tmp_path):
         monkeypatch.chdir(cwd)
-        seen.append(sorted(traced(path, steps=2).record["sync_sites"]))
-    assert seen[0] == seen[1] == sorted([f"train.py:{line_of(path, 'x.to(device)')}", "helper.py:2"])
+        record = traced(path, steps=2).record
+        seen.append(sorted(record["sync_sites"]))
+    library = f"<site-packages>/fakefw/__init__.py:2 from train.py:{line_of(path, 'fakefw.log(loss)')}"
+    assert seen[0] == seen[1] == sorted([f"train.py:{line_of(path, 'x.to(device)')}", "helper.py:2", library])
+    assert "return loss.item() from fakefw.log(loss)" in trace.summary(record)
