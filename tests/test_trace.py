@@ -343,15 +343,16 @@ def test_a_traced_scripts_sites_are_relative_to_its_directory_wherever_it_is_sta
     (packages / "fakefw").mkdir(parents=True)
     (packages / "fakefw" / "__init__.py").write_text("def log(loss):\n    return loss.item()\n")
     project.mkdir()
-    (project / "helper.py").write_text("def log(loss):\n    return loss.item()\n")
+    (project / "steplog.py").write_text("def log(loss):\n    return loss.item()\n")
     monkeypatch.syspath_prepend(str(packages))
-    monkeypatch.delitem(sys.modules, "fakefw", raising=False)
-    path = tiny(project, setup="import fakefw\nimport helper", after="helper.log(loss)\nfakefw.log(loss)")
+    for name in ("fakefw", "steplog"):  # the modules the script imports are its own, not an earlier test's
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    path = tiny(project, setup="import fakefw\nimport steplog", after="steplog.log(loss)\nfakefw.log(loss)")
     seen = []
     for cwd in (project, tmp_path):
         monkeypatch.chdir(cwd)
         record = traced(path, steps=2).record
         seen.append(sorted(record["sync_sites"]))
     library = f"<site-packages>/fakefw/__init__.py:2 from train.py:{line_of(path, 'fakefw.log(loss)')}"
-    assert seen[0] == seen[1] == sorted([f"train.py:{line_of(path, 'x.to(device)')}", "helper.py:2", library])
+    assert seen[0] == seen[1] == sorted([f"train.py:{line_of(path, 'x.to(device)')}", "steplog.py:2", library])
     assert "return loss.item() from fakefw.log(loss)" in trace.summary(record)
