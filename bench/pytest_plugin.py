@@ -27,7 +27,6 @@ do not use the fixture are as they were.
 from __future__ import annotations
 
 import json
-import linecache
 import shutil
 import tempfile
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli import _int_at_least  # one parser of numeric options: a bad value is one line
+from reports.results import site_code
 
 # a test's defaults: enough blocks for `loopmark compare`'s time gate (p < 0.01 needs 5), short blocks, no time limit
 # of loopmark's own (its SIGALRM timer would cancel pytest-timeout's; pytest-timeout is the tool for that here)
@@ -412,9 +412,9 @@ def assert_no_new_syncs(result: LoopmarkResult, max_per_step: float = 0) -> None
     lines = [f"{_cell_name(result)}: {syncs:g} host-device syncs per step, more than the {max_per_step:g} "
              f"allowed. Where (syncs per step):"]
     sites = sorted((result.sync_sites or {}).items(), key=lambda kv: -kv[1])
+    code = {d.get("site"): site_code(d) for d in result.record.get("sync_site_details") or [] if isinstance(d, dict)}
     for site, count in sites:
-        path, _, line = site.rpartition(":")
-        source = linecache.getline(path, int(line)).strip() if line.isdigit() else ""
+        source = code.get(site, "")
         lines.append(f"  {site}  {count / steps:g}" + (f"  {source}" if source else ""))
     kinds = result.record.get("sync_kinds") or {}
     if kinds:

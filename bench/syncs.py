@@ -8,7 +8,8 @@ reads a device scalar argument (`masked_fill` / `index_fill` with a 0-d device t
 `torch.tensor(list_of_device_tensors)` (one read-back per element), a blocking copy between pageable host
 memory and the device, and an explicit `torch.cuda.synchronize()` / `torch.accelerator.synchronize()`.
 Each is counted where it is dispatched and attributed to the first `file:line` outside torch and
-loopmark's harness: the loop line that caused it.
+loopmark's harness: the loop line that caused it, or inside an installed package, that line followed by the
+user's line that reached it (`locate`).
 
 What counts is what would synchronise *if the loop ran on CUDA*. On CUDA that is simply "the tensor is
 on the GPU". On CPU the pass runs the loop with `device=cpu:0`, a stand-in accelerator: tensors that
@@ -41,17 +42,23 @@ loopmark counts a copy made with `non_blocking=True`, even from pageable memory.
 
 from __future__ import annotations
 
+import dis
+import functools
 import linecache
 import os
 import sys
 import warnings
 from collections import Counter
+from typing import NamedTuple
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
+
+from reports.results import SITE_CALLER
 
 STAND_IN = torch.device("cpu", 0)
 
@@ -81,16 +88,106 @@ def _is_harness(filename: str) -> bool:
             or (filename.startswith(_STDLIB_DIR) and "site-packages" not in filename))
 
 
-def _site() -> str:
-    """file:line of the innermost frame that is neither torch, the harness nor the standard library."""
-    frame = sys._getframe(2)
+_LIBRARY_DIRS = ("site-packages", "dist-packages")
+_OWN_LOOPS = os.path.join(os.path.dirname(_HARNESS_DIR), "loops") + os.sep  # the user's code, wherever installed
+
+
+def _library_part(filename: str) -> str | None:
+    """`pkg/mod.py` of a file of an installed package (under a site-packages directory), None for the user's code."""
+    if filename.startswith(_OWN_LOOPS):
+        return None
+    parts = filename.split(os.sep)
+    at = max((i for i, part in enumerate(parts) if part in _LIBRARY_DIRS), default=None)
+    return None if at is None else "/".join(parts[at + 1:])
+
+
+class Site(NamedTuple):
+    """Where a sync happened: `text` is `file:line` of the innermost frame outside torch, loopmark's harness and the
+    standard library, and where that frame is an installed package's, the nearest frame of the user's code after
+    `SITE_CALLER`. `code` and `caller_code` are those lines' source, stripped."""
+
+    text: str
+    code: str = ""
+    caller_code: str = ""
+
+
+def locate(root: str | None = None) -> Site:
+    """The site of the operation running now (see `Site`). A file shows as its module's path (`loops/canonical.py`
+    for `loops.canonical`, `<site-packages>/lightning/fabric/utilities/apply_func.py`), a script run as `__main__`
+    relative to `root` (a traced script's directory), so that a site reads the same from any working directory; its
+    line is the line of the expression that syncs (`_line`)."""
+    frame = sys._getframe(1)
     while frame is not None and _is_harness(frame.f_code.co_filename):
         frame = frame.f_back
     if frame is None:
-        return "unknown"
-    path = frame.f_code.co_filename
-    rel = os.path.relpath(path)
-    return f"{path if rel.startswith('..') else rel}:{frame.f_lineno}"
+        return Site("unknown")
+    text, code = _where(frame, root)
+    if _library_part(frame.f_code.co_filename) is None:
+        return Site(text, code)
+    caller = frame.f_back
+    while caller is not None and (_is_harness(caller.f_code.co_filename)
+                                  or _library_part(caller.f_code.co_filename) is not None):
+        caller = caller.f_back
+    if caller is None:
+        return Site(text, code)
+    caller_text, caller_code = _where(caller, root)
+    return Site(f"{text}{SITE_CALLER}{caller_text}", code, caller_code)
+
+
+def _site(root: str | None = None) -> str:
+    return locate(root).text
+
+
+def _where(frame, root: str | None) -> tuple[str, str]:
+    """(`file:line`, the line's source) of a frame."""
+    filename = frame.f_code.co_filename
+    line = _line(frame)
+    return f"{_shown_path(filename, frame.f_globals, root)}:{line}", linecache.getline(filename, line).strip()
+
+
+def _shown_path(filename: str, module_globals: dict, root: str | None) -> str:
+    """A file as its module's dotted name spells it, `<site-packages>/` first for an installed package's; else
+    relative to `root` where it lies under it, else absolute."""
+    path = os.path.abspath(filename)
+    library = _library_part(path)
+    prefix = "<site-packages>/" if library is not None else ""
+    spec = module_globals.get("__spec__")
+    name = getattr(spec, "name", None) or module_globals.get("__name__")
+    if name and name != "__main__":
+        relative = name.replace(".", "/")
+        for shown in (f"{relative}.py", f"{relative}/__init__.py"):
+            if path.replace(os.sep, "/").endswith(f"/{shown}"):
+                return prefix + shown
+    if library is not None:
+        return prefix + library
+    if root and path.startswith(os.path.join(os.path.abspath(root), "")):
+        return os.path.relpath(path, root).replace(os.sep, "/")
+    return path
+
+
+def _line(frame) -> int:
+    """The line of the instruction the frame is running. A condition's jump, where `bool(tensor)` syncs, carries the
+    line of its statement or of the condition's first operand (Python 3.11: `if (` of a condition spread over lines),
+    so the line of the value it tests is taken: that of the instruction before it, which put the value on the stack.
+    Python 3.10 has only the statement's first line."""
+    code, lasti = frame.f_code, frame.f_lasti
+    positions = _positions(code)
+    i = lasti // 2
+    if not positions or not 0 <= i < len(positions) or positions[i][0] is None:
+        return frame.f_lineno
+    if "_IF_" in dis.opname[code.co_code[lasti]]:
+        j = i - 1
+        while j >= 0 and dis.opname[code.co_code[2 * j]] == "EXTENDED_ARG":  # part of the jump
+            j -= 1
+        if j >= 0 and positions[j][0] is not None:
+            return positions[j][0]
+    return positions[i][0]
+
+
+@functools.lru_cache(maxsize=1024)
+def _positions(code) -> tuple:
+    """(line, end line, column, end column) of each code unit of `code`; () before Python 3.11."""
+    return tuple(code.co_positions()) if hasattr(code, "co_positions") else ()
 
 
 class _Tracker:
@@ -99,20 +196,31 @@ class _Tracker:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.tracked = WeakTensorKeyDictionary()
-        self.storages: set[int] = set()  # whole storages on the accelerator, views of them made anywhere included
+        # whole storages on the accelerator, views of them made anywhere included: {storage_key: weak reference}. The
+        # weak reference keeps the storage's identity from being reused once it is freed (an address would be: a host
+        # batch allocated where a collective's temporary tensor was would count as device memory)
+        self.storages: dict[int, StorageWeakRef] = {}
+        self._prune_at = _PRUNE_AT
 
     def on_device(self, t) -> bool:
         if not isinstance(t, torch.Tensor):
             return False
         if self.cuda:
             return t.is_cuda
-        return t in self.tracked or (bool(self.storages) and _storage(t) in self.storages)
+        return t in self.tracked or (bool(self.storages) and storage_key(t) in self.storages)
 
     def mark_storage(self, t) -> None:
         """`t`'s storage lives on the accelerator, with every view of it: DDP's gradient buckets, whose views it made
         when it built them."""
-        if isinstance(t, torch.Tensor) and not self.cuda and _storage(t) is not None:
-            self.storages.add(_storage(t))
+        if not isinstance(t, torch.Tensor) or self.cuda:
+            return
+        key = storage_key(t)
+        if key is None or key in self.storages:
+            return
+        if len(self.storages) >= self._prune_at:  # a collective per step on a temporary: drop the freed ones
+            self.storages = {k: ref for k, ref in self.storages.items() if not ref.expired()}
+            self._prune_at = max(_PRUNE_AT, 2 * len(self.storages))
+        self.storages[key] = StorageWeakRef(t.untyped_storage())
 
     def mark(self, t) -> None:
         if isinstance(t, torch.Tensor) and not self.cuda:
@@ -123,10 +231,16 @@ class _Tracker:
             del self.tracked[t]
 
 
-def _storage(t: torch.Tensor) -> int | None:
+_PRUNE_AT = 256  # storages a tracker holds before it drops those that were freed
+
+
+def storage_key(t: torch.Tensor) -> int | None:
+    """The identity of `t`'s storage, shared by every view of it: the address of its StorageImpl, which no other
+    storage takes while this one is alive or weakly referenced (unlike its data pointer, which a freed storage gives
+    back to the allocator). None for a tensor without a plain storage."""
     try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # a tensor without storage
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, meta: no plain storage
         return None
 
 
@@ -355,14 +469,16 @@ def _group_on_stand_in(group, tracker: _Tracker):
 class SyncCounter:
     """Context manager counting syncs and dispatched operators; `sites` maps file:line to counts."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, root: str | None = None):
         self.device = device
+        self.root = root  # a script run as __main__ shows its sites relative to this directory (`locate`)
         self.tracker = _Tracker(device)
         self.ops = 0
         self.syncs = 0
         self.sites: Counter = Counter()
         self.kinds: Counter = Counter()
         self.site_kinds: Counter = Counter()  # (site, kind): which operation synchronised where
+        self.site_code: dict[str, tuple[str, str]] = {}  # site: the source of its line (and its caller's)
         self.pending = WeakTensorKeyDictionary()  # non-blocking device-to-host copies not yet synchronised
         self.hazards = 0
         self.hazard_sites: Counter = Counter()
@@ -382,7 +498,9 @@ class SyncCounter:
             self.tracker.mark(t)
 
     def hit(self, kind: str) -> None:
-        site = _site()
+        where = locate(self.root)
+        site = where.text
+        self.site_code.setdefault(site, (where.code, where.caller_code))
         self.syncs += 1
         self.kinds[kind] += 1
         self.sites[site] += 1
@@ -392,7 +510,7 @@ class SyncCounter:
     def hazard(self) -> None:
         """A read of a non-blocking device-to-host copy with no sync since: on CUDA, maybe stale data."""
         self.hazards += 1
-        self.hazard_sites[_site()] += 1
+        self.hazard_sites[_site(self.root)] += 1
 
     def _synchronize(self, original):
         """`torch.cuda.synchronize()` waits for the device: one sync, which no dispatcher sees. On the stand-in
@@ -495,17 +613,25 @@ def count_cuda_debug_syncs(fn) -> int:
     return debug.count
 
 
-def site_details(sites: Counter, site_kinds: Counter, steps: int) -> list[dict]:
-    """Each sync site, most syncs first: `site` (file:line), `per_step`, `count` (over the pass's `steps` steps),
-    `operations` ({operation: count}) and `code` (the line's source, stripped; "" where it cannot be read)."""
+def site_details(sites: Counter, site_kinds: Counter, steps: int, codes: dict | None = None) -> list[dict]:
+    """Each sync site, most syncs first: `site` (`locate`'s text), `per_step`, `count` (over the pass's `steps` steps),
+    `operations` ({operation: count}), `code` (the line's source, stripped; "" where it cannot be read) and, for a
+    site in an installed package reached from the user's code, `caller_code` (that line's). `codes`: {site: (code,
+    caller_code)} as the counter read them (`SyncCounter.site_code`); a site missing there is read from its path."""
     out = []
     for site, count in sorted(sites.items(), key=lambda kv: (-kv[1], kv[0])):
         operations = {kind: n for (s, kind), n in sorted(site_kinds.items(), key=lambda kv: -kv[1]) if s == site}
-        path, _, line = site.rpartition(":")
-        code = linecache.getline(os.path.abspath(path), int(line)).strip() if line.isdigit() else ""
-        out.append({"site": site, "per_step": count / steps, "count": count, "operations": operations,
-                    "code": code})
+        code, caller_code = (codes or {}).get(site) or (_read_line(site), "")
+        detail = {"site": site, "per_step": count / steps, "count": count, "operations": operations, "code": code}
+        if caller_code:
+            detail["caller_code"] = caller_code
+        out.append(detail)
     return out
+
+
+def _read_line(site: str) -> str:
+    path, _, line = site.rpartition(":")
+    return linecache.getline(os.path.abspath(path), int(line)).strip() if line.isdigit() else ""
 
 
 def measure_syncs(cell, batches: list, warmup: int = 0) -> dict:
@@ -538,7 +664,7 @@ def measure_syncs(cell, batches: list, warmup: int = 0) -> dict:
     steps = len(batches)
     record = {"syncs_per_step": counter.syncs / steps, "ops_per_step": counter.ops / steps,
               "sync_sites": dict(counter.sites), "sync_kinds": dict(counter.kinds),
-              "sync_site_details": site_details(counter.sites, counter.site_kinds, steps),
+              "sync_site_details": site_details(counter.sites, counter.site_kinds, steps, counter.site_code),
               "unsynced_reads_per_step": counter.hazards / steps, "unsynced_read_sites": dict(counter.hazard_sites)}
     if device.type == "cuda":
         record["syncs_per_step_cuda_debug"] = count_cuda_debug_syncs(lambda: cell.epoch(cell.batches(batches))) / steps

@@ -74,8 +74,16 @@ from torch.utils._pytree import tree_flatten
 from bench.audit import Audit
 from bench.audit import verdict as audit_verdict
 from bench.memory import AllocatorLedger, cpu_peaks, heap_bytes, rss_bytes, slope_per_step
-from bench.syncs import STAND_IN, CudaDebugSyncs, SyncCounter, is_sync_warning, optimizer_device_state, site_details
-from reports.results import TRACE_VARIANT, CellSpec, Measurement, record
+from bench.syncs import (
+    STAND_IN,
+    CudaDebugSyncs,
+    SyncCounter,
+    is_sync_warning,
+    optimizer_device_state,
+    site_details,
+    storage_key,
+)
+from reports.results import TRACE_VARIANT, CellSpec, Measurement, record, site_code
 from reports.table import format_table
 from reports.units import human_bytes
 
@@ -247,13 +255,6 @@ def _unobserved():
     """Our own tensor operations, hidden from every mode (the counter, the device mapping)."""
     with torch._C.DisableTorchFunction(), _disable_current_modes():
         yield
-
-
-def _storage_ptr(t: torch.Tensor) -> int:
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, meta: no plain storage
-        return 0
 
 
 def _live_tensors() -> list[torch.Tensor]:
@@ -832,9 +833,9 @@ class Tracer:
         made of one, `param.data = ...` by `Module.to`) and then the optimizers' state of tracked parameters."""
         tracker = self.counter.tracker
         with _unobserved():
-            storages = {_storage_ptr(t) for t in list(tracker.tracked.keys())} - {0}
+            storages = {storage_key(t) for t in list(tracker.tracked.keys())} - {None}
             for t in _live_tensors():
-                if not tracker.on_device(t) and _storage_ptr(t) in storages:
+                if not tracker.on_device(t) and storage_key(t) in storages:
                     tracker.mark(t)
             for ref in self.optimizers:
                 optimizer = ref()
@@ -883,7 +884,7 @@ class Tracer:
             f["data_ops_per_step"] = (self.data_ops - self.data_ops_counted) / n
             f["sync_sites"] = dict(counted["sites"])
             f["sync_kinds"] = dict(counted["kinds"])
-            f["sync_site_details"] = site_details(counted["sites"], counted["site_kinds"], n)
+            f["sync_site_details"] = site_details(counted["sites"], counted["site_kinds"], n, self.counter.site_code)
             f["unsynced_reads_per_step"] = counted["hazards"] / n
             f["unsynced_read_sites"] = dict(counted["hazard_sites"])
             if self.cuda:
@@ -1018,6 +1019,7 @@ def trace(target: Target, steps: int = DEFAULT_STEPS, warmup: int = DEFAULT_WARM
           say=None) -> Trace:
     """Run `target` under a Tracer and make its cell record (workload = the script's name, variant = "trace")."""
     tracer = Tracer(steps, warmup, say=say)
+    tracer.counter.root = os.path.dirname(target.path) if target.path else None  # its sites: from its directory
     with tracer:
         outcome = run_target(target)
     figures = tracer.figures()
@@ -1113,7 +1115,8 @@ def summary(r: dict, sites: list[dict] | None = None) -> str:
                                               if r.get("eval_time_s") else "")])
     lines += ["", format_table(["per step", "value", ""], rows, right=[1])]
     if sites is None:
-        sites = [{**d, "operation": ", ".join(d["operations"])} for d in r.get("sync_site_details") or []]
+        sites = [{**d, "operation": ", ".join(d["operations"]), "code": site_code(d)}
+                 for d in r.get("sync_site_details") or []]
     if sites:
         lines += ["", f"sync sites, most syncs first ({min(len(sites), TOP_SITES)} of {len(sites)}):",
                   format_table(["site", "operation", "per step", "code"],

@@ -38,7 +38,7 @@ import pandas as pd
 from scipy.stats import mannwhitneyu
 
 from reports.markup import code, literal, to_markdown, to_text
-from reports.results import TRACE_VARIANT, baseline_of
+from reports.results import TRACE_VARIANT, baseline_of, site_code, site_file
 from reports.stats import block_ratios, ratio_with_ci
 from reports.table import format_table
 from reports.units import human_bytes
@@ -267,7 +267,7 @@ def _pair_sites(base: dict[str, tuple[float, str]], cand: dict[str, tuple[float,
         return int(number) if number.isdigit() else 0
 
     known = [(abs(line(s) - line(t)), line(s), s, t) for s, (_, new) in cand.items() for t, (_, old) in base.items()
-             if new and new == old and _file(s) == _file(t)]
+             if new and new == old and site_file(s) == site_file(t)]
     pairs: dict[str, str] = {}
     for _, _, site, old_site in sorted(known):
         if site not in pairs and old_site not in pairs.values():
@@ -295,13 +295,8 @@ def _sites_per_step(record: dict) -> dict[str, tuple[float, str]] | None:
     if not isinstance(sites, dict) or not steps:
         return None
     details = record.get("sync_site_details")
-    code = {d.get("site"): d.get("code") or "" for d in details if isinstance(d, dict)} if isinstance(details, list) \
-        else {}
+    code = {d.get("site"): site_code(d) for d in details if isinstance(d, dict)} if isinstance(details, list) else {}
     return {str(site): (float(n) / float(steps), code.get(site, "")) for site, n in sites.items()}
-
-
-def _file(site: str) -> str:
-    return site.rpartition(":")[0]
 
 
 def _memory(result: CellResult, b: dict, c: dict, memory_pct: float) -> None:

@@ -17,6 +17,7 @@ import pandas as pd
 from reports import stats
 from reports.load import by_workload_device, in_display_order, is_baseline
 from reports.markup import code
+from reports.results import site_code
 from reports.units import human_bytes
 
 # what a sync operation is, in the words of a loop's author (the sync pass's operation names, bench/syncs.py)
@@ -503,8 +504,9 @@ def is_distributed(cells: pd.DataFrame) -> bool:
 
 def sync_sites(cell) -> list[dict]:
     """A cell's sync sites: `site` (file:line), `per_step`, `when` ("1 per step", "1 per 16-step epoch"),
-    `operation` and `code` (the line, where the results hold it). From `sync_site_details` where the results have it,
-    else from `sync_sites` and `sync_kinds` (the operation is then known only where a cell has one kind)."""
+    `operation` and `code` (the line, where the results hold it; for a site in a library, then its caller's line after
+    " from "). From `sync_site_details` where the results have it, else from `sync_sites` and `sync_kinds` (the
+    operation is then known only where a cell has one kind)."""
     steps = cell.get("steps")
     details = cell.get("sync_site_details")
     out = []
@@ -514,7 +516,7 @@ def sync_sites(cell) -> list[dict]:
                 continue
             ops = d.get("operations") or {}
             out.append({"site": str(d["site"]), "per_step": d.get("per_step"), "count": d.get("count"),
-                        "operation": _operations(ops), "code": str(d.get("code") or "")})
+                        "operation": _operations(ops), "code": site_code(d)})
     else:
         sites, kinds = cell.get("sync_sites"), cell.get("sync_kinds")
         if not isinstance(sites, dict):

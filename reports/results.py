@@ -90,6 +90,21 @@ COUNT_COLUMNS = {"batch_size", "steps", "repeats", "warmup_steps", "param_tensor
 
 # -- the rules ------------------------------------------------------------------------------------------
 
+# a sync site is `file:line` of the innermost frame outside torch and loopmark; where that frame is a library's (an
+# installed package), the nearest frame of the user's own code follows: `<site-packages>/pkg/m.py:134 from train.py:42`
+SITE_CALLER = " from "
+
+
+def site_file(site: str) -> str:
+    """A sync site without its line numbers (`pkg/mod.py from train.py`): where the same code is, wherever it moved."""
+    return SITE_CALLER.join(part.rpartition(":")[0] for part in site.split(SITE_CALLER))
+
+
+def site_code(detail: dict) -> str:
+    """The source of a `sync_site_details` entry as shown: its line's, then its caller's after `SITE_CALLER`."""
+    return SITE_CALLER.join(str(c) for c in (detail.get("code"), detail.get("caller_code")) if c)
+
+
 def baseline_of(kind: str | None) -> str:
     """The variant every cell of this kind is timed and checked against."""
     return BASELINES.get(kind or "train", BASELINES["train"])
