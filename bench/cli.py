@@ -544,30 +544,35 @@ def cmd_trace(args) -> int:
     warmup = trace.DEFAULT_WARMUP if args.warmup is None else args.warmup
     print(f"loopmark trace: {target.command}: {warmup} warm-up steps, then {steps} steps per pass "
           f"({', '.join(trace.PHASES)})", file=sys.stderr, flush=True)
-    result = trace.trace(target, steps, warmup, device_name=env.get("cpu_model"),
-                         say=lambda text: print(f"loopmark trace: {text}", file=sys.stderr, flush=True))
-    if result.outcome.exception is not None:
-        print(result.outcome.traceback_text(), end="", file=sys.stderr)
-    print()
-    print(trace.summary(result.record, sync_sites(result.record)))
-    try:
-        write_results(out, env, [result.record])
-    except OutputError as exc:
-        print(f"loopmark trace: {exc}", file=sys.stderr)
-        return EXIT_WRITE
-    _report([out])
-    print(f"\nwrote {out}/results.csv, {out}/results.json")
-    if args.strict and result.exit_code == 0:
-        failed = trace.strict_failures(result.record)
-        if failed:
-            print("loopmark trace --strict: " + "; ".join(failed), file=sys.stderr)
-            return 1
-    script_args = target.argv[1:]
-    if result.outcome.exit_status == 2 and result.record.get("trace_steps_run") == 0 and any(
-            a.split("=")[0] in TRACE_OPTIONS for a in script_args):
-        print("loopmark trace: the script refused its arguments; loopmark's own options go before the script: "
-              "loopmark trace --steps N SCRIPT.py [ARGS...]", file=sys.stderr)
-    return result.exit_code
+
+    def conclude(result: trace.Trace) -> int:
+        """The summary, the results and the report of a finished trace; the exit status."""
+        if result.outcome.exception is not None:
+            print(result.outcome.traceback_text(), end="", file=sys.stderr)
+        print()
+        print(trace.summary(result.record, sync_sites(result.record)))
+        try:
+            write_results(out, env, [result.record])
+        except OutputError as exc:
+            print(f"loopmark trace: {exc}", file=sys.stderr)
+            return EXIT_WRITE
+        _report([out])
+        print(f"\nwrote {out}/results.csv, {out}/results.json")
+        if args.strict and result.exit_code == 0:
+            failed = trace.strict_failures(result.record)
+            if failed:
+                print("loopmark trace --strict: " + "; ".join(failed), file=sys.stderr)
+                return 1
+        script_args = target.argv[1:]
+        if result.outcome.exit_status == 2 and result.record.get("trace_steps_run") == 0 and any(
+                a.split("=")[0] in TRACE_OPTIONS for a in script_args):
+            print("loopmark trace: the script refused its arguments; loopmark's own options go before the script: "
+                  "loopmark trace --steps N SCRIPT.py [ARGS...]", file=sys.stderr)
+        return result.exit_code
+
+    # a script that calls os._exit ends this process there: the trace is concluded (written) before it ends
+    return conclude(trace.trace(target, steps, warmup, device_name=env.get("cpu_model"), on_exit=conclude,
+                                say=lambda text: print(f"loopmark trace: {text}", file=sys.stderr, flush=True)))
 
 
 # -- argument types: a bad value is one line and exit 2 ----------------------------------------------------

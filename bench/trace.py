@@ -1013,11 +1013,55 @@ class Trace:
 
 
 def trace(target: Target, steps: int = DEFAULT_STEPS, warmup: int = DEFAULT_WARMUP, device_name: str | None = None,
-          say=None) -> Trace:
-    """Run `target` under a Tracer and make its cell record (workload = the script's name, variant = "trace")."""
+          say=None, on_exit=None) -> Trace:
+    """Run `target` under a Tracer and make its cell record (workload = the script's name, variant = "trace").
+    `on_exit(result) -> int`: what to do with the result if the script calls `os._exit` (write it); what it returns
+    is the process's exit status (by default the trace's `exit_code`)."""
     tracer = Tracer(steps, warmup, say=say)
-    with tracer:
+
+    def conclude(outcome: Outcome) -> Trace:
+        return _result(tracer, target, outcome, steps, warmup, device_name)
+
+    with tracer, _os_exit_kept(tracer, conclude, on_exit):
         outcome = run_target(target)
+    return conclude(outcome)
+
+
+@contextlib.contextmanager
+def _os_exit_kept(tracer: Tracer, conclude, on_exit):
+    """`os._exit(n)` ends the process at once, with no exception to unwind the script and nothing of the trace
+    written. While the script runs, `os._exit` in this process first finishes the trace and hands its result
+    (`conclude`, an outcome `exited`, or `ended` for 0) to `on_exit`, then ends the process with the status that
+    returns. In a forked child (a DataLoader worker ending) it is `os._exit` as it was."""
+    real, pid = os._exit, os.getpid()
+
+    def _exit(status):
+        if os.getpid() != pid:
+            real(status)
+        code = 1
+        try:
+            tracer.finish()
+            outcome = Outcome("ended" if status == 0 else "exited", f"the script called os._exit({status})", status)
+            result = conclude(outcome)
+            code = on_exit(result) if on_exit is not None else result.exit_code
+        except BaseException as exc:  # the process ends here whatever happened: say it, exit 1
+            print(f"loopmark trace: the script called os._exit({status}); the trace could not be finished: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            real(code)
+
+    os._exit = _exit
+    try:
+        yield
+    finally:
+        os._exit = real
+
+
+def _result(tracer: Tracer, target: Target, outcome: Outcome, steps: int, warmup: int, device_name) -> Trace:
+    """The cell record of a finished tracer, and the trace's exit code."""
     figures = tracer.figures()
     planned = warmup + len(PHASES) * steps
     status, error, exit_code = "ok", None, 0

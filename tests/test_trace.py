@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -22,7 +23,8 @@ import bench.cli
 from bench import trace
 from bench.cli import main
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "loops" / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "loops" / "examples"
 
 # A tiny script written the usual way: the device from torch.cuda.is_available(), host batches moved with .to(device).
 # CUDA syncs per step: 2 blocking copies (data, target), plus what EXTRA adds.
@@ -259,6 +261,24 @@ def test_a_script_that_stops_early_keeps_what_was_measured(tmp_path, ending, how
     if how == "raised":
         assert "out of data" in r["error"]
         assert f'{path}", line {line_of(path, "raise RuntimeError")}' in result.outcome.traceback_text()
+
+
+def test_a_script_that_calls_os_exit_keeps_what_was_measured(tmp_path):
+    """`os._exit(7)` ends the process with no exception to unwind: the trace is written before it, and loopmark
+    exits 1 (a script that exited with another status), not 7. Its own process: os._exit would end pytest's."""
+    path = tiny(tmp_path, before="""
+        if step == 3:
+            import os
+            os._exit(7)
+        """)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "bench", "trace", "--steps", "5", "--warmup", "1", "--out", str(out),
+                           str(path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 1, done.stderr
+    [r] = json.loads((out / "results.json").read_text())["cells"]
+    assert (r["status"], r["trace_passes"]["count"], r["syncs_per_step"]) == ("error", 2, 2)
+    assert r["error"] == "the script called os._exit(7) at step 4"
+    assert (out / "report.md").exists() and "error: the script called os._exit(7)" in done.stdout
 
 
 def test_a_script_that_never_steps_is_an_error(tmp_path, capsys):
