@@ -5,12 +5,13 @@ The script runs in this process as `python SCRIPT.py ARGS` (or `python -m MODULE
 
 **Steps.** A step ends at `optimizer.step()`, seen through torch's global optimizer step post-hook. With several
 optimizers a step is one round of them: it ends at the step of the optimizer that stepped first last (a GAN's
-generator after its discriminator, a WGAN's generator after five critic steps); an optimizer stepping for the first
-time later on becomes the end of the round from then. Gradient accumulation needs nothing: the backward passes of the
-micro-batches fall in the step that consumes them. A `GradScaler` that finds inf/NaN gradients skips
-`optimizer.step()`; `GradScaler.step()` is watched too, so a skipped step still ends a step (`skipped_steps`). A step
-runs from one boundary to the next: what a script does after `optimizer.step()` (a log line with `loss.item()`, a
-scheduler step) falls in the next step.
+generator after its discriminator, a WGAN's generator after five critic steps). The first round is one step: it ends
+once every optimizer the script has made by then has stepped (`FIRST_ROUND_LIMIT` optimizer steps at most); an
+optimizer stepping for the first time later on becomes the end of the round from then. Gradient accumulation needs
+nothing: the backward passes of the micro-batches fall in the step that consumes them. A `GradScaler` that finds
+inf/NaN gradients skips `optimizer.step()`; `GradScaler.step()` is watched too, so a skipped step still ends a step
+(`skipped_steps`). A step runs from one boundary to the next: what a script does after `optimizer.step()` (a log line
+with `loss.item()`, a scheduler step) falls in the next step.
 
 **Passes.** After `warmup` steps, four passes of `steps` steps each, one after the other on the running script, so
 that no instrument distorts another's figure (as `loopmark run`'s passes):
@@ -83,6 +84,7 @@ PHASES = ("count", "audit", "time", "memory")
 DEFAULT_STEPS, DEFAULT_WARMUP = 20, 5
 GRAPH_LAG = 2  # a loss's graph still alive this many step boundaries after its step ended is kept across steps
 TOP_SITES = 10  # the sync sites `loopmark trace` prints, most syncs first
+FIRST_ROUND_LIMIT = 100  # optimizer steps the first round waits for an optimizer the script made to step
 
 
 class BadTarget(ValueError):
@@ -379,6 +381,9 @@ class Tracer:
         self.optimizer_names: list[str] = []
         self.anchor: weakref.ref | None = None
         self.step_counts: Counter = Counter()
+        self.made: weakref.WeakSet = weakref.WeakSet()  # the optimizers the script made
+        self.waiting: weakref.WeakSet = weakref.WeakSet()  # the first round: those made that have not stepped yet
+        self.first_round_steps = 0
         self.skipped: Counter = Counter()  # per pass: steps whose optimizer.step() a GradScaler skipped
         # count pass
         self.base: dict = {}
@@ -443,6 +448,7 @@ class Tracer:
         patches += [(torch.autograd, "backward", self._backward(torch.autograd.backward)),
                     (torch.nn.Module, "train", self._train(torch.nn.Module.train)),
                     (torch.amp.GradScaler, "step", self._scaler_step(torch.amp.GradScaler.step)),
+                    (torch.optim.Optimizer, "__init__", self._made(torch.optim.Optimizer.__init__)),
                     (_LoaderIter, "__next__", self._next_batch(_LoaderIter.__next__))]
         self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
         for owner, name, value in patches:
@@ -539,6 +545,18 @@ class Tracer:
             return out
         return step
 
+    def _made(self, original):
+        """Every optimizer the script makes (its class's `__init__` calls `Optimizer.__init__`): the first round waits
+        for each of them to step."""
+        tracer = self
+
+        def __init__(optimizer, *args, **kwargs):
+            original(optimizer, *args, **kwargs)
+            if not tracer.disarmed:
+                tracer.made.add(optimizer)
+        __init__.__wrapped__ = original
+        return __init__
+
     def _next_batch(self, original):
         """The operators of DataLoader iteration are the input pipeline's, not the step's: the main process unpickles
         a worker's batch when it arrives, which with several workers is not always in the step that uses it."""
@@ -558,13 +576,25 @@ class Tracer:
 
     def _stepped(self, optimizer, skipped: bool) -> None:
         if not any(ref() is optimizer for ref in self.optimizers):
+            first_round = not self.optimizers or optimizer in self.waiting
+            if not self.optimizers:  # the first round lasts until every optimizer made so far has stepped once
+                self.waiting = weakref.WeakSet(o for o in self.made if o is not optimizer)
+            self.waiting.discard(optimizer)
             self.optimizers.append(weakref.ref(optimizer))
             self.param_ids.append({id(p) for group in optimizer.param_groups for p in group["params"]})
             self.optimizer_names.append(type(optimizer).__name__)
             self.anchor = weakref.ref(optimizer)
-            if self.phase in PHASES:
+            if self.phase in PHASES and not first_round:
                 self.notes.append(f"a {type(optimizer).__name__} stepped for the first time at step "
                                   f"{self.steps_run + 1}, after the warm-up; from then on a step ends at its step()")
+        if self.waiting:  # within the first round: no boundary before the last of the optimizers has stepped
+            self.first_round_steps += 1
+            if self.first_round_steps < FIRST_ROUND_LIMIT:
+                return
+            names = ", ".join(sorted({type(o).__name__ for o in self.waiting}))
+            self.notes.append(f"the script made optimizer(s) ({names}) that had not stepped after {FIRST_ROUND_LIMIT} "
+                              "optimizer steps: the first step ended without them")
+            self.waiting = weakref.WeakSet()
         if self.anchor is not None and self.anchor() is optimizer:
             self._boundary(skipped)
 

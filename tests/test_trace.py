@@ -153,9 +153,40 @@ def test_a_step_is_a_round_of_several_optimizers(tmp_path):
             critic_opt.step()
             critic_loss.item()
         """)
-    r = traced(path, steps=3, warmup=4).record  # iteration 0 ends at the 4th boundary (3 critic steps, then SGD's)
+    r = traced(path, steps=3, warmup=4).record  # iteration 0 is one step (its 3 critic steps, then SGD's)
     assert r["syncs_per_step"] == 3 + 2 and r["trace_optimizers"] == ["Adam", "SGD"]
     assert r["trace_notes"] == []
+
+
+def test_the_first_round_of_several_optimizers_is_one_step(tmp_path):
+    """DCGAN's order: the discriminator (Adam) steps first, then the generator (SGD); what iteration 0 does after the
+    generator's step (an image saved at `i == 0`: one more sync) falls in the warm-up. Had the discriminator's first
+    step ended a step of its own, the warm-up of 2 would have ended inside iteration 0 and counted that sync."""
+    path = tiny(tmp_path, setup="""
+        critic = torch.nn.Linear(2, 1).to(device)
+        critic_opt = torch.optim.Adam(critic.parameters())
+        """, before="""
+        critic_opt.zero_grad()
+        critic_loss = critic(model(x.to(device, non_blocking=True))).mean()
+        critic_loss.backward()
+        critic_opt.step()
+        critic_loss.item()
+        """, after="""
+        if step == 0:
+            loss.item()
+        """)
+    r = traced(path, steps=3, warmup=2).record
+    assert r["syncs_by_step"] == [3, 3, 3] and r["trace_steps_run"] == 2 + 4 * 3  # 2 copies + the critic's .item()
+    assert r["trace_optimizers"] == ["Adam", "SGD"] and r["audit_steps"] == 2 * 3 and r["trace_notes"] == []
+
+
+def test_a_single_optimizer_script_waits_for_no_optimizer_it_never_steps(tmp_path):
+    """An optimizer the script makes and never steps would hold the first round open: after FIRST_ROUND_LIMIT
+    optimizer steps the first step ends without it, and a note says so."""
+    path = tiny(tmp_path, steps=200, setup="unused = torch.optim.Adam(torch.nn.Linear(2, 2).parameters())")
+    r = traced(path, steps=2, warmup=1).record
+    assert r["status"] == "ok" and r["trace_passes"]["count"] == 2 and r["syncs_by_step"] == [2, 2]
+    assert "(Adam) that had not stepped after 100 optimizer steps" in r["trace_notes"][0]
 
 
 def test_a_step_the_grad_scaler_skips_is_still_one_step(tmp_path):
