@@ -76,6 +76,7 @@ from bench.audit import Audit
 from bench.audit import verdict as audit_verdict
 from bench.memory import AllocatorLedger, cpu_peaks, heap_bytes, rss_bytes, slope_per_step
 from bench.syncs import STAND_IN, CudaDebugSyncs, SyncCounter, is_sync_warning, optimizer_device_state, site_details
+from reports.findings import trace_device
 from reports.results import TRACE_VARIANT, CellSpec, Measurement, record
 from reports.table import format_table
 from reports.units import human_bytes
@@ -368,6 +369,7 @@ class Tracer:
         self.say = say or (lambda text: None)
         self.counter = SyncCounter(self.device if self.cuda else STAND_IN)
         self.counting = False  # the counter's modes are on
+        self.reached = False  # the script put tensors on the stand-in (seen when the counter goes off)
         self.mapping: _CudaArguments | None = None
         self.phase = "setup"  # setup (before the first step), warmup, count, time, memory, done
         self.steps_run = 0  # step boundaries so far
@@ -513,6 +515,8 @@ class Tracer:
             self.mapping.__exit__(None, None, None)
             self.mapping = None
         if self.counting:
+            tracker = self.counter.tracker
+            self.reached = self.reached or bool(len(tracker.tracked) or tracker.storages)
             self.counter.__exit__(None, None, None)
             self.counting = False
         if remap and not self.cuda:
@@ -900,6 +904,7 @@ class Tracer:
                    "trace_optimizers": self.optimizer_names,
                    "skipped_steps": sum(self.skipped.values()),
                    "param_tensors": len({i for ids in self.param_ids for i in ids}) or None,
+                   "reached_device": torch.cuda.max_memory_allocated() > 0 if self.cuda else self.reached,
                    "eval_passes_by_pass": {p: self.eval.passes[p] for p in PHASES if self.eval.passes[p]}}
         counted = self.counted
         n = counted.get("steps", 0)
@@ -1149,8 +1154,7 @@ def summary(r: dict, sites: list[dict] | None = None) -> str:
         return ("+" if v > 0 and per_step else "") + human_bytes(v) + per_step
 
     passes = r.get("trace_passes") or {}
-    where = "cuda" if r["device"] == "cuda" else f"cpu (the CUDA count, with {STAND_IN} standing for the GPU)"
-    lines = [f"trace of {r['workload']} on {where}: {r.get('warmup_steps')} warm-up steps, then "
+    lines = [f"trace of {r['workload']} on {trace_device(r)}: {r.get('warmup_steps')} warm-up steps, then "
              + ", ".join(f"{passes.get(p, 0)} {p}" for p in PHASES) + " steps"]
     if r.get("verdict"):
         lines.append(f"verdict: {r['verdict']}: {r.get('verdict_reason')}")

@@ -25,6 +25,7 @@ from reports.findings import (
     rank_figures,
     ratio_text,
     sync_sites,
+    trace_device,
 )
 from reports.load import PYTEST_BENCHMARK, by_workload_device, in_display_order, load_records, to_frame
 from reports.results import FLOOR_VARIANT, TRACE_VARIANT
@@ -562,6 +563,7 @@ def _trace_blocks(cell: dict) -> list[tuple]:
     name = cell["workload"]
     passes = cell.get("trace_passes") if isinstance(cell.get("trace_passes"), dict) else {}
     items = [f"command: `{cell['description']}`" if cell.get("description") else None,
+             f"device: {trace_device(cell)}",
              f"{_number(cell.get('warmup_steps'))} warm-up steps, then "
              + ", ".join(f"{n} {p}" for p, n in passes.items()) + " steps (count, time and memory passes)",
              f"operators: {_number(cell.get('ops_per_step'))}/step",

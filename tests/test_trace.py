@@ -231,6 +231,28 @@ def test_a_non_finite_loss_makes_the_trace_diverged(tmp_path):
     assert "non-finite loss at step(s) 6, 7" in r["error"]
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"], ids=["on-the-gpu", "cpu-only"])
+def test_the_heading_and_report_say_whether_the_tensors_reached_the_stand_in(tmp_path, monkeypatch, capsys, device):
+    """A script that puts its tensors on the (stand-in) GPU gets the CUDA count; one that keeps them on the CPU
+    (Trainer's `use_cpu=True`, Lightning's `accelerator="cpu"`) does not: its heading and report say so."""
+    path = tiny(tmp_path)
+    path.write_text(path.read_text().replace(
+        'device = "cuda" if torch.cuda.is_available() else "cpu"', f'device = "{device}"'))
+    monkeypatch.chdir(tmp_path)
+    assert main(["trace", "--steps", "2", "--warmup", "1", "--out", "out", str(path)]) == 0
+    heading = capsys.readouterr().out.strip().splitlines()[0]
+    report = (tmp_path / "out" / "report.md").read_text()
+    r = json.loads((tmp_path / "out" / "results.json").read_text())["cells"][0]
+    if device == "cuda":
+        assert r["reached_device"] is True and r["syncs_per_step"] == 2
+        assert heading.startswith("trace of train.py on cpu (the CUDA count, with cpu:0 standing for the GPU)")
+        assert "- device: cpu (the CUDA count" in report
+    else:
+        assert r["reached_device"] is False and r["syncs_per_step"] == 0
+        assert "CUDA count, with" not in heading and "none reached the stand-in GPU" in heading
+        assert "- device: cpu (the script kept its tensors on the CPU: none reached the stand-in GPU" in report
+
+
 # -- how a script is run, and how it ends -----------------------------------------------------------------------
 
 SCRIPT = """\
