@@ -559,8 +559,8 @@ def cmd_trace(args) -> int:
             code = _trace_written(args, out, env, [result.record], ranks)
             return code if code != EXIT_OK else result.exit_code
         trace.publish(result.record, result.exit_code)
-        if rank:
-            return result.exit_code
+        if rank:  # rank 0 exits with the worst rank's status; a rank that failed and exits so would have torchrun
+            return EXIT_OK  # end rank 0 before it has written every rank's cell
         found = trace.collect(ranks, trace.RANKS_WAIT_S)
         code = _trace_written(args, out, env, [found[r]["record"] for r in sorted(found)], ranks)
         trace.clear_ranks()

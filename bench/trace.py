@@ -1218,8 +1218,8 @@ def ranks_table(records: list[dict]) -> str:
         return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "-"
     rows = [[str(r.get("rank")), number(r, "syncs_per_step"), number(r, "collectives_per_step"),
              human_bytes(r["comm_bytes_per_step"]) if isinstance(r.get("comm_bytes_per_step"), (int, float)) else "-",
-             str(r.get("verdict") or "-"), str(r.get("status"))] for r in records]
-    return format_table(["rank", "syncs/step", "collectives/step", "sent/step", "verdict", "status"], rows,
+             str(r.get("verdict") or "-"), str(r.get("status")), str(r.get("error") or "")[:100]] for r in records]
+    return format_table(["rank", "syncs/step", "collectives/step", "sent/step", "verdict", "status", "error"], rows,
                         right=[1, 2, 3])
 
 
