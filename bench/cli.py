@@ -538,6 +538,9 @@ def cmd_trace(args) -> int:
                              "[ARGS...]")
     except trace.BadTarget as exc:
         raise UsageError(str(exc)) from None
+    given = [f"--{name.replace('_', '-')}" for name in RENDEZVOUS if getattr(args, name) is not None]
+    if given and not args.nproc_per_node:
+        raise UsageError(f"{given[0]} is a torchrun option: it goes with --nproc-per-node N")
     rank, ranks = trace.torchrun_rank()
     if args.nproc_per_node and not distributed.launched():  # the ranks run this command under torchrun
         return _launch_trace(args, _out_dir(args))

@@ -83,8 +83,7 @@ from bench.audit import Audit
 from bench.audit import verdict as audit_verdict
 from bench.memory import AllocatorLedger, cpu_peaks, heap_bytes, rss_bytes, slope_per_step
 from bench.syncs import STAND_IN, CudaDebugSyncs, SyncCounter, is_sync_warning, optimizer_device_state, site_details
-from reports.findings import trace_device
-from reports.results import TRACE_VARIANT, CellSpec, Measurement, record
+from reports.results import TRACE_VARIANT, CellSpec, Measurement, record, trace_device
 from reports.table import format_table
 from reports.units import human_bytes
 
@@ -287,8 +286,6 @@ def _in_process_group() -> bool:
 
 def _rank_mean(vector: torch.Tensor) -> torch.Tensor:
     """The mean of `vector` over the ranks (the audit's reduction: what DDP makes of each rank's gradient)."""
-    if not _in_process_group():
-        return vector
     with _unobserved():
         out = vector.clone()
         dist.all_reduce(out)
@@ -433,7 +430,7 @@ class Tracer:
         self.memory: dict = {}
         # audit pass: what each optimizer step consumed against what backward produced (bench.audit), and graphs that
         # evaluation builds and keeps
-        self.audit = Audit(step_number=lambda: self.steps_run + 1, paused=True, reduce=_rank_mean)
+        self.audit = Audit(step_number=lambda: self.steps_run + 1, paused=True, reduce=self._rank_mean)
         self.eval_hook = None
         self.eval_graphs: list[tuple[int, weakref.ref]] = []
         self.eval_retained_steps: list[int] = []
@@ -453,6 +450,7 @@ class Tracer:
         self.comm_bytes_by_step: list[int] = []
         self.collected: dict = {}
         self.ranks_differ: tuple[int, int] | None = None  # (step, rank) of the first step after which they differed
+        self.replicas: list[weakref.ref] = []  # the DistributedDataParallel modules the script made, in order
         self._saved: list[tuple[object, str, object]] = []
         self._hook = None
         self._train_depth = 0
@@ -475,7 +473,7 @@ class Tracer:
         return False
 
     def _arm(self) -> None:
-        patches = [] if self.cuda else _cuda_shims() + self._process_group_shims()
+        patches = ([] if self.cuda else _cuda_shims()) + self._process_group_shims()
         patches += [(torch.autograd, "backward", self._backward(torch.autograd.backward)),
                     (torch.nn.Module, "train", self._train(torch.nn.Module.train)),
                     (torch.amp.GradScaler, "step", self._scaler_step(torch.amp.GradScaler.step)),
@@ -569,9 +567,10 @@ class Tracer:
     # -- a rank of a process group on the stand-in ----------------------------------------------------------
 
     def _process_group_shims(self) -> list[tuple[object, str, object]]:
-        """A rank on the stand-in: the script's `init_process_group("nccl")` runs on gloo (there is no GPU for nccl,
-        and the stand-in's tensors are CPU tensors), and DistributedDataParallel takes a module on the stand-in
-        with the `device_ids` and `output_device` the script gives it for its GPU (on the CPU they must be None)."""
+        """The DistributedDataParallel modules the script makes are kept (their ranks' parameters are replicas, which
+        the audit compares). On the stand-in, the script's `init_process_group("nccl")` runs on gloo (there is no GPU
+        for nccl, and the stand-in's tensors are CPU tensors), and DDP takes a module on the stand-in with the
+        `device_ids` and `output_device` the script gives it for its GPU (on the CPU they must be None)."""
         if not dist.is_available():
             return []
         from torch.distributed import distributed_c10d
@@ -588,22 +587,34 @@ class Tracer:
             return init(backend, *args, **kwargs)
 
         def __init__(ddp, module, device_ids=None, output_device=None, *args, **kwargs):
-            if all(p.device.type == "cpu" for p in module.parameters()):  # the stand-in: a CPU module to DDP
+            if not tracer.cuda and all(p.device.type == "cpu" for p in module.parameters()):  # the stand-in: CPU
                 device_ids = output_device = None
             ddp_init(ddp, module, device_ids, output_device, *args, **kwargs)
+            tracer.replicas.append(weakref.ref(ddp))
         __init__.__wrapped__ = ddp_init
-        return [(distributed_c10d, "init_process_group", init_process_group),
-                (dist, "init_process_group", init_process_group), (DistributedDataParallel, "__init__", __init__)]
+        shims = [(DistributedDataParallel, "__init__", __init__)]
+        if not self.cuda:
+            shims += [(distributed_c10d, "init_process_group", init_process_group),
+                      (dist, "init_process_group", init_process_group)]
+        return shims
+
+    def _replicated(self) -> bool:
+        """Whether the script trains DDP replicas on several ranks (each rank's parameters the same)."""
+        return any(ref() is not None for ref in self.replicas) and _in_process_group()
+
+    def _rank_mean(self, vector: torch.Tensor) -> torch.Tensor:
+        """The audit's reduction on DDP replicas: the mean over the ranks, what DDP makes of each rank's gradient
+        (the same collective on every rank, which all hold the same parameters)."""
+        return _rank_mean(vector) if self._replicated() else vector
 
     def _compare_ranks(self) -> None:
         """After a step of the audit pass: do the ranks' parameters still agree? (a checksum of each parameter,
         gathered from every rank: DDP keeps them bitwise the same; a gradient one rank did not share makes them
         differ from then on)"""
-        if self.ranks_differ is not None or not _in_process_group():
+        if self.ranks_differ is not None or not self._replicated():
             return
         with _unobserved():
-            params = [p for ref in self.optimizers if ref() is not None
-                      for group in ref().param_groups for p in group["params"]]
+            params = [p for ref in self.replicas if ref() is not None for p in ref().module.parameters()]
             if not params:
                 return
             mine = torch.stack([p.detach().double().sum() for p in params]

@@ -497,19 +497,6 @@ def is_distributed(cells: pd.DataFrame) -> bool:
     return bool((cells["kind"] == "ddp").any() or counted)
 
 
-def trace_device(cell) -> str:
-    """Where a traced script's tensors were, as its heading and report say it: on a GPU, on the CPU standing for one
-    (whose count is the CUDA count), or on the CPU alone (a script that never asked for CUDA: its count is not a CUDA
-    count). `reached_device` is absent from traces made before it was recorded."""
-    reached = cell.get("reached_device")
-    if cell.get("device") == "cuda":
-        return "cuda" + (" (the script kept its tensors on the CPU: none reached the GPU)" if reached is False else "")
-    if reached is False:
-        return ("cpu (the script kept its tensors on the CPU: none reached the stand-in GPU, so its syncs are the "
-                "CPU run's, not the CUDA count)")
-    return "cpu (the CUDA count, with cpu:0 standing for the GPU)"
-
-
 def sync_sites(cell) -> list[dict]:
     """A cell's sync sites: `site` (file:line), `per_step`, `when` ("1 per step", "1 per 16-step epoch"),
     `operation` and `code` (the line, where the results hold it). From `sync_site_details` where the results have it,

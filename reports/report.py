@@ -25,10 +25,9 @@ from reports.findings import (
     rank_figures,
     ratio_text,
     sync_sites,
-    trace_device,
 )
 from reports.load import PYTEST_BENCHMARK, by_workload_device, in_display_order, load_records, to_frame
-from reports.results import FLOOR_VARIANT, TRACE_VARIANT
+from reports.results import FLOOR_VARIANT, TRACE_VARIANT, trace_device
 from reports.units import human_bytes
 
 FIGURES = {  # plot_<name>.png -> (title, figure function)

@@ -61,3 +61,11 @@ def test_each_rank_of_a_ddp_script_is_traced(tmp_path, micro_batches, no_sync, c
         assert "loopmark trace --strict: ddp_trace_script.py rank 0: verdict broken" in done.stdout + done.stderr
     assert done.stdout.count("trace of ddp_trace_script.py rank 0") == 1 and "\nranks:\n" in done.stdout
     assert (out / "report.md").exists()
+
+
+def test_a_rendezvous_option_without_ranks_is_one_line_and_exit_2(capsys):
+    from bench.cli import main
+
+    assert main(["trace", "--nnodes", "2", str(SCRIPT)]) == 2
+    err = capsys.readouterr().err
+    assert "--nnodes is a torchrun option: it goes with --nproc-per-node N" in err and len(err.splitlines()) == 1
