@@ -545,6 +545,8 @@ def cmd_trace(args) -> int:
     if args.nproc_per_node and not distributed.launched():  # the ranks run this command under torchrun
         return _launch_trace(args, _out_dir(args))
     out = _out_dir(args) if rank == 0 else None  # rank 0 writes every rank's cell
+    if ranks > 1:
+        trace.unpublish(rank)
     env = environment()  # before the script runs, which may be shown a GPU this machine does not have
     steps = args.steps or trace.DEFAULT_STEPS
     warmup = trace.DEFAULT_WARMUP if args.warmup is None else args.warmup

@@ -1189,6 +1189,12 @@ def publish_written(exit_code: int) -> None:
             ranks_dir().rmdir()
 
 
+def unpublish(rank: int) -> None:
+    """Before this rank's trace: no record of an earlier run of the same run id and port is left for rank 0 to read."""
+    with contextlib.suppress(OSError):
+        (ranks_dir() / f"rank{rank}.json").unlink()
+
+
 def publish(record: dict, exit_code: int) -> None:
     """This rank's record and exit code, where rank 0 (or the launcher) reads them."""
     import json
