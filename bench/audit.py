@@ -80,9 +80,13 @@ class Audit:
     """Watches every optimizer's steps while active (`with Audit() as audit:`); `findings` holds the judged steps.
 
     `step_number()` numbers the findings (the caller's step count; by default each optimizer step counts one), and
-    `batch()` is called by the caller for each batch its loop draws (the undivided-accumulation rule needs it)."""
+    `batch()` is called by the caller for each batch its loop draws (the undivided-accumulation rule needs it).
+    `reduce(vector)`, on each rank of a process group, gives the mean of a vector over the ranks (a collective, called
+    on every rank alike): a backward pass's contribution is then judged as DDP averages it across the ranks, where the
+    local one does not explain the `.grad` the pass left."""
 
-    def __init__(self, step_number=None, rtol: float = RTOL, paused: bool = False):
+    def __init__(self, step_number=None, rtol: float = RTOL, paused: bool = False, reduce=None):
+        self.reduce = reduce
         self.rtol = rtol
         self.findings: list[Finding] = []
         self.paused = paused  # while paused, nothing is recorded (`loopmark trace` audits one pass of its own)
@@ -306,6 +310,11 @@ class Audit:
         self._stepped[id(optimizer)] = consumed
         phase = self._phase
         contributions = [self._vector(b.added, indices) for b in phase]
+        if self.reduce is not None:  # every rank reduces every contribution (a collective); the mean where it explains
+            averaged = [self.reduce(c) for c in contributions]
+            after = self._vector(phase[-1].after, indices) if phase[-1].after is not None else consumed
+            if averaged and _rel(after, sum(contributions)) > rtol and _rel(after, sum(averaged)) <= rtol:
+                contributions = averaged
         total = sum(contributions)
         if _zero(total) and _zero(consumed):
             return Finding(n, "ok")  # nothing produced for this optimizer's parameters, nothing consumed

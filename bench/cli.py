@@ -577,18 +577,17 @@ def cmd_merge(args) -> int:
     return EXIT_OK
 
 
-TRACE_OPTIONS = ("--steps", "--warmup", "--out", "--overwrite")
+TRACE_OPTIONS = ("--steps", "--warmup", "--out", "--overwrite", "--strict", "--nproc-per-node")
 
 
 def cmd_trace(args) -> int:
     """Run a training script unmodified in this process and measure its steps (bench.trace). Exit 0 when it was
     measured (a note says so when the script ended before every step was), 1 when the script raised, exited with
-    another status than 0 or never stepped (what it had is written all the same), 2 bad input, 3 unwritable results."""
-    from bench import trace
+    another status than 0 or never stepped (what it had is written all the same), 2 bad input, 3 unwritable results.
+    Under torchrun (`--nproc-per-node N` starts it) every rank traces its own process and rank 0 writes a cell per
+    rank; the exit status is the worst rank's."""
+    from bench import distributed, trace
     from bench.env import environment
-    from reports.findings import sync_sites
-    from reports.results import OutputError, write_results
-    from reports.table import printable
 
     try:
         if args.module is not None:
@@ -602,36 +601,123 @@ def cmd_trace(args) -> int:
                              "[ARGS...]")
     except trace.BadTarget as exc:
         raise UsageError(str(exc)) from None
-    out = _out_dir(args)
+    given = [f"--{name.replace('_', '-')}" for name in RENDEZVOUS if getattr(args, name) is not None]
+    if given and not args.nproc_per_node:
+        raise UsageError(f"{given[0]} is a torchrun option: it goes with --nproc-per-node N")
+    rank, ranks = trace.torchrun_rank()
+    if args.nproc_per_node and not distributed.launched():  # the ranks run this command under torchrun
+        return _launch_trace(args, _out_dir(args))
+    out = _out_dir(args) if rank == 0 else None  # rank 0 writes every rank's cell
+    if ranks > 1:
+        trace.unpublish(rank)
     env = environment()  # before the script runs, which may be shown a GPU this machine does not have
     steps = args.steps or trace.DEFAULT_STEPS
     warmup = trace.DEFAULT_WARMUP if args.warmup is None else args.warmup
-    print(f"loopmark trace: {target.command}: {warmup} warm-up steps, then {steps} steps per pass "
-          f"({', '.join(trace.PHASES)})", file=sys.stderr, flush=True)
-    result = trace.trace(target, steps, warmup, device_name=env.get("cpu_model"),
-                         say=lambda text: print(f"loopmark trace: {text}", file=sys.stderr, flush=True))
-    if result.outcome.exception is not None:
-        print(result.outcome.traceback_text(), end="", file=sys.stderr)
-    print()
-    print(printable(trace.summary(result.record, sync_sites(result.record))))
+    if rank == 0:
+        print(f"loopmark trace: {target.command}: {warmup} warm-up steps, then {steps} steps per pass "
+              f"({', '.join(trace.PHASES)})" + (f", on each of {ranks} ranks" if ranks > 1 else ""),
+              file=sys.stderr, flush=True)
+
+    def conclude(result: trace.Trace) -> int:
+        """The summary, the results and the report of a finished trace (under torchrun: rank 0's, of every rank's
+        record); the exit status."""
+        if result.outcome.exception is not None:
+            print((f"rank {rank}: " if ranks > 1 else "") + result.outcome.traceback_text(), end="", file=sys.stderr)
+        if ranks == 1:
+            code = _trace_written(args, out, env, [result.record], ranks)
+            return code if code != EXIT_OK else result.exit_code
+        trace.publish(result.record, result.exit_code)
+        if rank:  # rank 0 exits with the worst rank's status; a rank that failed and exits so would have torchrun
+            return EXIT_OK  # end rank 0 before it has written every rank's cell
+        found = trace.collect(ranks, trace.RANKS_WAIT_S)
+        code = _trace_written(args, out, env, [found[r]["record"] for r in sorted(found)], ranks)
+        trace.clear_ranks()
+        code = code if code != EXIT_OK else max(found[r]["exit_code"] for r in found)
+        trace.publish_written(code)
+        return code
+
+    script_args = target.argv[1:]
+    say = (lambda text: print(f"loopmark trace: {text}", file=sys.stderr, flush=True)) if rank == 0 else None
+    # a script that calls os._exit ends this process there: the trace is concluded (written) before it ends
+    result = trace.trace(target, steps, warmup, device_name=env.get("cpu_model"), on_exit=conclude, say=say)
+    code = conclude(result)
+    if result.outcome.exit_status == 2 and result.record.get("trace_steps_run") == 0 and any(
+            a.split("=")[0] in TRACE_OPTIONS for a in script_args):
+        print("loopmark trace: the script refused its arguments; loopmark's own options go before the script: "
+              "loopmark trace --steps N SCRIPT.py [ARGS...]", file=sys.stderr)
+    return code
+
+
+def _trace_written(args, out: Path, env: dict, records: list[dict], ranks: int) -> int:
+    """The summary of a trace's records (one, or one per rank: rank 0's in full, then every rank's line), its results
+    and report: EXIT_OK, EXIT_WRITE, or with --strict 1 for a broken verdict or a pass with no step."""
+    from bench import trace
+    from reports.findings import sync_sites
+    from reports.results import OutputError, write_results
+    from reports.table import printable
+
+    if records:
+        print()
+        print(printable(trace.summary(records[0], sync_sites(records[0]))))
+    if ranks > 1:
+        missing = sorted(set(range(ranks)) - {r.get("rank") for r in records})
+        print("\nranks:\n" + trace.ranks_table(records))
+        if missing:
+            print(f"rank(s) {', '.join(map(str, missing))}: no result (the rank failed or was ended before its trace "
+                  "was done: see its output above)")
+    if not records:
+        return EXIT_FAIL
     try:
-        write_results(out, env, [result.record])
+        write_results(out, env, records)
     except OutputError as exc:
         print(f"loopmark trace: {exc}", file=sys.stderr)
         return EXIT_WRITE
     reported = _report([out])
     print(f"\nwrote {out}/results.csv, {out}/results.json")
-    if args.strict and result.exit_code == 0:
-        failed = trace.strict_failures(result.record)
-        if failed:
-            print("loopmark trace --strict: " + "; ".join(failed), file=sys.stderr)
-            return 1
-    script_args = target.argv[1:]
-    if result.outcome.exit_status == 2 and result.record.get("trace_steps_run") == 0 and any(
-            a.split("=")[0] in TRACE_OPTIONS for a in script_args):
-        print("loopmark trace: the script refused its arguments; loopmark's own options go before the script: "
-              "loopmark trace --steps N SCRIPT.py [ARGS...]", file=sys.stderr)
-    return result.exit_code if reported else EXIT_WRITE
+    if not reported:  # a report that could not be written (a full disk): exit 3, as for the results
+        return EXIT_WRITE
+    failed = [f"{r['workload']}: {f}" if ranks > 1 else f for r in records
+              for f in (trace.strict_failures(r) if args.strict and r.get("status") != "error" else [])]
+    if failed:
+        print("loopmark trace --strict: " + "; ".join(failed), file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK if len(records) == ranks else EXIT_FAIL
+
+
+RENDEZVOUS = ("nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "master_addr", "master_port")
+
+
+def _launch_trace(args, out: Path) -> int:
+    """`loopmark trace --nproc-per-node N`: this command again under torchrun, one process per rank (rank 0 writes
+    every rank's cell to --out). When rank 0 could not (a rank failed and torchrun ended the others), the records the
+    ranks published are written here."""
+    from bench import distributed, trace
+
+    child = ["--out", str(out), "--overwrite", *(["--strict"] if args.strict else [])]
+    for name in ("steps", "warmup"):
+        if getattr(args, name) is not None:
+            child += [f"--{name}", str(getattr(args, name))]
+    child += ["-m", *args.module] if args.module is not None else args.script
+    rendezvous = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in RENDEZVOUS
+                  if getattr(args, name) is not None]
+    written, failed = distributed.launch_trace(child, args.nproc_per_node, rendezvous, trace.RANKS_DIR_ENV,
+                                                lambda where: _ranks_left(args, out, where))
+    if failed:
+        print(f"loopmark trace: {failed}", file=sys.stderr)
+    return written if written is not None else EXIT_FAIL
+
+
+def _ranks_left(args, out: Path, where: Path) -> int | None:
+    """After a torchrun whose rank 0 wrote nothing: write the records the ranks published (None: there were none)."""
+    from bench import trace
+    from bench.env import environment
+
+    ranks = args.nproc_per_node * (int(args.nnodes) if str(args.nnodes or "").isdigit() else 1)
+    found = trace.collect(ranks, where=where)
+    if not found:
+        return None
+    code = _trace_written(args, out, environment(), [found[r]["record"] for r in sorted(found)], ranks)
+    return code if code != EXIT_OK else max([EXIT_FAIL] + [found[r]["exit_code"] for r in found])
 
 
 # -- argument types: a bad value is one line and exit 2 ----------------------------------------------------
@@ -772,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trace", help="run a training script unmodified and measure its steps: syncs (as on CUDA), "
                                      "operators, time, memory, kept autograd graphs",
                        usage="loopmark trace [-h] [--steps N] [--warmup W] [--out DIR] [--overwrite] [--strict] "
-                             "(SCRIPT.py | -m MODULE) [ARGS ...]",
+                             "[--nproc-per-node N [torchrun's rendezvous options]] (SCRIPT.py | -m MODULE) [ARGS ...]",
                        description="Run SCRIPT.py ARGS (or -m MODULE ARGS) in this process as python would, and "
                                    "measure its training steps (a step ends at optimizer.step()): a warm-up, then a "
                                    "pass each counting syncs and operators, auditing what each optimizer step "
@@ -787,6 +873,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace the results an --out directory already holds")
     t.add_argument("--strict", action="store_true",
                    help="exit 1 when the verdict is broken, or when a pass measured no step (for CI)")
+    t.add_argument("--nproc-per-node", type=_int_at_least(1), metavar="N",
+                   help="run the script under torchrun, N ranks on this machine, each traced (a cell per rank)")
+    for name in RENDEZVOUS:
+        t.add_argument(f"--{name.replace('_', '-')}", metavar="VALUE",
+                       help=f"passed to torchrun as --{name.replace('_', '-')} (with --nproc-per-node)")
     t.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE",
                    help="run a module as `python -m MODULE ARGS` does")
     t.add_argument("script", nargs=argparse.REMAINDER, metavar="SCRIPT.py [ARGS]",

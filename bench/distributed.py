@@ -598,3 +598,37 @@ def launch_check(child_args: list[str], nproc: int, device: str, cell_timeout: f
     who = f"rank {cause[0]} ended ({cause[1]})" if cause else f"torchrun ended ({_signal_name(code)})"
     print(f"loopmark check: {who}", file=sys.stderr)
     return 1
+
+
+def launch_trace(child_args: list[str], nproc: int, rendezvous: list[str], ranks_env: str, leftover):
+    """`loopmark trace --nproc-per-node N`: `loopmark trace CHILD_ARGS` under torchrun (`--standalone` unless
+    `rendezvous` holds torchrun's rendezvous options), the cores shared out among the ranks. The ranks publish their
+    records in a directory named in `ranks_env`, and rank 0 writes them; if it could not (a rank failed and torchrun
+    ended the others first), `leftover(where)` writes what was published and returns its exit status (None: nothing
+    was). Returns (the exit status the results were written with or None, a line naming the rank that failed or
+    None)."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    env = quiet_ranks_env(nproc)
+    log: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="loopmark-trace-ranks-") as where, _terminate_as_interrupt():
+        env[ranks_env] = where
+        cmd = [sys.executable, "-m", "torch.distributed.run", *(rendezvous or ["--standalone"]),
+               f"--nproc-per-node={nproc}", "-m", "bench", "trace", *child_args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        try:
+            _forward(proc.stdout, log, print)
+            proc.wait()
+        finally:
+            _end(proc)
+        marker = _read_json(Path(where) / "written.json")
+        if marker is not None:  # rank 0 wrote every rank's cell: its exit status is the trace's
+            return marker.get("exit_code"), None
+        cause = _root_cause("".join(log))
+        failed = (f"rank {cause[0]} ended ({cause[1]})" if cause else
+                  f"torchrun ended ({_signal_name(proc.returncode)})" if proc.returncode else None)
+        return leftover(Path(where)), failed

@@ -5,12 +5,13 @@ The script runs in this process as `python SCRIPT.py ARGS` (or `python -m MODULE
 
 **Steps.** A step ends at `optimizer.step()`, seen through torch's global optimizer step post-hook. With several
 optimizers a step is one round of them: it ends at the step of the optimizer that stepped first last (a GAN's
-generator after its discriminator, a WGAN's generator after five critic steps); an optimizer stepping for the first
-time later on becomes the end of the round from then. Gradient accumulation needs nothing: the backward passes of the
-micro-batches fall in the step that consumes them. A `GradScaler` that finds inf/NaN gradients skips
-`optimizer.step()`; `GradScaler.step()` is watched too, so a skipped step still ends a step (`skipped_steps`). A step
-runs from one boundary to the next: what a script does after `optimizer.step()` (a log line with `loss.item()`, a
-scheduler step) falls in the next step.
+generator after its discriminator, a WGAN's generator after five critic steps). The first round is one step: it ends
+once every optimizer the script has made by then has stepped (`FIRST_ROUND_LIMIT` optimizer steps at most); an
+optimizer stepping for the first time later on becomes the end of the round from then. Gradient accumulation needs
+nothing: the backward passes of the micro-batches fall in the step that consumes them. A `GradScaler` that finds
+inf/NaN gradients skips `optimizer.step()`; `GradScaler.step()` is watched too, so a skipped step still ends a step
+(`skipped_steps`). A step runs from one boundary to the next: what a script does after `optimizer.step()` (a log line
+with `loss.item()`, a scheduler step) falls in the next step.
 
 **Passes.** After `warmup` steps, four passes of `steps` steps each, one after the other on the running script, so
 that no instrument distorts another's figure (as `loopmark run`'s passes):
@@ -44,6 +45,11 @@ by the counter, and what a tensor's storage shares with a tracked one is too (a 
 the script on this CPU. `torch.cuda.synchronize()` does nothing (the count pass counts it), `pin_memory()` keeps the
 tensor, and the DataLoader pins nothing (it sees no accelerator). See docs/trace.md ("Trace your own script") for the
 scripts whose CPU count equals their CUDA count.
+
+**Under torchrun** every rank traces its own process: on the stand-in the script's nccl runs on gloo and DDP gets no
+device ids; the count pass counts each step's collectives (`bench.distributed.CollectiveCounter`), the audit judges
+gradients as DDP averages them and compares a checksum of the ranks' parameters after each step (they differ:
+`broken`); each rank publishes its record (`publish`) and rank 0 writes them, a cell per rank.
 """
 
 from __future__ import annotations
@@ -66,11 +72,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_flatten
 
+from bench import distributed
 from bench.audit import Audit
 from bench.audit import verdict as audit_verdict
 from bench.memory import AllocatorLedger, cpu_peaks, heap_bytes, rss_bytes, slope_per_step
@@ -83,7 +91,7 @@ from bench.syncs import (
     site_details,
     storage_key,
 )
-from reports.results import TRACE_VARIANT, CellSpec, Measurement, record, site_code
+from reports.results import TRACE_VARIANT, CellSpec, Measurement, record, site_code, trace_device
 from reports.table import format_table
 from reports.units import human_bytes
 
@@ -91,6 +99,7 @@ PHASES = ("count", "audit", "time", "memory")
 DEFAULT_STEPS, DEFAULT_WARMUP = 20, 5
 GRAPH_LAG = 2  # a loss's graph still alive this many step boundaries after its step ended is kept across steps
 TOP_SITES = 10  # the sync sites `loopmark trace` prints, most syncs first
+FIRST_ROUND_LIMIT = 100  # optimizer steps the first round waits for an optimizer the script made to step
 
 
 class BadTarget(ValueError):
@@ -271,6 +280,19 @@ def _live_tensors() -> list[torch.Tensor]:
     return found
 
 
+def _in_process_group() -> bool:
+    """Whether the script made this process a rank of a process group of several."""
+    return distributed.active() and dist.get_world_size() > 1
+
+
+def _rank_mean(vector: torch.Tensor) -> torch.Tensor:
+    """The mean of `vector` over the ranks (the audit's reduction: what DDP makes of each rank's gradient)."""
+    with _unobserved():
+        out = vector.clone()
+        dist.all_reduce(out)
+        return out / dist.get_world_size()
+
+
 # -- the tracer ---------------------------------------------------------------------------------------------
 
 _ACTIVE: list = []  # the tracer running in this process, if any (for the fork handler)
@@ -367,6 +389,7 @@ class Tracer:
         self.say = say or (lambda text: None)
         self.counter = SyncCounter(self.device if self.cuda else STAND_IN)
         self.counting = False  # the counter's modes are on
+        self.reached = False  # the script put tensors on the stand-in (seen when the counter goes off)
         self.mapping: _CudaArguments | None = None
         self.phase = "setup"  # setup (before the first step), warmup, count, time, memory, done
         self.steps_run = 0  # step boundaries so far
@@ -380,6 +403,9 @@ class Tracer:
         self.optimizer_names: list[str] = []
         self.anchor: weakref.ref | None = None
         self.step_counts: Counter = Counter()
+        self.made: weakref.WeakSet = weakref.WeakSet()  # the optimizers the script made
+        self.waiting: weakref.WeakSet = weakref.WeakSet()  # the first round: those made that have not stepped yet
+        self.first_round_steps = 0
         self.skipped: Counter = Counter()  # per pass: steps whose optimizer.step() a GradScaler skipped
         # count pass
         self.base: dict = {}
@@ -405,7 +431,7 @@ class Tracer:
         self.memory: dict = {}
         # audit pass: what each optimizer step consumed against what backward produced (bench.audit), and graphs that
         # evaluation builds and keeps
-        self.audit = Audit(step_number=lambda: self.steps_run + 1, paused=True)
+        self.audit = Audit(step_number=lambda: self.steps_run + 1, paused=True, reduce=self._rank_mean)
         self.eval_hook = None
         self.eval_graphs: list[tuple[int, weakref.ref]] = []
         self.eval_retained_steps: list[int] = []
@@ -418,6 +444,14 @@ class Tracer:
         self.finite_flags: list[tuple[int, torch.Tensor]] = []
         self.nonfinite_steps: list[int] = []
         self.backward_passes = 0
+        # a rank of a process group: collectives per step (count pass), the ranks' parameters compared (audit pass)
+        self.collectives: distributed.CollectiveCounter | None = None
+        self.collectives_seen: distributed.CollectiveCounter | None = None
+        self.collectives_by_step: list[int] = []
+        self.comm_bytes_by_step: list[int] = []
+        self.collected: dict = {}
+        self.ranks_differ: tuple[int, int] | None = None  # (step, rank) of the first step after which they differed
+        self.replicas: list[weakref.ref] = []  # the DistributedDataParallel modules the script made, in order
         self._saved: list[tuple[object, str, object]] = []
         self._hook = None
         self._train_depth = 0
@@ -440,10 +474,11 @@ class Tracer:
         return False
 
     def _arm(self) -> None:
-        patches = [] if self.cuda else _cuda_shims()
+        patches = ([] if self.cuda else _cuda_shims()) + self._process_group_shims()
         patches += [(torch.autograd, "backward", self._backward(torch.autograd.backward)),
                     (torch.nn.Module, "train", self._train(torch.nn.Module.train)),
                     (torch.amp.GradScaler, "step", self._scaler_step(torch.amp.GradScaler.step)),
+                    (torch.optim.Optimizer, "__init__", self._made(torch.optim.Optimizer.__init__)),
                     (_LoaderIter, "__next__", self._next_batch(_LoaderIter.__next__))]
         self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
         for owner, name, value in patches:
@@ -474,6 +509,7 @@ class Tracer:
             stderr.__exit__(None, None, None)
 
     def _disarm(self) -> None:
+        self._collectives_off()
         if self.ledger is not None:
             with contextlib.suppress(Exception):
                 self.ledger.__exit__(None, None, None)
@@ -510,6 +546,8 @@ class Tracer:
             self.mapping.__exit__(None, None, None)
             self.mapping = None
         if self.counting:
+            tracker = self.counter.tracker
+            self.reached = self.reached or bool(len(tracker.tracked) or tracker.storages)
             self.counter.__exit__(None, None, None)
             self.counting = False
         if remap and not self.cuda:
@@ -520,8 +558,75 @@ class Tracer:
         """Whether loopmark's modes are the innermost ones, so that they can be taken off here."""
         functions, dispatch = _get_current_function_mode_stack(), _get_current_dispatch_mode_stack()
         top = self.mapping or (self.counter._modes[0] if self.counting else None)
+        top_dispatch = self.collectives or self.counter._modes[1]
         return (top is None or (bool(functions) and functions[-1] is top)) and (
-            not self.counting or (bool(dispatch) and dispatch[-1] is self.counter._modes[1]))
+            not self.counting or (bool(dispatch) and dispatch[-1] is top_dispatch))
+
+    def _collectives_off(self) -> None:
+        if self.collectives is not None:
+            self.collectives.__exit__(None, None, None)
+            self.collectives_seen, self.collectives = self.collectives, None
+
+    # -- a rank of a process group on the stand-in ----------------------------------------------------------
+
+    def _process_group_shims(self) -> list[tuple[object, str, object]]:
+        """The DistributedDataParallel modules the script makes are kept (their ranks' parameters are replicas, which
+        the audit compares). On the stand-in, the script's `init_process_group("nccl")` runs on gloo (there is no GPU
+        for nccl, and the stand-in's tensors are CPU tensors), and DDP takes a module on the stand-in with the
+        `device_ids` and `output_device` the script gives it for its GPU (on the CPU they must be None)."""
+        if not dist.is_available():
+            return []
+        from torch.distributed import distributed_c10d
+        from torch.nn.parallel import DistributedDataParallel
+
+        tracer, init, ddp_init = self, distributed_c10d.init_process_group, DistributedDataParallel.__init__
+
+        def init_process_group(backend=None, *args, **kwargs):
+            if isinstance(backend, str) and "nccl" in backend:
+                tracer.notes.append(f"the script's init_process_group({backend!r}) ran on gloo: nccl needs a GPU")
+                backend = "gloo"
+            if _is_cuda(kwargs.get("device_id")):
+                kwargs = {k: v for k, v in kwargs.items() if k != "device_id"}
+            return init(backend, *args, **kwargs)
+
+        def __init__(ddp, module, device_ids=None, output_device=None, *args, **kwargs):
+            if not tracer.cuda and all(p.device.type == "cpu" for p in module.parameters()):  # the stand-in: CPU
+                device_ids = output_device = None
+            ddp_init(ddp, module, device_ids, output_device, *args, **kwargs)
+            tracer.replicas.append(weakref.ref(ddp))
+        __init__.__wrapped__ = ddp_init
+        shims = [(DistributedDataParallel, "__init__", __init__)]
+        if not self.cuda:
+            shims += [(distributed_c10d, "init_process_group", init_process_group),
+                      (dist, "init_process_group", init_process_group)]
+        return shims
+
+    def _replicated(self) -> bool:
+        """Whether the script trains DDP replicas on several ranks (each rank's parameters the same)."""
+        return any(ref() is not None for ref in self.replicas) and _in_process_group()
+
+    def _rank_mean(self, vector: torch.Tensor) -> torch.Tensor:
+        """The audit's reduction on DDP replicas: the mean over the ranks, what DDP makes of each rank's gradient
+        (the same collective on every rank, which all hold the same parameters)."""
+        return _rank_mean(vector) if self._replicated() else vector
+
+    def _compare_ranks(self) -> None:
+        """After a step of the audit pass: do the ranks' parameters still agree? (a checksum of each parameter,
+        gathered from every rank: DDP keeps them bitwise the same; a gradient one rank did not share makes them
+        differ from then on)"""
+        if self.ranks_differ is not None or not self._replicated():
+            return
+        with _unobserved():
+            params = [p for ref in self.replicas if ref() is not None for p in ref().module.parameters()]
+            if not params:
+                return
+            mine = torch.stack([p.detach().double().sum() for p in params]
+                               + [p.detach().double().square().sum() for p in params])
+            everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(everyone, mine)
+        other = next((r for r, theirs in enumerate(everyone) if not torch.equal(theirs, mine)), None)
+        if other is not None:
+            self.ranks_differ = (self.steps_run, other)
 
     # -- the script's events -------------------------------------------------------------------------------
 
@@ -542,6 +647,18 @@ class Tracer:
             return out
         return step
 
+    def _made(self, original):
+        """Every optimizer the script makes (its class's `__init__` calls `Optimizer.__init__`): the first round waits
+        for each of them to step."""
+        tracer = self
+
+        def __init__(optimizer, *args, **kwargs):
+            original(optimizer, *args, **kwargs)
+            if not tracer.disarmed:
+                tracer.made.add(optimizer)
+        __init__.__wrapped__ = original
+        return __init__
+
     def _next_batch(self, original):
         """The operators of DataLoader iteration are the input pipeline's, not the step's: the main process unpickles
         a worker's batch when it arrives, which with several workers is not always in the step that uses it."""
@@ -561,13 +678,25 @@ class Tracer:
 
     def _stepped(self, optimizer, skipped: bool) -> None:
         if not any(ref() is optimizer for ref in self.optimizers):
+            first_round = not self.optimizers or optimizer in self.waiting
+            if not self.optimizers:  # the first round lasts until every optimizer made so far has stepped once
+                self.waiting = weakref.WeakSet(o for o in self.made if o is not optimizer)
+            self.waiting.discard(optimizer)
             self.optimizers.append(weakref.ref(optimizer))
             self.param_ids.append({id(p) for group in optimizer.param_groups for p in group["params"]})
             self.optimizer_names.append(type(optimizer).__name__)
             self.anchor = weakref.ref(optimizer)
-            if self.phase in PHASES:
+            if self.phase in PHASES and not first_round:
                 self.notes.append(f"a {type(optimizer).__name__} stepped for the first time at step "
                                   f"{self.steps_run + 1}, after the warm-up; from then on a step ends at its step()")
+        if self.waiting:  # within the first round: no boundary before the last of the optimizers has stepped
+            self.first_round_steps += 1
+            if self.first_round_steps < FIRST_ROUND_LIMIT:
+                return
+            names = ", ".join(sorted({type(o).__name__ for o in self.waiting}))
+            self.notes.append(f"the script made optimizer(s) ({names}) that had not stepped after {FIRST_ROUND_LIMIT} "
+                              "optimizer steps: the first step ended without them")
+            self.waiting = weakref.WeakSet()
         if self.anchor is not None and self.anchor() is optimizer:
             self._boundary(skipped)
 
@@ -686,6 +815,8 @@ class Tracer:
             return
         self.skipped[phase] += skipped
         self.done[phase] += 1
+        if phase == "audit":
+            self._compare_ranks()
         last = self.done[phase] == self.steps
         if phase == "count":
             self._count_step()
@@ -717,6 +848,9 @@ class Tracer:
                 self.debug = CudaDebugSyncs().__enter__()
             else:
                 self._mark_device_tensors()
+            if _in_process_group():  # on top of the counter's modes: taken off before them
+                self.collectives = distributed.CollectiveCounter().__enter__()
+                self._last_collectives = (0, 0)
             c = self.counter
             self.base = {"syncs": c.syncs, "ops": c.ops, "sites": Counter(c.sites), "site_kinds": Counter(c.site_kinds),
                          "kinds": Counter(c.kinds), "hazards": c.hazards, "hazard_sites": Counter(c.hazard_sites)}
@@ -758,6 +892,11 @@ class Tracer:
         self.ops_by_step.append(totals[1] - self._last[1])
         self.debug_by_step.append(totals[2] - self._last[2])
         self._last = totals
+        if self.collectives is not None:
+            now = (sum(self.collectives.ops.values()), self.collectives.bytes)
+            self.collectives_by_step.append(now[0] - self._last_collectives[0])
+            self.comm_bytes_by_step.append(now[1] - self._last_collectives[1])
+            self._last_collectives = now
 
     def _time_step(self, last: bool) -> None:
         end = self.clock.now()
@@ -780,6 +919,7 @@ class Tracer:
         """Figures of a pass, from its complete steps (all of them, or as many as the script got through)."""
         n = self.done[phase]
         if phase == "count":
+            self._collectives_off()
             self._end_count(n)
             self._counter_off()
         elif phase == "time":
@@ -802,6 +942,15 @@ class Tracer:
         c, base = self.counter, self.base
         sites = _difference(_difference(c.sites, base["sites"]), self.eval.sites)
         site_kinds = _difference(_difference(c.site_kinds, base["site_kinds"]), self.eval.site_kinds)
+        if self.collectives_by_step and n:
+            ops = self.collectives_by_step[:n]
+            self.collected = {"collectives_per_step": sum(ops) / n,
+                              "comm_bytes_per_step": sum(self.comm_bytes_by_step[:n]) / n,
+                              "collectives_by_step": ops}
+            if self.collectives_seen is not None:
+                self.collected["collective_ops"] = {op: c / n for op, c in sorted(self.collectives_seen.ops.items())}
+                self.collected["collective_sites"] = {site: c / n
+                                                      for site, c in self.collectives_seen.sites.most_common()}
         self.counted = {"steps": n, "sites": sites, "site_kinds": site_kinds,
                         "kinds": _kinds(site_kinds), "hazards": c.hazards - base["hazards"],
                         "hazard_sites": _difference(c.hazard_sites, base["hazard_sites"])}
@@ -873,6 +1022,7 @@ class Tracer:
                    "trace_optimizers": self.optimizer_names,
                    "skipped_steps": sum(self.skipped.values()),
                    "param_tensors": len({i for ids in self.param_ids for i in ids}) or None,
+                   "reached_device": torch.cuda.max_memory_allocated() > 0 if self.cuda else self.reached,
                    "eval_passes_by_pass": {p: self.eval.passes[p] for p in PHASES if self.eval.passes[p]}}
         counted = self.counted
         n = counted.get("steps", 0)
@@ -903,6 +1053,9 @@ class Tracer:
             if not self.cuda:
                 f["memory_growth_bytes_per_step"] = host  # CPU: the C heap, as `loopmark run` on CPU
         f.update(self.memory)
+        f.update(self.collected)
+        if self.ranks_differ is not None:
+            f["ranks_differ_after_step"] = self.ranks_differ[0]
         if not self.cuda and "memory_growth_bytes_per_step" not in f and "tensor_growth_bytes_per_step" in f:
             f["memory_growth_bytes_per_step"] = f["tensor_growth_bytes_per_step"]
         measured_retained = [s for s in self.retained_steps if self.measured(s)]
@@ -927,6 +1080,10 @@ class Tracer:
         if self.eval_retained_steps:
             broken.append(f"evaluation at step {self.eval_retained_steps[0]} built autograd graphs that were still "
                           f"alive {GRAPH_LAG} steps later (evaluation without torch.no_grad(), and a loss kept?)")
+        if self.ranks_differ is not None:
+            step, rank = self.ranks_differ
+            broken.append(f"after step {step} this rank's parameters differ from rank {rank}'s: a gradient the ranks "
+                          "did not share (no_sync on the wrong micro-batch?)")
         if not self.done["audit"] and not broken:
             return {"verdict": "unverified", "verdict_reason": "the script ended before the audit pass",
                     "audit_steps": 0}
@@ -1008,6 +1165,91 @@ def run_target(target: Target) -> Outcome:
             gc.collect()  # DataLoader workers whose iterator is in a cycle with the script's globals end here
 
 
+# -- the ranks of a script under torchrun ----------------------------------------------------------------------
+# Each rank traces its own process; each puts its record in a directory the ranks share (the launching `loopmark trace
+# --nproc-per-node` names it; under a torchrun of the user's own, a directory of the machine's temporary directory
+# named after torchrun's run id and port), and rank 0 writes them, one cell per rank.
+RANKS_DIR_ENV = "LOOPMARK_TRACE_RANKS_DIR"
+RANKS_WAIT_S = 120.0  # how long rank 0 waits for the other ranks' records once its own trace has ended
+
+
+def ranks_dir() -> Path:
+    where = os.environ.get(RANKS_DIR_ENV)
+    if where:
+        return Path(where)
+    run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}-{os.environ.get('MASTER_PORT', '')}"
+    return Path(tempfile.gettempdir()) / f"loopmark-trace-{''.join(c for c in run if c.isalnum() or c in '-_')}"
+
+
+def publish_written(exit_code: int) -> None:
+    """Rank 0 wrote every rank's cell, and exits with `exit_code`: what the launching `loopmark trace` exits with."""
+    import json
+
+    if os.environ.get(RANKS_DIR_ENV):
+        (ranks_dir() / "written.json").write_text(json.dumps({"exit_code": exit_code}))
+    else:  # a torchrun of the user's own: nothing is left in the temporary directory
+        with contextlib.suppress(OSError):
+            ranks_dir().rmdir()
+
+
+def unpublish(rank: int) -> None:
+    """Before this rank's trace: no record of an earlier run of the same run id and port is left for rank 0 to read."""
+    with contextlib.suppress(OSError):
+        (ranks_dir() / f"rank{rank}.json").unlink()
+
+
+def publish(record: dict, exit_code: int) -> None:
+    """This rank's record and exit code, where rank 0 (or the launcher) reads them."""
+    import json
+
+    where = ranks_dir()
+    rank = record.get("rank", 0)
+    where.mkdir(parents=True, exist_ok=True)
+    tmp = where / f".rank{rank}.tmp"
+    tmp.write_text(json.dumps({"record": record, "exit_code": exit_code}, default=str))
+    os.replace(tmp, where / f"rank{rank}.json")
+
+
+def collect(ranks: int, wait_s: float = 0.0, where: Path | None = None) -> dict[int, dict]:
+    """The ranks' published {"record", "exit_code"}, by rank, waiting up to `wait_s` for every rank's."""
+    import json
+
+    deadline, where = time.monotonic() + wait_s, where or ranks_dir()
+    while True:
+        found = {}
+        for rank in range(ranks):
+            with contextlib.suppress(OSError, ValueError):
+                found[rank] = json.loads((where / f"rank{rank}.json").read_text())
+        if len(found) == ranks or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.2)
+
+
+def clear_ranks() -> None:
+    """The published records, once written to the results (a later run with the same id starts clean)."""
+    for path in ranks_dir().glob("rank*.json"):
+        path.unlink(missing_ok=True)
+
+
+def ranks_table(records: list[dict]) -> str:
+    """One line per rank of a traced script under torchrun: its figures side by side."""
+    def number(r, key, spec=".3g"):
+        v = r.get(key)
+        return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "-"
+    rows = [[str(r.get("rank")), number(r, "syncs_per_step"), number(r, "collectives_per_step"),
+             human_bytes(r["comm_bytes_per_step"]) if isinstance(r.get("comm_bytes_per_step"), (int, float)) else "-",
+             str(r.get("verdict") or "-"), str(r.get("status")), str(r.get("error") or "")[:100]] for r in records]
+    return format_table(["rank", "syncs/step", "collectives/step", "sent/step", "verdict", "status", "error"], rows,
+                        right=[1, 2, 3])
+
+
+def torchrun_rank() -> tuple[int, int]:
+    """(rank, ranks) of this process as torchrun started it; (0, 1) outside torchrun."""
+    if not distributed.launched():
+        return 0, 1
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
 @dataclass
 class Trace:
     record: dict  # the cell record, as `loopmark run` writes it
@@ -1016,12 +1258,56 @@ class Trace:
 
 
 def trace(target: Target, steps: int = DEFAULT_STEPS, warmup: int = DEFAULT_WARMUP, device_name: str | None = None,
-          say=None) -> Trace:
-    """Run `target` under a Tracer and make its cell record (workload = the script's name, variant = "trace")."""
+          say=None, on_exit=None) -> Trace:
+    """Run `target` under a Tracer and make its cell record (workload = the script's name, variant = "trace").
+    `on_exit(result) -> int`: what to do with the result if the script calls `os._exit` (write it); what it returns
+    is the process's exit status (by default the trace's `exit_code`)."""
     tracer = Tracer(steps, warmup, say=say)
     tracer.counter.root = os.path.dirname(target.path) if target.path else None  # its sites: from its directory
-    with tracer:
+
+    def conclude(outcome: Outcome) -> Trace:
+        return _result(tracer, target, outcome, steps, warmup, device_name)
+
+    with tracer, _os_exit_kept(tracer, conclude, on_exit):
         outcome = run_target(target)
+    return conclude(outcome)
+
+
+@contextlib.contextmanager
+def _os_exit_kept(tracer: Tracer, conclude, on_exit):
+    """`os._exit(n)` ends the process at once, with no exception to unwind the script and nothing of the trace
+    written. While the script runs, `os._exit` in this process first finishes the trace and hands its result
+    (`conclude`, an outcome `exited`, or `ended` for 0) to `on_exit`, then ends the process with the status that
+    returns. In a forked child (a DataLoader worker ending) it is `os._exit` as it was."""
+    real, pid = os._exit, os.getpid()
+
+    def _exit(status):
+        if os.getpid() != pid:
+            real(status)
+        code = 1
+        try:
+            tracer.finish()
+            outcome = Outcome("ended" if status == 0 else "exited", f"the script called os._exit({status})", status)
+            result = conclude(outcome)
+            code = on_exit(result) if on_exit is not None else result.exit_code
+        except BaseException as exc:  # the process ends here whatever happened: say it, exit 1
+            print(f"loopmark trace: the script called os._exit({status}); the trace could not be finished: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            real(code)
+
+    os._exit = _exit
+    try:
+        yield
+    finally:
+        os._exit = real
+
+
+def _result(tracer: Tracer, target: Target, outcome: Outcome, steps: int, warmup: int, device_name) -> Trace:
+    """The cell record of a finished tracer, and the trace's exit code."""
     figures = tracer.figures()
     planned = warmup + len(PHASES) * steps
     status, error, exit_code = "ok", None, 0
@@ -1039,8 +1325,12 @@ def trace(target: Target, steps: int = DEFAULT_STEPS, warmup: int = DEFAULT_WARM
             f"the script {'ended' if outcome.how == 'ended' else 'stopped'} after {tracer.steps_run} of the "
             f"{planned} steps planned ({warmup} warm-up + {len(PHASES)} passes of {steps}): passes "
             + ", ".join(f"{p} {tracer.done[p]}/{steps}" for p in PHASES))
-    spec = CellSpec(workload=target.name, variant=TRACE_VARIANT, kind="train", device=tracer.device.type, idiom="trace",
-                    description=target.command,
+    rank, ranks = torchrun_rank()
+    if ranks > 1:  # a cell per rank
+        figures["rank"] = rank
+    spec = CellSpec(workload=target.name if ranks == 1 else f"{target.name} rank {rank}", variant=TRACE_VARIANT,
+                    kind="train", device=tracer.device.type, idiom="trace", description=target.command,
+                    ranks=ranks if ranks > 1 else None,
                     device_name=torch.cuda.get_device_name() if tracer.cuda else device_name,
                     torch_version=torch.__version__, steps=tracer.done["count"] or None,
                     repeats=1 if tracer.done["time"] else None, warmup_steps=warmup)
@@ -1079,8 +1369,7 @@ def summary(r: dict, sites: list[dict] | None = None) -> str:
         return ("+" if v > 0 and per_step else "") + human_bytes(v) + per_step
 
     passes = r.get("trace_passes") or {}
-    where = "cuda" if r["device"] == "cuda" else f"cpu (the CUDA count, with {STAND_IN} standing for the GPU)"
-    lines = [f"trace of {r['workload']} on {where}: {r.get('warmup_steps')} warm-up steps, then "
+    lines = [f"trace of {r['workload']} on {trace_device(r)}: {r.get('warmup_steps')} warm-up steps, then "
              + ", ".join(f"{passes.get(p, 0)} {p}" for p in PHASES) + " steps"]
     if r.get("verdict"):
         lines.append(f"verdict: {r['verdict']}: {r.get('verdict_reason')}")
@@ -1102,6 +1391,11 @@ def summary(r: dict, sites: list[dict] | None = None) -> str:
             ["optimizer steps skipped", str(r.get("skipped_steps") or 0), "by a GradScaler (inf/NaN gradients)"]]
     if r["device"] == "cuda":
         rows.insert(5, ["host memory growth", size("host_memory_growth_bytes_per_step", "/step"), "C heap"])
+    if r.get("collectives_per_step") is not None:  # a rank of a process group
+        by_step = ", ".join(str(n) for n in r.get("collectives_by_step") or [])
+        origins = ", ".join(f"{site} {n:g}/step" for site, n in (r.get("collective_sites") or {}).items())
+        rows.insert(1, ["collectives", number("collectives_per_step"),
+                        f"{by_step}; {size('comm_bytes_per_step')} sent/step; {origins}"])
     if r.get("syncs_per_step_cuda_debug") is not None:
         rows.insert(1, ["syncs (CUDA debug mode)", number("syncs_per_step_cuda_debug"),
                         "torch.cuda.set_sync_debug_mode: misses torch.cuda.synchronize()"])

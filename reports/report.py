@@ -28,7 +28,7 @@ from reports.findings import (
 )
 from reports.load import PYTEST_BENCHMARK, by_workload_device, in_display_order, load_records, to_frame
 from reports.markup import code
-from reports.results import FLOOR_VARIANT, TRACE_VARIANT
+from reports.results import FLOOR_VARIANT, TRACE_VARIANT, trace_device
 from reports.units import human_bytes
 
 FIGURES = {  # plot_<name>.png -> (title, figure function)
@@ -567,8 +567,9 @@ def _trace_blocks(cell: dict) -> list[tuple]:
     name = cell["workload"]
     passes = cell.get("trace_passes") if isinstance(cell.get("trace_passes"), dict) else {}
     items = [f"command: {code(cell['description'])}" if cell.get("description") else None,
+             f"device: {trace_device(cell)}",
              f"{_number(cell.get('warmup_steps'))} warm-up steps, then "
-             + ", ".join(f"{n} {p}" for p, n in passes.items()) + " steps (count, time and memory passes)",
+             + ", ".join(f"{n} {p}" for p, n in passes.items()) + " steps (count, audit, time and memory passes)",
              f"operators: {_number(cell.get('ops_per_step'))}/step",
              f"step time: median {cell['step_time_median_s'] * 1e3:.3g} ms"
              + (f", IQR {cell['step_time_iqr_s'] * 1e3:.2g} ms" if _finite(cell.get("step_time_iqr_s")) else "")

@@ -105,6 +105,19 @@ def site_code(detail: dict) -> str:
     return SITE_CALLER.join(str(c) for c in (detail.get("code"), detail.get("caller_code")) if c)
 
 
+def trace_device(cell) -> str:
+    """Where a traced script's tensors were, as its heading and report say it: on a GPU, on the CPU standing for one
+    (whose count is the CUDA count), or on the CPU alone (a script that never asked for CUDA: its count is not a CUDA
+    count). `reached_device` is absent from traces made before it was recorded."""
+    reached = cell.get("reached_device")
+    if cell.get("device") == "cuda":
+        return "cuda" + (" (the script kept its tensors on the CPU: none reached the GPU)" if reached is False else "")
+    if reached is False:
+        return ("cpu (the script kept its tensors on the CPU: none reached the stand-in GPU, so its syncs are the "
+                "CPU run's, not the CUDA count)")
+    return "cpu (the CUDA count, with cpu:0 standing for the GPU)"
+
+
 def baseline_of(kind: str | None) -> str:
     """The variant every cell of this kind is timed and checked against."""
     return BASELINES.get(kind or "train", BASELINES["train"])

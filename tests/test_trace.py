@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -22,7 +23,8 @@ import bench.cli
 from bench import trace
 from bench.cli import main
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "loops" / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "loops" / "examples"
 
 # A tiny script written the usual way: the device from torch.cuda.is_available(), host batches moved with .to(device).
 # CUDA syncs per step: 2 blocking copies (data, target), plus what EXTRA adds.
@@ -151,9 +153,40 @@ def test_a_step_is_a_round_of_several_optimizers(tmp_path):
             critic_opt.step()
             critic_loss.item()
         """)
-    r = traced(path, steps=3, warmup=4).record  # iteration 0 ends at the 4th boundary (3 critic steps, then SGD's)
+    r = traced(path, steps=3, warmup=4).record  # iteration 0 is one step (its 3 critic steps, then SGD's)
     assert r["syncs_per_step"] == 3 + 2 and r["trace_optimizers"] == ["Adam", "SGD"]
     assert r["trace_notes"] == []
+
+
+def test_the_first_round_of_several_optimizers_is_one_step(tmp_path):
+    """DCGAN's order: the discriminator (Adam) steps first, then the generator (SGD); what iteration 0 does after the
+    generator's step (an image saved at `i == 0`: one more sync) falls in the warm-up. Had the discriminator's first
+    step ended a step of its own, the warm-up of 2 would have ended inside iteration 0 and counted that sync."""
+    path = tiny(tmp_path, setup="""
+        critic = torch.nn.Linear(2, 1).to(device)
+        critic_opt = torch.optim.Adam(critic.parameters())
+        """, before="""
+        critic_opt.zero_grad()
+        critic_loss = critic(model(x.to(device, non_blocking=True))).mean()
+        critic_loss.backward()
+        critic_opt.step()
+        critic_loss.item()
+        """, after="""
+        if step == 0:
+            loss.item()
+        """)
+    r = traced(path, steps=3, warmup=2).record
+    assert r["syncs_by_step"] == [3, 3, 3] and r["trace_steps_run"] == 2 + 4 * 3  # 2 copies + the critic's .item()
+    assert r["trace_optimizers"] == ["Adam", "SGD"] and r["audit_steps"] == 2 * 3 and r["trace_notes"] == []
+
+
+def test_a_single_optimizer_script_waits_for_no_optimizer_it_never_steps(tmp_path):
+    """An optimizer the script makes and never steps would hold the first round open: after FIRST_ROUND_LIMIT
+    optimizer steps the first step ends without it, and a note says so."""
+    path = tiny(tmp_path, steps=200, setup="unused = torch.optim.Adam(torch.nn.Linear(2, 2).parameters())")
+    r = traced(path, steps=2, warmup=1).record
+    assert r["status"] == "ok" and r["trace_passes"]["count"] == 2 and r["syncs_by_step"] == [2, 2]
+    assert "(Adam) that had not stepped after 100 optimizer steps" in r["trace_notes"][0]
 
 
 def test_a_step_the_grad_scaler_skips_is_still_one_step(tmp_path):
@@ -196,6 +229,28 @@ def test_a_non_finite_loss_makes_the_trace_diverged(tmp_path):
     r = traced(path, steps=3, warmup=1).record
     assert r["status"] == "diverged" and r["nonfinite_loss_steps"][:2] == [6, 7]
     assert "non-finite loss at step(s) 6, 7" in r["error"]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"], ids=["on-the-gpu", "cpu-only"])
+def test_the_heading_and_report_say_whether_the_tensors_reached_the_stand_in(tmp_path, monkeypatch, capsys, device):
+    """A script that puts its tensors on the (stand-in) GPU gets the CUDA count; one that keeps them on the CPU
+    (Trainer's `use_cpu=True`, Lightning's `accelerator="cpu"`) does not: its heading and report say so."""
+    path = tiny(tmp_path)
+    path.write_text(path.read_text().replace(
+        'device = "cuda" if torch.cuda.is_available() else "cpu"', f'device = "{device}"'))
+    monkeypatch.chdir(tmp_path)
+    assert main(["trace", "--steps", "2", "--warmup", "1", "--out", "out", str(path)]) == 0
+    heading = capsys.readouterr().out.strip().splitlines()[0]
+    report = (tmp_path / "out" / "report.md").read_text()
+    r = json.loads((tmp_path / "out" / "results.json").read_text())["cells"][0]
+    if device == "cuda":
+        assert r["reached_device"] is True and r["syncs_per_step"] == 2
+        assert heading.startswith("trace of train.py on cpu (the CUDA count, with cpu:0 standing for the GPU)")
+        assert "- device: cpu (the CUDA count" in report
+    else:
+        assert r["reached_device"] is False and r["syncs_per_step"] == 0
+        assert "CUDA count, with" not in heading and "none reached the stand-in GPU" in heading
+        assert "- device: cpu (the script kept its tensors on the CPU: none reached the stand-in GPU" in report
 
 
 # -- how a script is run, and how it ends -----------------------------------------------------------------------
@@ -259,6 +314,24 @@ def test_a_script_that_stops_early_keeps_what_was_measured(tmp_path, ending, how
     if how == "raised":
         assert "out of data" in r["error"]
         assert f'{path}", line {line_of(path, "raise RuntimeError")}' in result.outcome.traceback_text()
+
+
+def test_a_script_that_calls_os_exit_keeps_what_was_measured(tmp_path):
+    """`os._exit(7)` ends the process with no exception to unwind: the trace is written before it, and loopmark
+    exits 1 (a script that exited with another status), not 7. Its own process: os._exit would end pytest's."""
+    path = tiny(tmp_path, before="""
+        if step == 3:
+            import os
+            os._exit(7)
+        """)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "bench", "trace", "--steps", "5", "--warmup", "1", "--out", str(out),
+                           str(path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 1, done.stderr
+    [r] = json.loads((out / "results.json").read_text())["cells"]
+    assert (r["status"], r["trace_passes"]["count"], r["syncs_per_step"]) == ("error", 2, 2)
+    assert r["error"] == "the script called os._exit(7) at step 4"
+    assert (out / "report.md").exists() and "error: the script called os._exit(7)" in done.stdout
 
 
 def test_a_script_that_never_steps_is_an_error(tmp_path, capsys):

@@ -1,0 +1,71 @@
+"""`loopmark trace` of a DDP script under torchrun: every rank traced, a cell per rank in one results directory.
+
+tests/ddp_trace_script.py is written as the PyTorch DDP tutorial writes one (`device_ids=[local_rank]` when CUDA,
+nccl on a GPU): traced without a GPU it sees CUDA, so the tracer must run its nccl on gloo and give DDP the stand-in
+module without device ids. Its docstring works out its collectives and syncs per step; each case is one torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "ddp_trace_script.py"
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def traced(out: Path, *argv: str, launcher: bool) -> subprocess.CompletedProcess:
+    """`loopmark trace --nproc-per-node 2 ...` (launcher), or the user's own `torchrun ... -m bench trace ...`."""
+    options = ["--steps", "2", "--warmup", "2", "--out", str(out)]
+    start = ["-m", "bench", "trace", "--nproc-per-node", "2"] if launcher else [
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bench", "trace"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *start, *options, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.mark.parametrize(("micro_batches", "no_sync", "collectives", "verdict", "launcher"), [
+    (1, "none", 1, "consistent", False),  # one all-reduce per backward pass
+    (2, "first", 1, "consistent", False),  # no_sync on the first micro-batch: one all-reduce, after the last
+    (2, "backward", 2, "consistent", False),  # no_sync around backward() only: DDP all-reduces both (a no-op)
+    (2, "last", 1, "broken", True),  # the last micro-batch not synced: the ranks' parameters part after step 1
+])
+def test_each_rank_of_a_ddp_script_is_traced(tmp_path, micro_batches, no_sync, collectives, verdict, launcher):
+    """Each rank's cell counts its all-reduces per step and 2 blocking copies per micro-batch; its verdict is the
+    audit's, broken when the ranks' parameters differ after a step. Only rank 0 writes; `--strict` fails a broken
+    verdict through the launcher."""
+    out = tmp_path / "out"
+    strict = ["--strict"] if launcher else []
+    done = traced(out, *strict, str(SCRIPT), "--micro-batches", str(micro_batches), "--no-sync", no_sync,
+                  launcher=launcher)
+    assert done.returncode == (1 if verdict == "broken" else 0), done.stdout + done.stderr
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert [(c["workload"], c["rank"], c["ranks"]) for c in cells] == [
+        (f"{SCRIPT.name} rank {r}", r, 2) for r in range(2)]
+    for c in cells:
+        assert (c["status"], c["verdict"]) == ("ok", verdict), c["verdict_reason"]
+        assert c["collectives_by_step"] == [collectives] * 2 and c["collective_ops"] == {"allreduce_": collectives}
+        assert c["syncs_by_step"] == [2 * micro_batches] * 2 and c["comm_bytes_per_step"] == 72 * collectives
+        assert all(site.startswith((f"{SCRIPT}:", "tests/ddp_trace_script.py:")) for site in c["collective_sites"])
+        assert "init_process_group('nccl') ran on gloo" in c["trace_notes"][0]
+    if verdict == "broken":
+        assert "parameters differ from rank" in cells[0]["verdict_reason"]
+        assert "loopmark trace --strict: ddp_trace_script.py rank 0: verdict broken" in done.stdout + done.stderr
+    assert done.stdout.count("trace of ddp_trace_script.py rank 0") == 1 and "\nranks:\n" in done.stdout
+    assert (out / "report.md").exists()
+
+
+def test_a_rendezvous_option_without_ranks_is_one_line_and_exit_2(capsys):
+    from bench.cli import main
+
+    assert main(["trace", "--nnodes", "2", str(SCRIPT)]) == 2
+    err = capsys.readouterr().err
+    assert "--nnodes is a torchrun option: it goes with --nproc-per-node N" in err and len(err.splitlines()) == 1
