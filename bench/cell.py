@@ -113,6 +113,12 @@ def reset_compiled() -> None:
         dynamo.reset()
 
 
+def compiled_frames() -> int:
+    """Frames dynamo has compiled (or tried to) in this process so far: a step that changes it compiled."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return int(dynamo.utils.counters["frames"]["total"]) if dynamo is not None else 0
+
+
 def graph_breaks() -> int:
     """Graph breaks dynamo has counted in this process so far."""
     dynamo = sys.modules.get("torch._dynamo")

@@ -81,6 +81,7 @@ from torch.utils._pytree import tree_flatten
 from bench import distributed
 from bench.audit import Audit
 from bench.audit import verdict as audit_verdict
+from bench.cell import compiled_frames
 from bench.memory import AllocatorLedger, cpu_peaks, heap_bytes, rss_bytes, slope_per_step
 from bench.syncs import (
     STAND_IN,
@@ -267,14 +268,18 @@ def _unobserved():
 
 
 def _live_tensors() -> list[torch.Tensor]:
-    """Every tensor the garbage collector knows (type() only: no object's __class__ is looked up)."""
+    """Every tensor the garbage collector knows (type() only: no object's __class__ is looked up), less the compiler's
+    stand-ins: `torch.compile` keeps FakeTensors (shapes and dtypes, no memory) in its caches and guards, hundreds of
+    them with a cold cache, whose nominal sizes are not the script's memory."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
     kinds: dict[type, bool] = {}
     found = []
     for o in gc.get_objects():
         kind = type(o)
         is_tensor = kinds.get(kind)
         if is_tensor is None:
-            is_tensor = kinds[kind] = issubclass(kind, torch.Tensor)
+            is_tensor = kinds[kind] = issubclass(kind, torch.Tensor) and not issubclass(kind, FakeTensor)
         if is_tensor:
             found.append(o)
     return found
@@ -420,6 +425,8 @@ class Tracer:
         self.clock = _Clock(self.cuda)
         self.step_marks: list[tuple] = []  # (start, end, [(eval start, eval end)])
         self.step_times: list[float] = []
+        self.frames = 0  # dynamo's compiled frames when the last timed step ended
+        self.compiled_steps: list[int] = []  # timed steps in which torch.compile compiled
         self.start_mark = None
         self.evals_in_step: list[tuple] = []
         self.heap: list = []
@@ -865,6 +872,7 @@ class Tracer:
         elif phase == "time":
             self.say(f"step {self.steps_run}: timing {n} steps")
             self.evals_in_step = []
+            self.frames = compiled_frames()
             self._sample_host()
             self.start_mark = self.clock.now()
         elif phase == "memory":
@@ -902,6 +910,10 @@ class Tracer:
         end = self.clock.now()
         self.step_marks.append((self.start_mark, end, self.evals_in_step))
         self.evals_in_step = []
+        frames = compiled_frames()  # torch.compile compiled (or recompiled) in this step: its time is the compiler's
+        if frames != self.frames:
+            self.compiled_steps.append(len(self.step_marks) - 1)
+            self.frames = frames
         self._sample_host()
         self.start_mark = None if last else self.clock.now()  # sampling the heap is not part of the next step
 
@@ -929,7 +941,12 @@ class Tracer:
                     end.synchronize()
                 times.append(self.clock.seconds(start, end) - sum(self.clock.seconds(a, b) for a, b in evals))
                 self.eval.time_s += sum(self.clock.seconds(a, b) for a, b in evals)
-            self.step_times = times
+            kept = [t for i, t in enumerate(times) if i not in self.compiled_steps]
+            if self.compiled_steps and kept:
+                self.notes.append(f"{len(self.compiled_steps)} timed step(s) compiled (torch.compile: "
+                                  f"{', '.join(f'{times[i]:.3g} s' for i in self.compiled_steps)}): left out of the "
+                                  "step time, which is the compiled program's")
+            self.step_times = kept if kept else times
         elif phase == "memory":
             self._end_memory(n)
         elif phase == "audit":

@@ -460,3 +460,23 @@ def test_a_traced_scripts_sites_are_relative_to_its_directory_wherever_it_is_sta
     library = f"<site-packages>/fakefw/__init__.py:2 from train.py:{line_of(path, 'fakefw.log(loss)')}"
     assert seen[0] == seen[1] == sorted([f"train.py:{line_of(path, 'x.to(device)')}", "steplog.py:2", library])
     assert "return loss.item() from fakefw.log(loss)" in trace.summary(record)
+
+
+def test_a_compiled_model_is_measured_without_the_compilers_tensors_or_its_compile_time(tmp_path):
+    """torch.compile keeps FakeTensors (no memory, nominal sizes) in its caches: the traced peak memory of a compiled
+    MLP is within 2x of the same script's eager peak (before: 3x with aot_eager, 760x with a cold inductor cache). A
+    compilation that falls in the time pass (here the script compiles at iteration 5, the time pass's first step) is
+    left out of the step time, with a note."""
+    eager = tiny(tmp_path, name="eager.py").read_text()
+    compiled = eager.replace("optimizer = torch.optim.SGD(", "model = torch.compile(model, backend='aot_eager')\n"
+                                                             "optimizer = torch.optim.SGD(")
+    (tmp_path / "compiled.py").write_text(compiled)
+    peaks = {name: traced(tmp_path / name, steps=2, warmup=1).record["peak_memory_bytes"]
+             for name in ("eager.py", "compiled.py")}
+    assert peaks["compiled.py"] <= 2 * peaks["eager.py"], peaks
+    late = tiny(tmp_path, name="late.py", before="""
+        if step == 5:
+            model = torch.compile(model, backend="eager")
+        """)
+    r = traced(late, steps=2, warmup=1).record
+    assert len(r["step_times_s"]) == 1 and any("compiled (torch.compile" in n for n in r["trace_notes"]), r
