@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.cli import main
 from loops import Idioms, TrainLoop, builtin_names, resolve_variant, resolve_workload
 from reports import results
 
@@ -16,10 +17,22 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--device", "cpu", "--steps", "3", "--repeats", "1", "--warmup", "2"]
 
 
-def loopmark(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+@pytest.fixture
+def loopmark(capsys, monkeypatch):
+    """`loopmark ARGS` run in this process, as `bench.cli.main`, from the repository's root (where the ranks it
+    starts import `tests.distributed_loops`): (exit status, stdout, stderr) as a finished process's. Only the ranks,
+    torchrun's, are processes of their own: a launching process of ours would import torch once more for nothing."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        with monkeypatch.context() as typed:
+            typed.setattr(sys, "argv", ["loopmark", *args])  # what the results record as the command typed
+            code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["loopmark", *args], code, out, err)
+    return run
 
 
 def left_behind(marker: str) -> list[str]:
@@ -35,7 +48,7 @@ def left_behind(marker: str) -> list[str]:
     return found
 
 
-def test_distributed_run_gives_every_verdict_and_counts_collectives(tmp_path):
+def test_distributed_run_gives_every_verdict_and_counts_collectives(loopmark, tmp_path):
     """Every built-in ddp variant gets its declared verdict with 2 ranks; collectives/step show that no_sync around
     backward() alone all-reduces every micro-batch; per-rank figures are kept; and `compare` fails a loop that
     all-reduces once more per step, naming the line."""
@@ -76,7 +89,7 @@ def test_distributed_run_gives_every_verdict_and_counts_collectives(tmp_path):
     assert "tests/distributed_loops.py" in compared.stdout
 
 
-def test_a_crashed_or_hung_rank_faults_its_cell_alone(tmp_path):
+def test_a_crashed_or_hung_rank_faults_its_cell_alone(loopmark, tmp_path):
     """A rank killed mid-cell gives that cell `error` naming the rank; a rank stuck where no signal reaches it gives
     `timeout` naming where it stopped; the cells before and after are measured, and no process is left."""
     out = tmp_path / "faults"
@@ -100,20 +113,24 @@ def test_a_crashed_or_hung_rank_faults_its_cell_alone(tmp_path):
     assert left_behind(str(out)) == []
 
 
-def test_check_names_the_rank_whose_loop_raised():
+def test_check_names_the_rank_whose_loop_raised(loopmark):
     """`check` with a loop that raises on one rank ends every rank and says which, rather than waiting for it."""
     done = loopmark("check", "--nproc-per-node", "2", "--variant", "tests.distributed_loops:raises_on_rank_1",
-                    timeout=180)
+)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "rank 1" in done.stdout + done.stderr and "only rank 1 fails" in done.stdout + done.stderr
 
 
-def test_distributed_variants_need_ranks_and_ranks_need_distributed_variants(tmp_path):
-    """Asking for a ddp variant without --nproc-per-node, or a one-process variant with it: one line, exit 2."""
-    alone = loopmark("run", "--variant", "ddp_baseline", "--quick", "--out", str(tmp_path / "a"))
-    assert alone.returncode == 2 and "--nproc-per-node" in alone.stderr and "Traceback" not in alone.stderr
-    mixed = loopmark("run", "--nproc-per-node", "2", "--variant", "tensor_sum", "--out", str(tmp_path / "b"))
-    assert mixed.returncode == 2 and "runs in one process" in mixed.stderr and "Traceback" not in mixed.stderr
+def test_distributed_variants_need_ranks_and_ranks_need_distributed_variants(tmp_path, capsys):
+    """Asking for a ddp variant without --nproc-per-node, or a one-process variant with it: one line, exit 2, before
+    any process starts (so in this one: a traceback would be an exception here)."""
+    assert main(["run", "--variant", "ddp_baseline", "--quick", "--out", str(tmp_path / "a")]) == 2
+    alone = capsys.readouterr().err
+    assert "--nproc-per-node" in alone and len(alone.strip().splitlines()) == 1 and "Traceback" not in alone
+    assert main(["run", "--nproc-per-node", "2", "--variant", "tensor_sum", "--out", str(tmp_path / "b")]) == 2
+    mixed = capsys.readouterr().err
+    assert "runs in one process" in mixed and len(mixed.strip().splitlines()) == 1 and "Traceback" not in mixed
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_no_sync_needs_ddp():
@@ -136,20 +153,18 @@ def test_compositions_under_ddp_expect_the_idiom_verdict():
                                                                                   "static_graph": True}
 
 
-def test_the_pytest_fixture_measures_a_distributed_cell(tmp_path):
+def test_the_pytest_fixture_measures_a_distributed_cell(measured_once, pytester):
     """`loopmark.measure(..., "ddp_baseline")` in a user's test suite runs its ranks under torchrun and returns the
-    cell like any other, collectives and per-rank figures included."""
-    (tmp_path / "test_ddp_user.py").write_text(
+    cell like any other, collectives and per-rank figures included (the user's session runs in this process, as
+    tests/test_pytest_plugin.py runs its own; the ranks are torchrun's)."""
+    pytester.makepyfile(test_ddp_user=
         "def test_ddp(loopmark):\n"
         "    result = loopmark.measure('mlp', 'ddp_grad_accum_no_sync', steps=3, repeats=1, warmup=2)\n"
         "    loopmark.assert_correct(result)\n"
         "    assert result.collectives_per_step == 1 and result.ranks == 2\n"
         "    assert len(result.rank_syncs_per_step) == 2\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                           "-p", "no:benchmark", str(tmp_path / "test_ddp_user.py")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-3000:]
+    done = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:benchmark")
+    done.assert_outcomes(passed=1)
 
 
 def test_a_bug_that_needs_two_ranks_expects_no_bug_on_one():
