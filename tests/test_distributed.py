@@ -18,10 +18,11 @@ SMALL = ["--device", "cpu", "--steps", "3", "--repeats", "1", "--warmup", "2"]
 
 
 @pytest.fixture
-def loopmark(capsys, monkeypatch):
-    """`loopmark ARGS` run in this process, as `bench.cli.main`, from the repository's root (where the ranks it
-    starts import `tests.distributed_loops`): (exit status, stdout, stderr) as a finished process's. Only the ranks,
-    torchrun's, are processes of their own: a launching process of ours would import torch once more for nothing."""
+def cli(capsys, monkeypatch):
+    """`cli(*ARGS)`: `loopmark ARGS` run in this process, as `bench.cli.main`, from the repository's root (where the
+    ranks it starts import `tests.distributed_loops`): (exit status, stdout, stderr) as a finished process's. Only the
+    ranks, torchrun's, are processes of their own: a launching process of ours would import torch once more for
+    nothing (and `loopmark`, the name, is the pytest plugin's fixture)."""
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
@@ -48,12 +49,12 @@ def left_behind(marker: str) -> list[str]:
     return found
 
 
-def test_distributed_run_gives_every_verdict_and_counts_collectives(loopmark, tmp_path):
+def test_distributed_run_gives_every_verdict_and_counts_collectives(cli, tmp_path):
     """Every built-in ddp variant gets its declared verdict with 2 ranks; collectives/step show that no_sync around
     backward() alone all-reduces every micro-batch; per-rank figures are kept; and `compare` fails a loop that
     all-reduces once more per step, naming the line."""
     out = tmp_path / "run"
-    done = loopmark("run", "--nproc-per-node", "2", *SMALL, "--out", str(out))
+    done = cli("run", "--nproc-per-node", "2", *SMALL, "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     env, records = results.read_results(out)
     assert env["ranks"] == 2 and env["backend"] == "gloo" and env["flight_recorder"] == "off"
@@ -80,20 +81,20 @@ def test_distributed_run_gives_every_verdict_and_counts_collectives(loopmark, tm
     assert "ddp" in done.stdout and "collectives" in done.stdout  # the summary's column
 
     planted = tmp_path / "planted"
-    done = loopmark("run", "--nproc-per-node", "2", *SMALL, "--out", str(planted), "--variant", "ddp_baseline",
+    done = cli("run", "--nproc-per-node", "2", *SMALL, "--out", str(planted), "--variant", "ddp_baseline",
                     "--workload", "tests.distributed_loops:mlp_with_extra_all_reduce")
     assert done.returncode == 0, done.stderr[-3000:]
-    compared = loopmark("compare", str(out), str(planted), "--only-deterministic")
+    compared = cli("compare", str(out), str(planted), "--only-deterministic")
     assert compared.returncode == 1, compared.stdout
     assert "collectives/step changed: 1 -> 2" in compared.stdout
     assert "tests/distributed_loops.py" in compared.stdout
 
 
-def test_a_crashed_or_hung_rank_faults_its_cell_alone(loopmark, tmp_path):
+def test_a_crashed_or_hung_rank_faults_its_cell_alone(cli, tmp_path):
     """A rank killed mid-cell gives that cell `error` naming the rank; a rank stuck where no signal reaches it gives
     `timeout` naming where it stopped; the cells before and after are measured, and no process is left."""
     out = tmp_path / "faults"
-    done = loopmark("run", "--nproc-per-node", "2", *SMALL, "--cell-timeout", "6", "--out", str(out),
+    done = cli("run", "--nproc-per-node", "2", *SMALL, "--cell-timeout", "6", "--out", str(out),
                     "--variant", "tests.distributed_loops:crash_on_rank_1",
                     "--variant", "tests.distributed_loops:stuck_on_rank_1", "--variant", "ddp_static_graph",
                     "--variant", "tests.distributed_loops:tutorial_epoch")
@@ -113,9 +114,9 @@ def test_a_crashed_or_hung_rank_faults_its_cell_alone(loopmark, tmp_path):
     assert left_behind(str(out)) == []
 
 
-def test_check_names_the_rank_whose_loop_raised(loopmark):
+def test_check_names_the_rank_whose_loop_raised(cli):
     """`check` with a loop that raises on one rank ends every rank and says which, rather than waiting for it."""
-    done = loopmark("check", "--nproc-per-node", "2", "--variant", "tests.distributed_loops:raises_on_rank_1",
+    done = cli("check", "--nproc-per-node", "2", "--variant", "tests.distributed_loops:raises_on_rank_1",
 )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "rank 1" in done.stdout + done.stderr and "only rank 1 fails" in done.stdout + done.stderr
