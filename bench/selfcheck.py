@@ -22,8 +22,9 @@ from bench.timing import time_block
 from loops import resolve_variant, resolve_workload
 from reports.table import format_table
 
-GOALS = {"cpu": {"overhead": 0.02, "agreement": 0.03, "spread": 0.03},
-         "cuda": {"overhead": 0.02, "agreement": 0.02, "spread": 0.03}}
+# overhead: the per-step marks' cost; loop: the canonical loop's own cost over the seed's loop written out by hand
+GOALS = {"cpu": {"overhead": 0.02, "loop": 0.01, "agreement": 0.03, "spread": 0.03},
+         "cuda": {"overhead": 0.02, "loop": 0.01, "agreement": 0.02, "spread": 0.03}}
 
 
 def _sync(device: torch.device) -> None:
@@ -126,7 +127,7 @@ def main(device_name: str, workload_name: str) -> int:
     rows.append(("timing-pass overhead: per-step marks vs the same loop timed whole", f"{marks:+.2%}",
                  f"<= {goals['overhead']:.0%}", marks <= goals["overhead"]))
     rows.append(("canonical loop vs the seed's loop written out by hand", f"{loop:+.2%}",
-                 f"<= {goals['overhead']:.0%}", loop <= goals["overhead"]))
+                 f"<= {goals['loop']:.0%}", loop <= goals["loop"]))
     mine, theirs, diff = agreement(workload, device, staged)
     rows.append((f"median step: loopmark {mine * 1e6:.1f} us vs torch.utils.benchmark {theirs * 1e6:.1f} us",
                  f"{diff:+.2%}", f"within {goals['agreement']:.0%}", abs(diff) <= goals["agreement"]))

@@ -175,6 +175,10 @@ class TrainLoop:
         no_sync = self.idioms.no_sync
         divide = k > 1 and self.idioms.divide_by_accumulate
         ctx, forward, scaler, read = self.autocast, self.forward, self.scaler, self.loss_tracking.read
+        # a disabled GradScaler passes through (scale(loss) is loss, step(optimizer) is optimizer.step()): the step
+        # calls it only when it is enabled, so that the seed's step pays for no call it does not make
+        scaling, counting = scaler.is_enabled(), self.idioms.accuracy != "none"
+        non_blocking = self.idioms.non_blocking
         train_loss = self.graphed.new_epoch() if self.graphed else self.loss_tracking.start(device)
         accuracy = self.accuracy(device)
 
@@ -192,18 +196,23 @@ class TrainLoop:
                         output, loss = forward(model, criterion, data, labels)  # output = model(data); loss = ...
                     if zero_grad_at == "before_backward":
                         zero_grad(model, optimizer)
+                    backward = loss / k if divide else loss
                     with quiet_backward:
-                        scaler.scale(loss / k if divide else loss).backward()  # loss.backward()
+                        (scaler.scale(backward) if scaling else backward).backward()  # loss.backward()
                 seen.append((output, loss, labels))
             if zero_grad_at == "between_backward_and_step":
                 zero_grad(model, optimizer)
-            scaler.step(optimizer)  # optimizer.step(); an enabled scaler skips it while its scale calibrates
-            scaler.update()
+            if scaling:  # an enabled scaler skips optimizer.step() while its scale calibrates
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()  # optimizer.step()
             if zero_grad_at == "after_step":
                 zero_grad(model, optimizer)
             for output, loss, labels in seen:
                 train_loss += read(loss)  # train_loss += loss.item()
-                accuracy.add(output, labels)  # no accuracy counted
+                if counting:  # no accuracy counted
+                    accuracy.add(output, labels)
             return len(seen)
 
         if self.graphed:
@@ -214,8 +223,8 @@ class TrainLoop:
         model.train()
         tracked = 0
         for data, labels in run.batches:
-            data = data.to(device, non_blocking=self.idioms.non_blocking)
-            labels = labels.to(device, non_blocking=self.idioms.non_blocking)
+            data = data.to(device, non_blocking=non_blocking)
+            labels = labels.to(device, non_blocking=non_blocking)
             tracked += step(data, labels)
         epoch_loss = self.loss_tracking.result(train_loss, tracked)
         return epoch_loss if self.idioms.accuracy == "none" else (epoch_loss, accuracy.result())

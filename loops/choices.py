@@ -63,8 +63,13 @@ NO_SYNC = {
 }
 
 
+_NO_CONTEXTS = (contextlib.nullcontext(), contextlib.nullcontext())  # a nullcontext holds no state: reused
+
+
 def no_sync_contexts(mode: str, model: nn.Module, i: int, k: int):
     """(context around micro-batch i's forward and backward, context around its backward alone)."""
+    if mode == "none":  # every step of every loop outside DDP: no table look-up, no new objects
+        return _NO_CONTEXTS
     around, backward = NO_SYNC[mode](i, k)
     return (_quiet(model) if around else contextlib.nullcontext(),
             _quiet(model) if backward else contextlib.nullcontext())

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.cli import main
 from loops import Idioms, TrainLoop, builtin_names, resolve_variant, resolve_workload
 from reports import results
 
@@ -16,10 +17,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--device", "cpu", "--steps", "3", "--repeats", "1", "--warmup", "2"]
 
 
-def loopmark(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`cli(*ARGS)`: `loopmark ARGS` run in this process, as `bench.cli.main`, from the repository's root (where the
+    ranks it starts import `tests.distributed_loops`): (exit status, stdout, stderr) as a finished process's. Only the
+    ranks, torchrun's, are processes of their own: a launching process of ours would import torch once more for
+    nothing (and `loopmark`, the name, is the pytest plugin's fixture)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        with monkeypatch.context() as typed:
+            typed.setattr(sys, "argv", ["loopmark", *args])  # what the results record as the command typed
+            code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["loopmark", *args], code, out, err)
+    return run
 
 
 def left_behind(marker: str) -> list[str]:
@@ -35,12 +49,12 @@ def left_behind(marker: str) -> list[str]:
     return found
 
 
-def test_distributed_run_gives_every_verdict_and_counts_collectives(tmp_path):
+def test_distributed_run_gives_every_verdict_and_counts_collectives(cli, tmp_path):
     """Every built-in ddp variant gets its declared verdict with 2 ranks; collectives/step show that no_sync around
     backward() alone all-reduces every micro-batch; per-rank figures are kept; and `compare` fails a loop that
     all-reduces once more per step, naming the line."""
     out = tmp_path / "run"
-    done = loopmark("run", "--nproc-per-node", "2", *SMALL, "--out", str(out))
+    done = cli("run", "--nproc-per-node", "2", *SMALL, "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     env, records = results.read_results(out)
     assert env["ranks"] == 2 and env["backend"] == "gloo" and env["flight_recorder"] == "off"
@@ -67,20 +81,20 @@ def test_distributed_run_gives_every_verdict_and_counts_collectives(tmp_path):
     assert "ddp" in done.stdout and "collectives" in done.stdout  # the summary's column
 
     planted = tmp_path / "planted"
-    done = loopmark("run", "--nproc-per-node", "2", *SMALL, "--out", str(planted), "--variant", "ddp_baseline",
+    done = cli("run", "--nproc-per-node", "2", *SMALL, "--out", str(planted), "--variant", "ddp_baseline",
                     "--workload", "tests.distributed_loops:mlp_with_extra_all_reduce")
     assert done.returncode == 0, done.stderr[-3000:]
-    compared = loopmark("compare", str(out), str(planted), "--only-deterministic")
+    compared = cli("compare", str(out), str(planted), "--only-deterministic")
     assert compared.returncode == 1, compared.stdout
     assert "collectives/step changed: 1 -> 2" in compared.stdout
     assert "tests/distributed_loops.py" in compared.stdout
 
 
-def test_a_crashed_or_hung_rank_faults_its_cell_alone(tmp_path):
+def test_a_crashed_or_hung_rank_faults_its_cell_alone(cli, tmp_path):
     """A rank killed mid-cell gives that cell `error` naming the rank; a rank stuck where no signal reaches it gives
     `timeout` naming where it stopped; the cells before and after are measured, and no process is left."""
     out = tmp_path / "faults"
-    done = loopmark("run", "--nproc-per-node", "2", *SMALL, "--cell-timeout", "6", "--out", str(out),
+    done = cli("run", "--nproc-per-node", "2", *SMALL, "--cell-timeout", "6", "--out", str(out),
                     "--variant", "tests.distributed_loops:crash_on_rank_1",
                     "--variant", "tests.distributed_loops:stuck_on_rank_1", "--variant", "ddp_static_graph",
                     "--variant", "tests.distributed_loops:tutorial_epoch")
@@ -100,31 +114,34 @@ def test_a_crashed_or_hung_rank_faults_its_cell_alone(tmp_path):
     assert left_behind(str(out)) == []
 
 
-def test_check_names_the_rank_whose_loop_raised():
+def test_check_names_the_rank_whose_loop_raised(cli):
     """`check` with a loop that raises on one rank ends every rank and says which, rather than waiting for it."""
-    done = loopmark("check", "--nproc-per-node", "2", "--variant", "tests.distributed_loops:raises_on_rank_1",
-                    timeout=180)
+    done = cli("check", "--nproc-per-node", "2", "--variant", "tests.distributed_loops:raises_on_rank_1")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "rank 1" in done.stdout + done.stderr and "only rank 1 fails" in done.stdout + done.stderr
 
 
-def test_check_ends_a_rank_hung_in_a_collective_at_its_time_limit():
+def test_check_ends_a_rank_hung_in_a_collective_at_its_time_limit(cli):
     """`check --nproc-per-node 2` with rank 1 stuck where no signal reaches it: the launcher ends every rank after the
     cell's limit and as much again, exit 1, naming the cell and where rank 1 stopped (not gloo's 30-minute wait)."""
-    done = loopmark("check", "--nproc-per-node", "2", "--variant", "tests.distributed_loops:stuck_on_rank_1",
-                    "--cell-timeout", "4", timeout=120)
+    done = cli("check", "--nproc-per-node", "2", "--variant", "tests.distributed_loops:stuck_on_rank_1",
+               "--cell-timeout", "4")
     text = done.stdout + done.stderr
     assert done.returncode == 1, text
     assert "timeout: " in text and "stuck_on_rank_1" in text and "no progress in 8 s" in text, text
     assert "rank 1 stopped at tests/distributed_loops.py" in text and "at None" not in text, text
 
 
-def test_distributed_variants_need_ranks_and_ranks_need_distributed_variants(tmp_path):
-    """Asking for a ddp variant without --nproc-per-node, or a one-process variant with it: one line, exit 2."""
-    alone = loopmark("run", "--variant", "ddp_baseline", "--quick", "--out", str(tmp_path / "a"))
-    assert alone.returncode == 2 and "--nproc-per-node" in alone.stderr and "Traceback" not in alone.stderr
-    mixed = loopmark("run", "--nproc-per-node", "2", "--variant", "tensor_sum", "--out", str(tmp_path / "b"))
-    assert mixed.returncode == 2 and "runs in one process" in mixed.stderr and "Traceback" not in mixed.stderr
+def test_distributed_variants_need_ranks_and_ranks_need_distributed_variants(tmp_path, capsys):
+    """Asking for a ddp variant without --nproc-per-node, or a one-process variant with it: one line, exit 2, before
+    any process starts (so in this one: a traceback would be an exception here)."""
+    assert main(["run", "--variant", "ddp_baseline", "--quick", "--out", str(tmp_path / "a")]) == 2
+    alone = capsys.readouterr().err
+    assert "--nproc-per-node" in alone and len(alone.strip().splitlines()) == 1 and "Traceback" not in alone
+    assert main(["run", "--nproc-per-node", "2", "--variant", "tensor_sum", "--out", str(tmp_path / "b")]) == 2
+    mixed = capsys.readouterr().err
+    assert "runs in one process" in mixed and len(mixed.strip().splitlines()) == 1 and "Traceback" not in mixed
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_no_sync_needs_ddp():
@@ -147,20 +164,18 @@ def test_compositions_under_ddp_expect_the_idiom_verdict():
                                                                                   "static_graph": True}
 
 
-def test_the_pytest_fixture_measures_a_distributed_cell(tmp_path):
+def test_the_pytest_fixture_measures_a_distributed_cell(measured_once, pytester):
     """`loopmark.measure(..., "ddp_baseline")` in a user's test suite runs its ranks under torchrun and returns the
-    cell like any other, collectives and per-rank figures included."""
-    (tmp_path / "test_ddp_user.py").write_text(
+    cell like any other, collectives and per-rank figures included (the user's session runs in this process, as
+    tests/test_pytest_plugin.py runs its own; the ranks are torchrun's)."""
+    pytester.makepyfile(test_ddp_user=
         "def test_ddp(loopmark):\n"
         "    result = loopmark.measure('mlp', 'ddp_grad_accum_no_sync', steps=3, repeats=1, warmup=2)\n"
         "    loopmark.assert_correct(result)\n"
         "    assert result.collectives_per_step == 1 and result.ranks == 2\n"
         "    assert len(result.rank_syncs_per_step) == 2\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                           "-p", "no:benchmark", str(tmp_path / "test_ddp_user.py")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-3000:]
+    done = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:benchmark")
+    done.assert_outcomes(passed=1)
 
 
 def test_a_bug_that_needs_two_ranks_expects_no_bug_on_one():
