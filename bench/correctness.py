@@ -12,6 +12,13 @@ Three things are watched from outside the loop:
   loss must equal;
 * whether the value the loop reports still holds an autograd graph.
 
+A loss the model computes itself (a criterion of None: `outputs.loss`, `(logits, loss)`) counts as the forward's loss
+and is recomputed from the forward's own inputs, as a criterion's is. A user's loop is also watched by the consumption
+audit (`bench.audit`): what each optimizer step consumed against what its backward passes produced, with no
+criterion, over any number of optimizers; its evidence of breakage wins over "cannot verify". Where the built-in
+baseline cannot run the workload (dict batches, several optimizers), nothing is compared, and a loop whose every step
+passes is `consistent`.
+
 A variant whose steps replay a captured CUDA graph runs no Python per step, so no hook fires and its
 criterion is not called. It is watched from the batch boundaries instead: when the loop asks for the next
 batch, the gradient left in `.grad` is compared with the fresh gradient of the previous batch at the
