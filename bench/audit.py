@@ -325,15 +325,18 @@ class Audit:
             if not _zero(start) and _rel(last, start + total) <= rtol:
                 return Finding(n, "broken", f"step {n} ({name}) consumed earlier steps' gradients too: .grad was "
                                             "not cleared before this step's backward pass (no zero_grad()?)")
-            for j in range(1, len(phase)):
-                if phase[j].root == phase[0].root and _zero(self._vector(phase[j].before, indices)) \
-                        and _rel(last, sum(contributions[j:])) <= rtol:
-                    kept = "last backward pass" if j == len(phase) - 1 else f"last {len(phase) - j} backward passes"
-                    return Finding(n, "broken", f"step {n} ({name}) consumed the gradient of its {kept} of "
-                                                f"{len(phase)} alone: .grad was zeroed between them (zero_grad() "
-                                                "inside the accumulation loop?)")
-            return Finding(n, "unknown", f"step {n} ({name}): .grad after backward is {_rel(last, total):.2g} "
-                                         "(relative) away from the sum of what the backward passes produced")
+            tail = next((j for j in range(1, len(phase)) if _zero(self._vector(phase[j].before, indices))
+                         and _rel(last, sum(contributions[j:])) <= rtol), None)
+            if tail is None:
+                return Finding(n, "unknown", f"step {n} ({name}): .grad after backward is {_rel(last, total):.2g} "
+                                             "(relative) away from the sum of what the backward passes produced")
+            if tail == len(phase) - 1 and phase[tail].root == phase[0].root:  # K passes of one kind, the last alone
+                return Finding(n, "broken", f"step {n} ({name}) consumed the gradient of its last backward pass of "
+                                            f"{len(phase)} alone: .grad was zeroed between them (zero_grad() inside "
+                                            "the accumulation loop?)")
+            # the step accumulated its last passes and .grad was cleared before them: what came earlier was discarded
+            # on purpose (an epoch's leftover micro-batch, cleared by the next epoch's zero_grad), not this step's
+            phase, contributions = phase[tail:], contributions[tail:]
         # 2. from the last backward pass to the step: a GradScaler's unscale_, clipping, zeroing
         reference, factor = unscaled if unscaled is not None else (last, 1.0)
         expected = reference * factor

@@ -439,10 +439,12 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
                         step.fresh, step.micro = distributed.mean(step.fresh), [distributed.mean(g) for g in step.micro]
                     if fresh is not None and keep_fresh:
                         fresh.put(step.number, cell.model, pending, step.fresh, step.micro)
-                # a step a GradScaler skipped (float16, calibrating its scale) leaves its batch in `pending`:
-                # the next step consumes the gradient of the batches after it. No other loop may drop a batch.
+                # a step a GradScaler skipped (float16, calibrating its scale) leaves its batch in `pending`: the next
+                # step consumes the gradient of the batches after it. A loop that accumulates may discard a leftover
+                # micro-batch (the last of an epoch, cleared by the next epoch's zero_grad): its step consumes the
+                # mean of the last two or more batches. One batch alone after others is never explained away here.
                 scaled = any(p[2] == torch.float16 for p in pending)
-                for skip in range(1, len(pending) if scaled else 1):
+                for skip in range(1, len(pending) if scaled else len(pending) - 1):
                     if _rel(step.consumed, step.fresh) <= step.rtol:
                         break
                     later, _ = _fresh_grad(net, cell.criterion, pending[skip:])

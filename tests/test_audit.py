@@ -235,3 +235,27 @@ def test_a_loss_times_one_is_undivided_and_a_scaled_one_is_divided():
     got, why, _ = audited(times_one)
     assert got == "different" and "NllLossBackward0 times 1, not divided by 2" in why, why
     assert audited(scaled_half)[0] == "consistent", audited(scaled_half)
+
+
+def test_a_leftover_micro_batch_cleared_by_the_next_epoch_is_not_a_dropped_one():
+    """Accumulation over 2 batches with 3 batches per epoch: the third batch's backward pass is left over, and the next
+    epoch's `zero_grad()` clears it. The next step consumes exactly its own 2 passes: consistent, not `broken`. The
+    same loop with zero_grad before every micro-batch consumes its last pass alone: broken."""
+    def leftover(inner_zero_grad: bool):
+        def loop(model, optimizer, audit):
+            drawn = batches(6)
+            for epoch in range(2):
+                optimizer.zero_grad()
+                for i, (x, y) in enumerate(drawn[epoch * 3:(epoch + 1) * 3]):
+                    if inner_zero_grad:
+                        optimizer.zero_grad()
+                    audit.batch()
+                    (CRITERION(model(x), y) / 2).backward()
+                    if (i + 1) % 2 == 0:
+                        optimizer.step()
+                        optimizer.zero_grad()
+        return loop
+
+    got, why, kinds = audited(leftover(inner_zero_grad=False))
+    assert (got, kinds) == ("consistent", ["ok", "ok"]), why
+    assert audited(leftover(inner_zero_grad=True))[0] == "broken"

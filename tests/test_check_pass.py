@@ -119,3 +119,27 @@ def test_the_criterion_the_loop_gets_reads_the_real_ones_attributes():
         wrapped.no_such_setting  # noqa: B018
     loss = wrapped(torch.randn(4, 3), torch.tensor([0, 1, 2, -100]))
     assert len(sink) == 1 and float(sink[0]) == pytest.approx(float(loss))
+
+
+def accumulate_with_leftover(run):
+    """Accumulation over 2 batches of an epoch of 3: the third batch's backward pass is left over and cleared by the
+    next epoch's zero_grad()."""
+    run.model.train()
+    run.optimizer.zero_grad()
+    total = 0.0
+    for i, (data, labels) in enumerate(run.batches):
+        loss = run.criterion(run.model(data.to(run.device)), labels.to(run.device))
+        (loss / 2).backward()
+        total += loss.item()
+        if (i + 1) % 2 == 0:
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+    return total / len(run.batches)
+
+
+def test_a_leftover_micro_batch_is_neither_broken_nor_unverified():
+    """With 3 batches per epoch, the step after the leftover consumes the mean gradient of its own 2 batches: every step
+    is explained (`different`: two batches a step where the baseline takes one), never `broken`."""
+    variant = resolve_variant("tests.test_check_pass:accumulate_with_leftover")
+    record = correctness.check(resolve_workload("mlp"), variant, CPU)
+    assert record["verdict"] == "different", record["verdict_reason"]

@@ -207,3 +207,36 @@ def test_a_lightning_script_steps_through_closures(tmp_path, monkeypatch, accumu
     script.write_text((SCRIPTS / "lightning_module.py").read_text())
     r = trace.trace(trace.script_target(str(script), [str(accumulate)]), steps=3, warmup=2).record
     assert (r["verdict"], r["audit_steps"]) == ("consistent", 3), r["verdict_reason"]
+
+
+LEFTOVER = """\
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(0)
+x = torch.randn(224, 20)
+loader = DataLoader(TensorDataset(x, (x[:, :3].sum(1) > 0).long()), batch_size=32, shuffle=True)  # 7 batches
+model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 2)).to(device)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+criterion = nn.CrossEntropyLoss()
+for epoch in range(20):
+    optimizer.zero_grad(set_to_none=True)
+    for i, (xb, yb) in enumerate(loader):
+        loss = criterion(model(xb.to(device)), yb.to(device)) / 2
+        loss.backward()
+        if (i + 1) % 2 == 0:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+"""
+
+
+def test_an_epochs_leftover_micro_batch_is_not_a_dropped_one(tmp_path):
+    """Accumulation over 2 of an epoch's 7 batches: the 7th batch's backward pass is left over and the next epoch's
+    zero_grad() clears it; the step after it consumes exactly its own two passes (each loss / 2): consistent. With 3
+    steps per pass and 3 optimizer steps per epoch, an epoch boundary falls in the audit pass."""
+    path = tmp_path / "train.py"
+    path.write_text(LEFTOVER)
+    r = trace.trace(trace.script_target(str(path), []), steps=3, warmup=2).record
+    assert r["verdict"] == "consistent", r["verdict_reason"]
