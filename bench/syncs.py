@@ -259,7 +259,10 @@ class _Dispatch(TorchDispatchMode):
             for t in inputs:
                 tr.mark_storage(t)
         from_device = any(tr.on_device(t) for t in inputs)
-        target = kwargs.get("device")
+        target, non_blocking = _copy_target(name, func._overloadname, args, kwargs)
+        whole = name == "aten::to"  # under inference_mode `.to()` reaches the modes whole, not as _to_copy
+        if whole:
+            name = "aten::_to_copy"
         if name in READ_OPS and any(t in c.pending for t in inputs):
             c.hazard()
         if name in SYNC_OPS and from_device:
@@ -273,13 +276,14 @@ class _Dispatch(TorchDispatchMode):
         elif name in INDEX_PUT_OPS and from_device and _mask_put_syncs(
                 tr, *args[:3], args[3] if len(args) > 3 else kwargs.get("accumulate", False)):
             c.hit("boolean index assignment")
-        elif name == "aten::_to_copy" and _is_device(target, tr.cuda) and not from_device \
-                and not kwargs.get("non_blocking", False):
+        elif name == "aten::_to_copy" and _is_device(target, tr.cuda) and not from_device and not non_blocking:
             c.hit("blocking host-to-device copy")
         elif name == "aten::copy_" and not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False)) \
                 and tr.on_device(args[0]) != tr.on_device(args[1]):
             c.hit("blocking copy between host and device")
         out = func(*args, **kwargs)
+        if whole and out is args[0] and not tr.cuda and _is_device(target, False) and not from_device:
+            out = out.clone()  # host to the stand-in: a tensor of its own, as a copy to a GPU is, not the host one
         if not tr.cuda:
             to_host = name == "aten::_to_copy" and target is not None and not _is_device(target, False)
             into = name == "aten::copy_"  # a copy lands where its destination lives
@@ -287,6 +291,16 @@ class _Dispatch(TorchDispatchMode):
                 for t in tree_flatten(out)[0]:
                     tr.mark(t)
         return out
+
+
+def _copy_target(name: str, overload: str, args, kwargs) -> tuple:
+    """(the device a copy goes to or None, whether it is non-blocking) of `aten::_to_copy` and `aten::to`."""
+    if name == "aten::to" and overload == "device":  # to.device(self, device, dtype, non_blocking, copy, ...)
+        return args[1] if len(args) > 1 else kwargs.get("device"), bool(
+            args[3] if len(args) > 3 else kwargs.get("non_blocking", False))
+    if name == "aten::to" and overload != "dtype_layout":  # to.dtype, to.other: no device of its own to go to
+        return None, False
+    return kwargs.get("device"), bool(kwargs.get("non_blocking", False))
 
 
 def _mask_put_syncs(tracker: _Tracker, tensor, indices, value, accumulate) -> bool:

@@ -185,7 +185,19 @@ def ema_lerp(e: Env):
 
 
 # (id, idiom, syncs on CUDA, syncs set_sync_debug_mode("warn") flags on CUDA); reasoning beside each row
+def copied_under_inference_mode(e: Env):
+    """A host batch moved to the device under torch.inference_mode() (evaluation), then the same host tensor moved
+    again outside it: two blocking host-to-device copies. Under inference_mode `.to()` reaches the dispatch modes
+    whole (`aten::to`), not as `aten::_to_copy`; the host tensor stays a host tensor."""
+    batch = torch.randn(4, 4)
+    with torch.inference_mode():
+        batch.to(e.device)
+    batch.to(e.device)
+
+
 IDIOMS = [
+    # a blocking host-to-device copy under inference_mode and one outside it: 2
+    ("x.to(device) under inference_mode, then outside it", copied_under_inference_mode, 2, 2),
     # torch/nn/utils/clip_grad.py, clip_grad_norm_ -> _get_total_norm: one _foreach_norm per (device, dtype)
     # group, `norm.to(first_device)` a no-op, vector_norm of the stack; _clip_grads_with_norm_: clamp, then
     # `_foreach_mul_(grads, clip_coef_clamped.to(device))`, a no-op move. No value comes back: 0.
