@@ -525,6 +525,7 @@ class Tracer:
         self._eval_unhook()
         self.audit.__exit__(None, None, None)
         self._counter_off(remap=False)
+        self.counter.logs.__exit__(None, None, None)  # armed when an optimizer was made, maybe before any count
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -656,13 +657,15 @@ class Tracer:
 
     def _made(self, original):
         """Every optimizer the script makes (its class's `__init__` calls `Optimizer.__init__`): the first round waits
-        for each of them to step."""
+        for each of them to step. By then the script has imported its framework: the counter's `self.log` watch
+        (`bench.frameworks.LogCalls`), on since before the script ran, is armed."""
         tracer = self
 
         def __init__(optimizer, *args, **kwargs):
             original(optimizer, *args, **kwargs)
             if not tracer.disarmed:
                 tracer.made.add(optimizer)
+                tracer.counter.logs.arm()
         __init__.__wrapped__ = original
         return __init__
 
