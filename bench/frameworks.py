@@ -48,7 +48,7 @@ KNOWN: tuple[Known, ...] = (
     # run whenever the step's metrics are collected (the logger connector's on_batch_end, the progress bar)
     Known(_LOGGER_CONNECTOR + "result.py", "metrics",
           "self.log(..., prog_bar=True): Lightning reads the metric back (.item()) for the progress bar each time it "
-          "collects the step's metrics; prog_bar=False, or logging it less often, avoids it",
+          "collects the step's metrics; prog_bar=False avoids it",
           callee="convert_tensors_to_scalars", metric=_lightning_metric),
     # logger_connector.py, log_metrics: `scalar_metrics = convert_tensors_to_scalars(metrics)`, every
     # `log_every_n_steps` steps when the Trainer has a logger

@@ -1377,7 +1377,8 @@ def _steps_text(steps: list[int], limit: int = 8) -> str:
 
 def summary(r: dict, sites: list[dict] | None = None) -> str:
     """The per-step table and the costliest sync sites of a trace record. `sites`: the sites as a report renders them
-    (`site`, `per_step`, `operation`, `code`), by default the record's with the counter's names of the operations."""
+    (`site`, `per_step`, `operation`, `code`, maybe `setting`: a framework's setting behind the site, said under the
+    table), by default the record's with the counter's names of the operations."""
     def number(key, spec=".3g"):
         v = r.get(key)
         return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "-"
@@ -1436,6 +1437,11 @@ def summary(r: dict, sites: list[dict] | None = None) -> str:
                   format_table(["site", "operation", "per step", "code"],
                                [[d["site"], d["operation"], f"{d['per_step']:g}", d["code"]]
                                 for d in sites[:TOP_SITES]], right=[2])]
+        settings: dict[str, list[str]] = {}
+        for d in sites[:TOP_SITES]:
+            if d.get("setting"):
+                settings.setdefault(d["setting"], []).append(d["site"])
+        lines += [f"setting behind {', '.join(where)}: {setting}" for setting, where in settings.items()]
     for note in r.get("trace_notes") or []:
         lines.append(f"note: {note}")
     if r.get("status") != "ok":
