@@ -169,7 +169,8 @@ def test_real_trainer_names_its_settings(tmp_path, monkeypatch):
     source = (SCRIPTS / "hf_trainer_accumulation.py").read_text()
     source = source.replace(" use_cpu=True,", "").replace("logging_steps=50", "logging_steps=1")
     r = _traced(tmp_path, monkeypatch, source)
-    for piece, setting in (("torch.isnan(tr_loss_step)", "logging_nan_inf_filter"), ("tr_loss_scalar =", "logging_steps"),
-                           ("grad_norm.item()", "logging_steps"), ("tensor.to(device", "non_blocking")):
+    for piece, setting in (("torch.isnan(tr_loss_step)", "logging_nan_inf_filter"),
+                           ("tr_loss_scalar =", "logging_steps"), ("grad_norm.item()", "logging_steps"),
+                           ("tensor.to(device", "non_blocking")):
         [site] = [d for d in r["sync_site_details"] if piece in d["code"]]
         assert setting in site.get("setting", ""), site
