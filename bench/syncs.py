@@ -58,6 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from bench.frameworks import Known, LogCalls, lookup
 from reports.results import SITE_CALLER
 
 STAND_IN = torch.device("cpu", 0)
@@ -104,34 +105,55 @@ def _library_part(filename: str) -> str | None:
 class Site(NamedTuple):
     """Where a sync happened: `text` is `file:line` of the innermost frame outside torch, loopmark's harness and the
     standard library, and where that frame is an installed package's, the nearest frame of the user's code after
-    `SITE_CALLER`. `code` and `caller_code` are those lines' source, stripped."""
+    `SITE_CALLER` (for a Lightning metric's read-back, the user's `self.log` of it: `bench.frameworks`). `code` and
+    `caller_code` are those lines' source, stripped; `setting`, the framework's setting behind a read-back in its code
+    (`bench.frameworks.KNOWN`), "" where none is known."""
 
     text: str
     code: str = ""
     caller_code: str = ""
+    setting: str = ""
 
 
-def locate(root: str | None = None) -> Site:
+def locate(root: str | None = None, logs: LogCalls | None = None) -> Site:
     """The site of the operation running now (see `Site`). A file shows as its module's path (`loops/canonical.py`
     for `loops.canonical`, `<site-packages>/lightning/fabric/utilities/apply_func.py`), a script run as `__main__`
     relative to `root` (a traced script's directory), so that a site reads the same from any working directory; its
-    line is the line of the expression that syncs (`_line`)."""
-    frame = sys._getframe(1)
+    line is the line of the expression that syncs (`_line`). `logs`: the user's `self.log` lines seen so far."""
+    inner, frame = None, sys._getframe(1)
     while frame is not None and _is_harness(frame.f_code.co_filename):
-        frame = frame.f_back
+        inner, frame = frame, frame.f_back
     if frame is None:
         return Site("unknown")
     text, code = _where(frame, root)
     if _library_part(frame.f_code.co_filename) is None:
         return Site(text, code)
-    caller = frame.f_back
+    known, logged, caller = None, None, frame
     while caller is not None and (_is_harness(caller.f_code.co_filename)
                                   or _library_part(caller.f_code.co_filename) is not None):
-        caller = caller.f_back
-    if caller is None:
-        return Site(text, code)
-    caller_text, caller_code = _where(caller, root)
-    return Site(f"{text}{SITE_CALLER}{caller_text}", code, caller_code)
+        if known is None:
+            known = _known(caller, inner, root)
+            if known is not None and known.metric is not None and logs is not None:
+                logged = logs.logged_at(known.metric(caller.f_locals))
+        inner, caller = caller, caller.f_back
+    where = logged or (_where(caller, root) if caller is not None else None)
+    if where is None:
+        return Site(text, code, "", known.setting if known else "")
+    return Site(f"{text}{SITE_CALLER}{where[0]}", code, where[1], known.setting if known else "")
+
+
+def _known(frame, inner, root: str | None) -> Known | None:
+    """The `bench.frameworks.KNOWN` entry a frame of an installed package is, if any (`inner`: the frame it called)."""
+    return lookup(_library_part(frame.f_code.co_filename), frame.f_code.co_name,
+                  inner.f_code.co_name if inner is not None else "", lambda: _where(frame, root)[1])
+
+
+def user_where(frame, root: str | None) -> tuple[str, str] | None:
+    """(`file:line`, source) of the nearest frame of the user's code from `frame` outwards, None if there is none."""
+    while frame is not None and (_is_harness(frame.f_code.co_filename)
+                                 or _library_part(frame.f_code.co_filename) is not None):
+        frame = frame.f_back
+    return _where(frame, root) if frame is not None else None
 
 
 def _site(root: str | None = None) -> str:
@@ -492,7 +514,9 @@ class SyncCounter:
         self.sites: Counter = Counter()
         self.kinds: Counter = Counter()
         self.site_kinds: Counter = Counter()  # (site, kind): which operation synchronised where
-        self.site_code: dict[str, tuple[str, str]] = {}  # site: the source of its line (and its caller's)
+        # site: the source of its line (and its caller's), the framework setting behind it (`Site`)
+        self.site_code: dict[str, tuple[str, str, str]] = {}
+        self.logs = LogCalls(lambda frame: user_where(frame, self.root))  # the user's `self.log` lines (Lightning)
         self.pending = WeakTensorKeyDictionary()  # non-blocking device-to-host copies not yet synchronised
         self.hazards = 0
         self.hazard_sites: Counter = Counter()
@@ -512,9 +536,9 @@ class SyncCounter:
             self.tracker.mark(t)
 
     def hit(self, kind: str) -> None:
-        where = locate(self.root)
+        where = locate(self.root, self.logs)
         site = where.text
-        self.site_code.setdefault(site, (where.code, where.caller_code))
+        self.site_code.setdefault(site, (where.code, where.caller_code, where.setting))
         self.syncs += 1
         self.kinds[kind] += 1
         self.sites[site] += 1
@@ -540,6 +564,7 @@ class SyncCounter:
         self._saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in self._patches]
         for (owner, attr, wrap), (_, _, original) in zip(self._patches, self._saved):
             setattr(owner, attr, wrap(original))
+        self.logs.__enter__()
         for m in self._modes:
             m.__enter__()
         return self
@@ -547,6 +572,7 @@ class SyncCounter:
     def __exit__(self, *exc):
         for m in reversed(self._modes):
             m.__exit__(*exc)
+        self.logs.__exit__(*exc)
         for owner, attr, original in reversed(self._saved):
             setattr(owner, attr, original)
         return False
@@ -630,15 +656,18 @@ def count_cuda_debug_syncs(fn) -> int:
 def site_details(sites: Counter, site_kinds: Counter, steps: int, codes: dict | None = None) -> list[dict]:
     """Each sync site, most syncs first: `site` (`locate`'s text), `per_step`, `count` (over the pass's `steps` steps),
     `operations` ({operation: count}), `code` (the line's source, stripped; "" where it cannot be read) and, for a
-    site in an installed package reached from the user's code, `caller_code` (that line's). `codes`: {site: (code,
-    caller_code)} as the counter read them (`SyncCounter.site_code`); a site missing there is read from its path."""
+    site in an installed package reached from the user's code, `caller_code` (that line's), and where a framework's
+    setting is behind it, `setting` (`bench.frameworks`). `codes`: {site: (code, caller_code, setting)} as the counter
+    read them (`SyncCounter.site_code`); a site missing there is read from its path."""
     out = []
     for site, count in sorted(sites.items(), key=lambda kv: (-kv[1], kv[0])):
         operations = {kind: n for (s, kind), n in sorted(site_kinds.items(), key=lambda kv: -kv[1]) if s == site}
-        code, caller_code = (codes or {}).get(site) or (_read_line(site), "")
+        code, caller_code, *setting = (codes or {}).get(site) or (_read_line(site), "")
         detail = {"site": site, "per_step": count / steps, "count": count, "operations": operations, "code": code}
         if caller_code:
             detail["caller_code"] = caller_code
+        if setting and setting[0]:
+            detail["setting"] = setting[0]
         out.append(detail)
     return out
 

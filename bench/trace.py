@@ -525,6 +525,7 @@ class Tracer:
         self._eval_unhook()
         self.audit.__exit__(None, None, None)
         self._counter_off(remap=False)
+        self.counter.logs.__exit__(None, None, None)  # armed when an optimizer was made, maybe before any count
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -656,13 +657,15 @@ class Tracer:
 
     def _made(self, original):
         """Every optimizer the script makes (its class's `__init__` calls `Optimizer.__init__`): the first round waits
-        for each of them to step."""
+        for each of them to step. By then the script has imported its framework: the counter's `self.log` watch
+        (`bench.frameworks.LogCalls`), on since before the script ran, is armed."""
         tracer = self
 
         def __init__(optimizer, *args, **kwargs):
             original(optimizer, *args, **kwargs)
             if not tracer.disarmed:
                 tracer.made.add(optimizer)
+                tracer.counter.logs.arm()
         __init__.__wrapped__ = original
         return __init__
 
@@ -1374,7 +1377,8 @@ def _steps_text(steps: list[int], limit: int = 8) -> str:
 
 def summary(r: dict, sites: list[dict] | None = None) -> str:
     """The per-step table and the costliest sync sites of a trace record. `sites`: the sites as a report renders them
-    (`site`, `per_step`, `operation`, `code`), by default the record's with the counter's names of the operations."""
+    (`site`, `per_step`, `operation`, `code`, maybe `setting`: a framework's setting behind the site, said under the
+    table), by default the record's with the counter's names of the operations."""
     def number(key, spec=".3g"):
         v = r.get(key)
         return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "-"
@@ -1433,6 +1437,11 @@ def summary(r: dict, sites: list[dict] | None = None) -> str:
                   format_table(["site", "operation", "per step", "code"],
                                [[d["site"], d["operation"], f"{d['per_step']:g}", d["code"]]
                                 for d in sites[:TOP_SITES]], right=[2])]
+        settings: dict[str, list[str]] = {}
+        for d in sites[:TOP_SITES]:
+            if d.get("setting"):
+                settings.setdefault(d["setting"], []).append(d["site"])
+        lines += [f"setting behind {', '.join(where)}: {setting}" for setting, where in settings.items()]
     for note in r.get("trace_notes") or []:
         lines.append(f"note: {note}")
     if r.get("status") != "ok":

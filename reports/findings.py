@@ -415,8 +415,8 @@ def growth_text(cell) -> str:
 
 
 def sync_summary(cell, short: bool = False) -> str:
-    """`1/step: 1 per step at loops/canonical.py:172 (`train_loss += loss.item()`, scalar read-back)`, every site;
-    `short`: one line per site, the code only."""
+    """`1/step: 1 per step at loops/canonical.py:172 (`train_loss += loss.item()`, scalar read-back)`, every site,
+    with the framework setting behind it where one is known; `short`: one line per site, the code only."""
     syncs = cell["syncs_per_step"]
     if not _finite(syncs):
         return "not counted"
@@ -427,13 +427,18 @@ def sync_summary(cell, short: bool = False) -> str:
         return f"{_per_step(syncs)}"
     if short:
         texts = [f"{s['when']}: {code(s['site'])}" + (f" {code(s['code'])}" if s["code"] else "")
-                 + (f" ({s['operation']})" if s["operation"] else "") for s in sites]
+                 + (f" ({s['operation']})" if s["operation"] else "") + _behind(s) for s in sites]
         return "\n".join(texts) if len(sites) == 1 else f"{_per_step(syncs)}/step:\n" + "\n".join(texts)
     texts = [f"{s['when']} at {code(s['site'])}" + (f" ({code(s['code'])}"
                                                     + (f", {s['operation']})" if s["operation"] else ")")
                                                   if s["code"] else f" ({s['operation']})" if s["operation"] else "")
-             for s in sites]
+             + _behind(s) for s in sites]
     return f"{_per_step(syncs)}/step: " + "; ".join(texts)
+
+
+def _behind(site: dict) -> str:
+    """The framework setting behind a site, as its sentence ends; "" where none is known."""
+    return f", behind it {site['setting']}" if site.get("setting") else ""
 
 
 def collective_summary(cell) -> str:
@@ -504,9 +509,10 @@ def is_distributed(cells: pd.DataFrame) -> bool:
 
 def sync_sites(cell) -> list[dict]:
     """A cell's sync sites: `site` (file:line), `per_step`, `when` ("1 per step", "1 per 16-step epoch"),
-    `operation` and `code` (the line, where the results hold it; for a site in a library, then its caller's line after
-    " from "). From `sync_site_details` where the results have it, else from `sync_sites` and `sync_kinds` (the
-    operation is then known only where a cell has one kind)."""
+    `operation`, `code` (the line, where the results hold it; for a site in a library, then its caller's line after
+    " from ") and `setting` (a framework's setting behind it, `bench.frameworks`; "" where none is known). From
+    `sync_site_details` where the results have it, else from `sync_sites` and `sync_kinds` (the operation is then
+    known only where a cell has one kind)."""
     steps = cell.get("steps")
     details = cell.get("sync_site_details")
     out = []
@@ -516,7 +522,7 @@ def sync_sites(cell) -> list[dict]:
                 continue
             ops = d.get("operations") or {}
             out.append({"site": str(d["site"]), "per_step": d.get("per_step"), "count": d.get("count"),
-                        "operation": _operations(ops), "code": site_code(d)})
+                        "operation": _operations(ops), "code": site_code(d), "setting": str(d.get("setting") or "")})
     else:
         sites, kinds = cell.get("sync_sites"), cell.get("sync_kinds")
         if not isinstance(sites, dict):
@@ -526,7 +532,7 @@ def sync_sites(cell) -> list[dict]:
             "one of " + ", ".join(code(k) for k in kinds) if kinds else "")
         for site, count in sorted(sites.items(), key=lambda kv: (-kv[1], kv[0])):
             out.append({"site": site, "count": count, "per_step": count / steps if _finite(steps) and steps else None,
-                        "operation": operation, "code": ""})
+                        "operation": operation, "code": "", "setting": ""})
     for s in out:
         s["when"] = _when(s.get("count"), s.get("per_step"), steps)
     return out

@@ -595,6 +595,13 @@ def _trace_blocks(cell: dict) -> list[tuple]:
                 for s in shown]
         blocks += [("h3", f"{name}: sync sites ({len(shown)} of {len(sites)}, most syncs first)"),
                    ("table", ["site", "operation", "syncs/step", "code"], rows, [""] * len(rows), {2})]
+        settings: dict[str, list[str]] = {}
+        for s in shown:
+            if s["setting"]:
+                settings.setdefault(s["setting"], []).append(code(s["site"]))
+        if settings:
+            blocks.append(("list", [f"setting behind {', '.join(where)}: {setting}"
+                                    for setting, where in settings.items()]))
     return blocks
 
 
