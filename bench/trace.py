@@ -589,12 +589,12 @@ class Tracer:
         tracer, init, ddp_init = self, distributed_c10d.init_process_group, DistributedDataParallel.__init__
 
         def init_process_group(backend=None, *args, **kwargs):
-            if isinstance(backend, str) and "nccl" in backend:
+            if not tracer.cuda and isinstance(backend, str) and "nccl" in backend:
                 tracer.notes.append(f"the script's init_process_group({backend!r}) ran on gloo: nccl needs a GPU")
                 backend = "gloo"
-            if _is_cuda(kwargs.get("device_id")):
+            if not tracer.cuda and _is_cuda(kwargs.get("device_id")):
                 kwargs = {k: v for k, v in kwargs.items() if k != "device_id"}
-            return init(backend, *args, **kwargs)
+            return init(backend, *args, **_collective_timeout(args, kwargs))
 
         def __init__(ddp, module, device_ids=None, output_device=None, *args, **kwargs):
             if not tracer.cuda and all(p.device.type == "cpu" for p in module.parameters()):  # the stand-in: CPU
@@ -603,7 +603,7 @@ class Tracer:
             tracer.replicas.append(weakref.ref(ddp))
         __init__.__wrapped__ = ddp_init
         shims = [(DistributedDataParallel, "__init__", __init__)]
-        if not self.cuda:
+        if not self.cuda or os.environ.get(distributed.TIMEOUT_ENV):
             shims += [(distributed_c10d, "init_process_group", init_process_group),
                       (dist, "init_process_group", init_process_group)]
         return shims
@@ -1260,6 +1260,55 @@ def ranks_table(records: list[dict]) -> str:
                         right=[1, 2, 3])
 
 
+_STEPS_SEEN = [0]  # the step count of this process's trace, when progress() last saw it
+
+
+def progress(idle: str = "before the script's first step") -> tuple[tuple, str]:
+    """Where this process's trace is, for a launcher's heartbeat: (its step count, which pass and step in words). It
+    changes at step boundaries only, so a rank that no longer steps is seen so; `idle` once no trace runs."""
+    if _ACTIVE:
+        tracer = _ACTIVE[0]
+        _STEPS_SEEN[0] = step = tracer.steps_run
+        where = f"{tracer.phase} pass" if tracer.phase in PHASES else tracer.phase
+        return ("step", step), f"{where}, step {step + 1}"
+    return ("step", _STEPS_SEEN[0]), idle
+
+
+def _collective_timeout(args: tuple, kwargs: dict) -> dict:
+    """`init_process_group`'s keyword arguments with its `timeout` at most the launcher's --cell-timeout (where it set
+    one): a collective that waits for a rank that will never join it raises then, and the rank's trace ends with what
+    it measured. `args` are those after the backend (`init_method`, then `timeout`)."""
+    import datetime
+
+    limit = os.environ.get(distributed.TIMEOUT_ENV)
+    if not limit or len(args) >= 2:
+        return kwargs
+    cap = datetime.timedelta(seconds=float(limit))
+    given = kwargs.get("timeout")
+    return {**kwargs, "timeout": min(given, cap) if isinstance(given, datetime.timedelta) else cap}
+
+
+# what a rank's collective raises when another rank has ended or stopped answering (gloo's and nccl's words)
+PEER_FAILURES = ("remote worker", "closed by peer", "reset by peer", "Timed out waiting", "remote process",
+                 "collective operation timeout", "communicator was aborted")
+
+
+def first_failure(records: list[dict]) -> str | None:
+    """One line naming the rank whose own failure ended a trace under torchrun (the other ranks' collectives then
+    fail, and say so in gloo's or nccl's words), with where in the script it stopped; None when no rank failed of
+    itself."""
+    own = [r for r in records if r.get("status") == "error" and not any(
+        w in str(r.get("error")) for w in PEER_FAILURES)]
+    if not own:
+        return None
+    r = min(own, key=lambda r: r.get("rank", 0))
+    site = f" ({r['error_site']})" if r.get("error_site") else ""
+    others = [x.get("rank") for x in records if x is not r and x.get("status") == "error"]
+    tail = (f"; rank(s) {', '.join(map(str, others))} ended in the collective that waited for it"
+            if others and len(own) == 1 else "")
+    return f"rank {r.get('rank')} failed: {r.get('error')}{site}{tail}"
+
+
 def torchrun_rank() -> tuple[int, int]:
     """(rank, ranks) of this process as torchrun started it; (0, 1) outside torchrun."""
     if not distributed.launched():
@@ -1342,6 +1391,9 @@ def _result(tracer: Tracer, target: Target, outcome: Outcome, steps: int, warmup
             f"the script {'ended' if outcome.how == 'ended' else 'stopped'} after {tracer.steps_run} of the "
             f"{planned} steps planned ({warmup} warm-up + {len(PHASES)} passes of {steps}): passes "
             + ", ".join(f"{p} {tracer.done[p]}/{steps}" for p in PHASES))
+    if outcome.exception is not None:
+        frames = traceback.extract_tb(outcome.exception.__traceback__)[::-1]
+        figures["error_site"] = distributed.own_location([(f.filename, f.lineno, f.name) for f in frames])
     rank, ranks = torchrun_rank()
     if ranks > 1:  # a cell per rank
         figures["rank"] = rank

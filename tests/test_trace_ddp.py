@@ -18,13 +18,14 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "ddp_trace_script.py"
+FAULTY = ROOT / "tests" / "ddp_fault_script.py"
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def traced(out: Path, *argv: str, launcher: bool) -> subprocess.CompletedProcess:
+def traced(out: Path, *argv: str, launcher: bool, warmup: int = 2) -> subprocess.CompletedProcess:
     """`loopmark trace --nproc-per-node 2 ...` (launcher), or the user's own `torchrun ... -m bench trace ...`."""
-    options = ["--steps", "2", "--warmup", "2", "--out", str(out)]
+    options = ["--steps", "2", "--warmup", str(warmup), "--out", str(out)]
     start = ["-m", "bench", "trace", "--nproc-per-node", "2"] if launcher else [
         "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bench", "trace"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -69,3 +70,35 @@ def test_a_rendezvous_option_without_ranks_is_one_line_and_exit_2(capsys):
     assert main(["trace", "--nnodes", "2", str(SCRIPT)]) == 2
     err = capsys.readouterr().err
     assert "--nnodes is a torchrun option: it goes with --nproc-per-node N" in err and len(err.splitlines()) == 1
+
+
+def _line_of(text: str, path: Path = FAULTY) -> int:
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+@pytest.mark.parametrize(("fault", "named"), [
+    ("raise", "loopmark trace: rank 1 failed: the script raised ValueError: rank 1 gave up at step 4 "
+              "(tests/ddp_fault_script.py:{raise ValueError} in main); rank(s) 0 ended in the collective that waited "
+              "for it"),
+    # rank 0 waits in DDP's all-reduce: its process group's timeout (5 s) ends it, the launcher the sleeping rank 1
+    ("hang", "loopmark trace: timeout: no step on any rank in 10 s (--cell-timeout and as much again, a minute at "
+             "most): rank 1 stopped at tests/ddp_fault_script.py:{time.sleep(3600)} in main; rank 0 at 'its trace "
+             "ended: waiting for the other ranks' records'"),
+    ("kill", "loopmark trace: rank 1 ended (killed by SIGKILL)"),
+])
+def test_a_rank_that_fails_ends_every_rank_is_named_and_the_others_measurements_are_kept(tmp_path, fault, named):
+    """Rank 1 of tests/ddp_fault_script.py fails at its step 4, the first of the audit pass (1 warm-up step, 2 counted):
+    the trace exits 1 within about --cell-timeout, one line names the rank (and where it stopped), and rank 0's cell
+    is written with its count pass (2 all-reduces in step 3; DDP rebuilds its bucket in step 2)."""
+    out = tmp_path / "out"
+    done = traced(out, "--cell-timeout", "5", str(FAULTY), "--fault", fault, "--at-step", "4",
+                  launcher=True, warmup=1)
+    assert done.returncode == 1, done.stdout + done.stderr
+    for code in ("raise ValueError", "time.sleep(3600)"):
+        named = named.replace("{" + code + "}", str(_line_of(code)))
+    said = (done.stdout + done.stderr).splitlines()  # what rank 0 says comes through the launcher's stdout
+    assert [line for line in said if "rank 1" in line and line.startswith("loopmark trace:")] == [named], said
+    cells = {c["rank"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
+    assert set(cells) == ({0, 1} if fault == "raise" else {0})
+    assert cells[0]["status"] == "error" and cells[0]["trace_passes"]["count"] == 2
+    assert cells[0]["collectives_by_step"][1] == 2 and "rank 1" not in cells[0]["error"]
