@@ -459,6 +459,8 @@ class Tracer:
         self.collected: dict = {}
         self.ranks_differ: tuple[int, int] | None = None  # (step, rank) of the first step after which they differed
         self.replicas: list[weakref.ref] = []  # the DistributedDataParallel modules the script made, in order
+        self.sampler_epochs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # sampler -> (reads, its epoch)
+        self.same_order: str | None = None  # a shuffling DistributedSampler that read an epoch as the one before
         self._saved: list[tuple[object, str, object]] = []
         self._hook = None
         self._train_depth = 0
@@ -585,8 +587,15 @@ class Tracer:
             return []
         from torch.distributed import distributed_c10d
         from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data import DistributedSampler
 
         tracer, init, ddp_init = self, distributed_c10d.init_process_group, DistributedDataParallel.__init__
+        sampler_iter = DistributedSampler.__iter__
+
+        def read_epoch(sampler):
+            if not tracer.disarmed:
+                tracer._sampler_read(sampler)
+            return sampler_iter(sampler)
 
         def init_process_group(backend=None, *args, **kwargs):
             if not tracer.cuda and isinstance(backend, str) and "nccl" in backend:
@@ -602,11 +611,27 @@ class Tracer:
             ddp_init(ddp, module, device_ids, output_device, *args, **kwargs)
             tracer.replicas.append(weakref.ref(ddp))
         __init__.__wrapped__ = ddp_init
-        shims = [(DistributedDataParallel, "__init__", __init__)]
+        read_epoch.__wrapped__ = sampler_iter
+        shims = [(DistributedDataParallel, "__init__", __init__), (DistributedSampler, "__iter__", read_epoch)]
         if not self.cuda or os.environ.get(distributed.TIMEOUT_ENV):
             shims += [(distributed_c10d, "init_process_group", init_process_group),
                       (dist, "init_process_group", init_process_group)]
         return shims
+
+    def _sampler_read(self, sampler) -> None:
+        """A DistributedSampler begins an epoch (the DataLoader's iterator asks it for its order). One that shuffles
+        orders each epoch by `seed + epoch`: read again with the epoch it had the time before, it gives the same
+        order again, every epoch (the script never calls `sampler.set_epoch(epoch)`): `different`, as `loopmark
+        check` judges a distributed loop that draws its epochs so."""
+        reads, epoch = self.sampler_epochs.get(sampler, (0, None))
+        now = getattr(sampler, "epoch", None)
+        if reads and now == epoch and getattr(sampler, "shuffle", False) and self.same_order is None:
+            dataset = type(getattr(sampler, "dataset", None)).__name__
+            given = "was never given set_epoch" if not now else f"was given set_epoch({now}) again"
+            self.same_order = (f"the DistributedSampler of the {dataset} {given}: every epoch reads the same order "
+                               f"(its epoch {reads + 1}, at step {self.steps_run + 1}, read the order of the one before; "
+                               "call sampler.set_epoch(epoch) before each epoch)")
+        self.sampler_epochs[sampler] = (reads + 1, now)
 
     def _replicated(self) -> bool:
         """Whether the script trains DDP replicas on several ranks (each rank's parameters the same)."""
@@ -1101,10 +1126,11 @@ class Tracer:
             step, rank = self.ranks_differ
             broken.append(f"after step {step} this rank's parameters differ from rank {rank}'s: a gradient the ranks "
                           "did not share (no_sync on the wrong micro-batch?)")
-        if not self.done["audit"] and not broken:
+        different = [self.same_order] if self.same_order else []
+        if not self.done["audit"] and not broken and not different:
             return {"verdict": "unverified", "verdict_reason": "the script ended before the audit pass",
                     "audit_steps": 0}
-        verdict, reason = audit_verdict(findings, broken)
+        verdict, reason = audit_verdict(findings, broken, extra_different=different)
         return {"verdict": verdict, "verdict_reason": reason,
                 "audit_steps": sum(1 for x in findings if x.kind != "skipped"),
                 "audit_findings": dict(Counter(x.kind for x in findings))}

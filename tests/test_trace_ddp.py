@@ -33,19 +33,26 @@ def traced(out: Path, *argv: str, launcher: bool, warmup: int = 2) -> subprocess
                           timeout=300, env=env)
 
 
-@pytest.mark.parametrize(("micro_batches", "no_sync", "collectives", "verdict", "launcher"), [
-    (1, "none", 1, "consistent", False),  # one all-reduce per backward pass
-    (2, "first", 1, "consistent", False),  # no_sync on the first micro-batch: one all-reduce, after the last
-    (2, "backward", 2, "consistent", False),  # no_sync around backward() only: DDP all-reduces both (a no-op)
-    (2, "last", 1, "broken", True),  # the last micro-batch not synced: the ranks' parameters part after step 1
+@pytest.mark.parametrize(("micro_batches", "no_sync", "collectives", "verdict", "launcher", "more"), [
+    (1, "none", 1, "consistent", False, []),  # one all-reduce per backward pass
+    (2, "first", 1, "consistent", False, []),  # no_sync on the first micro-batch: one all-reduce, after the last
+    (2, "backward", 2, "consistent", False, []),  # no_sync around backward() only: DDP all-reduces both (a no-op)
+    (2, "last", 1, "broken", True, []),  # the last micro-batch not synced: the ranks' parameters part after step 1
+    # nanoGPT's require_backward_grad_sync on the last micro-batch: one all-reduce; epochs of 2 steps, each given
+    # set_epoch: no epoch repeats the one before
+    (2, "flag", 1, "consistent", False, ["--samples", "32"]),
+    # epochs of 4 steps and no set_epoch: the second epoch (steps 5 to 8, in the audit and time passes) reads the
+    # first one's order
+    (1, "none", 1, "different", True, ["--samples", "32", "--no-set-epoch"]),
 ])
-def test_each_rank_of_a_ddp_script_is_traced(tmp_path, micro_batches, no_sync, collectives, verdict, launcher):
+def test_each_rank_of_a_ddp_script_is_traced(tmp_path, micro_batches, no_sync, collectives, verdict, launcher, more):
     """Each rank's cell counts its all-reduces per step and 2 blocking copies per micro-batch; its verdict is the
-    audit's, broken when the ranks' parameters differ after a step. Only rank 0 writes; `--strict` fails a broken
-    verdict through the launcher."""
+    audit's, broken when the ranks' parameters differ after a step, different when a shuffling DistributedSampler
+    reads an epoch in the order of the one before. Only rank 0 writes; `--strict` fails a broken verdict through the
+    launcher (not a different one)."""
     out = tmp_path / "out"
     strict = ["--strict"] if launcher else []
-    done = traced(out, *strict, str(SCRIPT), "--micro-batches", str(micro_batches), "--no-sync", no_sync,
+    done = traced(out, *strict, str(SCRIPT), "--micro-batches", str(micro_batches), "--no-sync", no_sync, *more,
                   launcher=launcher)
     assert done.returncode == (1 if verdict == "broken" else 0), done.stdout + done.stderr
     cells = json.loads((out / "results.json").read_text())["cells"]
@@ -57,6 +64,10 @@ def test_each_rank_of_a_ddp_script_is_traced(tmp_path, micro_batches, no_sync, c
         assert c["syncs_by_step"] == [2 * micro_batches] * 2 and c["comm_bytes_per_step"] == 72 * collectives
         assert all(site.startswith((f"{SCRIPT}:", "tests/ddp_trace_script.py:")) for site in c["collective_sites"])
         assert "init_process_group('nccl') ran on gloo" in c["trace_notes"][0]
+    if verdict == "different":
+        assert all(c["verdict_reason"].startswith("the DistributedSampler of the TensorDataset was never given "
+                                                  "set_epoch: every epoch reads the same order (its epoch 2, at step "
+                                                  "5,") for c in cells)
     if verdict == "broken":
         assert "parameters differ from rank" in cells[0]["verdict_reason"]
         assert "loopmark trace --strict: ddp_trace_script.py rank 0: verdict broken" in done.stdout + done.stderr
