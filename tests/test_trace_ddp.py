@@ -7,8 +7,10 @@ module without device ids. Its docstring works out its collectives and syncs per
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "ddp_trace_script.py"
 FAULTY = ROOT / "tests" / "ddp_fault_script.py"
+ACCELERATED = ROOT / "tests" / "accelerate_trace_script.py"
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -113,3 +116,46 @@ def test_a_rank_that_fails_ends_every_rank_is_named_and_the_others_measurements_
     assert set(cells) == ({0, 1} if fault == "raise" else {0})
     assert cells[0]["status"] == "error" and cells[0]["trace_passes"]["count"] == 2
     assert cells[0]["collectives_by_step"][1] == 2 and "rank 1" not in cells[0]["error"]
+
+
+def test_rendezvous_options_go_to_torchrun_in_place_of_standalone(monkeypatch, tmp_path):
+    """`--nnodes`, `--node-rank` and `--rdzv-*` are torchrun's: they replace `--standalone` on its command line, before
+    `-m bench trace`, which gets loopmark's own options and the script's (no torchrun is started here)."""
+    from bench import distributed
+    from bench.cli import main
+
+    seen = []
+    monkeypatch.setattr(distributed, "_one_torchrun", lambda cmd, *a, **k: (seen.append(cmd), (0, None, None, ""))[1])
+    main(["trace", "--nproc-per-node", "2", "--nnodes", "2", "--node-rank", "1", "--rdzv-backend", "c10d",
+          "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id", "job7", "--steps", "3", "--out", str(tmp_path / "out"),
+          str(SCRIPT), "--micro-batches", "2"])
+    cmd = seen[0]
+    start = cmd.index("torch.distributed.run") + 1
+    assert cmd[start:cmd.index("bench")] == [
+        "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=job7",
+        "--nproc-per-node=2", "-m"]
+    assert cmd[cmd.index("bench") + 1:] == ["trace", "--out", str(tmp_path / "out"), "--overwrite", "--steps", "3",
+                                             str(SCRIPT), "--micro-batches", "2"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="needs Hugging Face Accelerate")
+def test_accelerate_launch_of_bench_trace(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m bench trace SCRIPT.py`: Accelerate starts the ranks through
+    torchrun (on a machine without a GPU too), each traces an Accelerate script (`prepare`, `accelerator.backward`): 1
+    all-reduce of 72 bytes and 2 blocking copies (the prepared loader's) per step, consistent, a cell per rank."""
+    out = tmp_path / "out"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+         "-m", "bench", "trace", "--steps", "2", "--warmup", "2", "--out", str(out), str(ACCELERATED)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert [(c["workload"], c["rank"], c["ranks"]) for c in cells] == [
+        (f"{ACCELERATED.name} rank {r}", r, 2) for r in range(2)]
+    for c in cells:
+        assert (c["status"], c["verdict"]) == ("ok", "consistent"), c["verdict_reason"]
+        assert c["collectives_by_step"] == [1, 1] and c["comm_bytes_per_step"] == 72 and c["syncs_by_step"] == [2, 2]
