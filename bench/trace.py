@@ -629,8 +629,8 @@ class Tracer:
             dataset = type(getattr(sampler, "dataset", None)).__name__
             given = "was never given set_epoch" if not now else f"was given set_epoch({now}) again"
             self.same_order = (f"the DistributedSampler of the {dataset} {given}: every epoch reads the same order "
-                               f"(its epoch {reads + 1}, at step {self.steps_run + 1}, read the order of the one before; "
-                               "call sampler.set_epoch(epoch) before each epoch)")
+                               f"(its epoch {reads + 1}, at step {self.steps_run + 1}, read the order of the one "
+                               "before; call sampler.set_epoch(epoch) before each epoch)")
         self.sampler_epochs[sampler] = (reads + 1, now)
 
     def _replicated(self) -> bool:

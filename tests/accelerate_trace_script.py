@@ -22,7 +22,7 @@ def main():
     data = TensorDataset(torch.randn(256, 8), torch.randint(0, 2, (256,)))
     loader = DataLoader(data, batch_size=4, shuffle=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    for epoch in range(50):
+    for _ in range(50):
         for x, y in loader:
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
