@@ -402,13 +402,17 @@ def _loss_factor(node) -> tuple[str, float | None]:
     return type(node).__name__, None
 
 
-def verdict(findings: list[Finding], extra_broken: list[str] = (), steps: int | None = None) -> tuple[str, str]:
+def verdict(findings: list[Finding], extra_broken: list[str] = (), steps: int | None = None,
+            extra_different: list[str] = ()) -> tuple[str, str]:
     """(verdict, reason) of a run's findings: `broken` (the first broken step, or an extra finding such as a kept
-    graph or a non-finite loss), `different` (a transformed or undivided gradient), `unverified` (a step the audit
-    cannot explain, or no step judged), else `consistent`."""
+    graph or a non-finite loss), `different` (an extra finding such as a data order that repeats every epoch, or a
+    transformed or undivided gradient), `unverified` (a step the audit cannot explain, or no step judged), else
+    `consistent`."""
     broken = [f.reason for f in findings if f.kind == "broken"]
     if broken or extra_broken:
         return "broken", (broken + list(extra_broken))[0]
+    if extra_different:
+        return "different", extra_different[0]
     judged = [f for f in findings if f.kind != "skipped"]
     if not judged:
         return "unverified", "no optimizer step was audited (no step after the warm-up, or none with a backward pass)"

@@ -577,7 +577,7 @@ def cmd_merge(args) -> int:
     return EXIT_OK
 
 
-TRACE_OPTIONS = ("--steps", "--warmup", "--out", "--overwrite", "--strict", "--nproc-per-node")
+TRACE_OPTIONS = ("--steps", "--warmup", "--out", "--overwrite", "--strict", "--nproc-per-node", "--cell-timeout")
 
 
 def cmd_trace(args) -> int:
@@ -608,8 +608,11 @@ def cmd_trace(args) -> int:
     if args.nproc_per_node and not distributed.launched():  # the ranks run this command under torchrun
         return _launch_trace(args, _out_dir(args))
     out = _out_dir(args) if rank == 0 else None  # rank 0 writes every rank's cell
+    idle = ["before the script's first step"]  # what this rank's heartbeat says when no step is under way
     if ranks > 1:
         trace.unpublish(rank)
+        # under the launching `loopmark trace`: its heartbeat, each step's, from a thread of its own
+        distributed.beat_in_background(rank, lambda: trace.progress(idle[0]))
     env = environment()  # before the script runs, which may be shown a GPU this machine does not have
     steps = args.steps or trace.DEFAULT_STEPS
     warmup = trace.DEFAULT_WARMUP if args.warmup is None else args.warmup
@@ -627,6 +630,7 @@ def cmd_trace(args) -> int:
             code = _trace_written(args, out, env, [result.record], ranks)
             return code if code != EXIT_OK else result.exit_code
         trace.publish(result.record, result.exit_code)
+        idle[0] = "its trace ended: waiting for the other ranks' records" if rank == 0 else "its trace ended"
         if rank:  # rank 0 exits with the worst rank's status; a rank that failed and exits so would have torchrun
             return EXIT_OK  # end rank 0 before it has written every rank's cell
         found = trace.collect(ranks, trace.RANKS_WAIT_S)
@@ -665,6 +669,9 @@ def _trace_written(args, out: Path, env: dict, records: list[dict], ranks: int) 
         if missing:
             print(f"rank(s) {', '.join(map(str, missing))}: no result (the rank failed or was ended before its trace "
                   "was done: see its output above)")
+        failed = trace.first_failure(records)
+        if failed:
+            print(f"loopmark trace: {failed}", file=sys.stderr)
     if not records:
         return EXIT_FAIL
     try:
@@ -701,7 +708,7 @@ def _launch_trace(args, out: Path) -> int:
     rendezvous = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in RENDEZVOUS
                   if getattr(args, name) is not None]
     written, failed = distributed.launch_trace(child, args.nproc_per_node, rendezvous, trace.RANKS_DIR_ENV,
-                                                lambda where: _ranks_left(args, out, where))
+                                                lambda where: _ranks_left(args, out, where), args.cell_timeout)
     if failed:
         print(f"loopmark trace: {failed}", file=sys.stderr)
     return written if written is not None else EXIT_FAIL
@@ -858,7 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trace", help="run a training script unmodified and measure its steps: syncs (as on CUDA), "
                                      "operators, time, memory, kept autograd graphs",
                        usage="loopmark trace [-h] [--steps N] [--warmup W] [--out DIR] [--overwrite] [--strict] "
-                             "[--nproc-per-node N [torchrun's rendezvous options]] (SCRIPT.py | -m MODULE) [ARGS ...]",
+                             "[--nproc-per-node N [--cell-timeout S] [torchrun's rendezvous options]] "
+                             "(SCRIPT.py | -m MODULE) [ARGS ...]",
                        description="Run SCRIPT.py ARGS (or -m MODULE ARGS) in this process as python would, and "
                                    "measure its training steps (a step ends at optimizer.step()): a warm-up, then a "
                                    "pass each counting syncs and operators, auditing what each optimizer step "
@@ -875,6 +883,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 when the verdict is broken, or when a pass measured no step (for CI)")
     t.add_argument("--nproc-per-node", type=_int_at_least(1), metavar="N",
                    help="run the script under torchrun, N ranks on this machine, each traced (a cell per rank)")
+    t.add_argument("--cell-timeout", type=_non_negative, metavar="SECONDS", default=600,
+                   help="with --nproc-per-node: the longest a collective waits (the script's process group timeout "
+                        "at most this); every rank is ended when none steps in this long and as much again, a minute "
+                        "at most (a rank hung, or waiting in a collective; default 600, 0: no limit)")
     for name in RENDEZVOUS:
         t.add_argument(f"--{name.replace('_', '-')}", metavar="VALUE",
                        help=f"passed to torchrun as --{name.replace('_', '-')} (with --nproc-per-node)")

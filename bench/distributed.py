@@ -30,6 +30,8 @@ from bench.syncs import _site
 # set by the launching `loopmark run` in its torchrun's environment: where the ranks report which cell and pass they
 # are in (`heartbeat`), so that it can name the cell and the rank of a crash or a hang
 HEARTBEAT_ENV = "LOOPMARK_HEARTBEAT_DIR"
+# set by the launching `loopmark trace`: its --cell-timeout, the longest a traced script's collective may wait
+TIMEOUT_ENV = "LOOPMARK_CELL_TIMEOUT"
 
 
 def active() -> bool:
@@ -77,7 +79,7 @@ def init(device_type: str, timeout_s: float | None = None) -> None:
 _STACK_FILE = None  # kept open: faulthandler writes into it from its signal handler
 
 
-def _dump_stack_on_request() -> None:
+def _dump_stack_on_request(rank: int | None = None) -> None:
     """On SIGUSR1, write every thread's Python stack where the launcher reads it: what a hung rank is stuck in. It
     works while the rank is blocked inside torch's C++ (faulthandler needs no Python code to run)."""
     global _STACK_FILE
@@ -87,7 +89,8 @@ def _dump_stack_on_request() -> None:
     where = _heartbeat_dir()
     if where is None or not hasattr(signal, "SIGUSR1"):
         return
-    _STACK_FILE = open(where / f"stack{world()[0]}.txt", "w")  # noqa: SIM115 (open for the process's life)
+    rank = world()[0] if rank is None else rank
+    _STACK_FILE = open(where / f"stack{rank}.txt", "w")  # noqa: SIM115 (open for the process's life)
     faulthandler.register(signal.SIGUSR1, file=_STACK_FILE, all_threads=True)
 
 
@@ -154,12 +157,41 @@ def _write_json(name: str, doc: dict) -> None:
         pass
 
 
-def heartbeat(cell, text: str) -> None:
-    """This rank works on `cell` (workload, variant, device): `text` says which pass or block."""
+def heartbeat(cell, text: str, rank: int | None = None) -> None:
+    """This rank works on `cell` (workload, variant, device): `text` says which pass or block. `rank`: this process's
+    rank where it is not yet (or no longer) in a process group."""
     import time
 
-    _write_json(f"rank{world()[0]}.json", {"rank": world()[0], "cell": list(cell) if cell else None, "text": text,
-                                            "time": time.time(), "pid": os.getpid()})
+    rank = world()[0] if rank is None else rank
+    _write_json(f"rank{rank}.json", {"rank": rank, "cell": list(cell) if cell else None, "text": text,
+                                      "time": time.time(), "pid": os.getpid()})
+
+
+def beat_in_background(rank: int, progress, every_s: float = 0.5) -> None:
+    """Under a launcher that watches its ranks (HEARTBEAT_ENV): this rank's stack on SIGUSR1, and a daemon thread
+    writing `progress()`, a (cell, text) pair, as this rank's heartbeat each time it changes. For `loopmark trace`,
+    whose heartbeats cannot be written by the script's steps (they are timed): the thread reads what the tracer has
+    already counted, never touches a tensor, and blocks SIGUSR1, so that the stack dumped is the main thread's."""
+    import signal
+    import threading
+    import time
+
+    if _heartbeat_dir() is None:
+        return
+    _dump_stack_on_request(rank)
+
+    def beat():
+        if hasattr(signal, "pthread_sigmask") and hasattr(signal, "SIGUSR1"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        last = None
+        while True:
+            now = progress()
+            if now != last:
+                heartbeat(now[0], now[1], rank)
+                last = now
+            time.sleep(every_s)
+
+    threading.Thread(target=beat, name="loopmark-heartbeat", daemon=True).start()
 
 
 def report_fault(cell, status: str, error: str | None) -> None:
@@ -407,6 +439,13 @@ def _forward(stream, log: list, echo) -> None:
             echo(line.rstrip("\n"))
 
 
+def launcher_limit(cell_timeout: float | None) -> float | None:
+    """How long a launcher lets its ranks go without progress: a rank stops its own cell at `cell_timeout` (an alarm,
+    or for `loopmark trace` its collectives' timeout); past that by as much again (a minute at most), it is blocked
+    where nothing reaches it. None: no limit."""
+    return cell_timeout + min(cell_timeout, 60) if cell_timeout else None
+
+
 def launch(child_args: list[str], out, nproc: int, device: str, cell_timeout: float, record_fault, say) -> None:
     """Run `loopmark run CHILD_ARGS` under torchrun, `nproc` ranks on this machine, until every planned cell is
     finished. A crash, a hang (no progress within the cell's time limit and as much again) or a fault of a cell ends
@@ -419,9 +458,7 @@ def launch(child_args: list[str], out, nproc: int, device: str, cell_timeout: fl
     from pathlib import Path
 
     env = quiet_ranks_env(nproc)
-    # a rank stops its own cell at its time limit (SIGALRM); past that by as much again (a minute at most), it is
-    # blocked where no signal reaches it
-    limit = cell_timeout + min(cell_timeout, 60) if cell_timeout else None
+    limit = launcher_limit(cell_timeout)
     faulted: set = set()
     with tempfile.TemporaryDirectory(prefix="loopmark-ranks-") as where, _terminate_as_interrupt():
         ranks, env[HEARTBEAT_ENV] = _Ranks(Path(where)), where
@@ -439,9 +476,11 @@ def launch(child_args: list[str], out, nproc: int, device: str, cell_timeout: fl
             record_fault(cell, status, message)
 
 
-def _one_torchrun(cmd: list[str], env: dict, ranks: _Ranks, limit: float | None, nproc: int, say):
+def _one_torchrun(cmd: list[str], env: dict, ranks: _Ranks, limit: float | None, nproc: int, say,
+                  stalled: str = "no progress in {limit:g} s (the cell's time limit and as much again, a minute at "
+                                 "most)"):
     """Run one torchrun, watching its ranks' heartbeats; (exit status, what hung or None, the cell it was in, its
-    output). Every process it started is ended when it returns."""
+    output). Every process it started is ended when it returns. `stalled` begins what hung says."""
     import subprocess
     import threading
     import time
@@ -462,8 +501,7 @@ def _one_torchrun(cmd: list[str], env: dict, ranks: _Ranks, limit: float | None,
             if now != current:
                 current, since = now, time.monotonic()
             if limit and current and time.monotonic() - since > limit:
-                hung = (f"no progress in {limit:g} s (the cell's time limit and as much again, a minute at most): "
-                        f"{_stuck(ranks, beats, nproc)}")
+                hung = f"{stalled.format(limit=limit)}: {_stuck(ranks, beats, nproc)}"
                 break
             late = next((f for f in ranks.faults() if f["status"] == "timeout"), None)
             if late:  # a rank ran out of time, maybe waiting for another: where is each?
@@ -513,14 +551,20 @@ def _innermost(path) -> tuple[str | None, bool | None]:
     frames = re.findall(r'File "([^"]+)", line (\d+) in (\S+)', main)
     if not frames:
         return None, None
-    torch_dir = os.path.dirname(torch.__file__)
-    harness = os.path.dirname(os.path.abspath(__file__))
-    own = next(((f, n, fn) for f, n, fn in frames if not f.startswith((torch_dir, harness, "<"))), None)
-    location = None
-    if own:
-        rel = os.path.relpath(own[0])
-        location = f"{own[0] if rel.startswith('..') else rel}:{own[1]} in {own[2]}"
-    return location, frames[0][0].startswith(torch_dir)
+    return own_location(frames), frames[0][0].startswith(os.path.dirname(torch.__file__))
+
+
+def own_location(frames) -> str | None:
+    """`file:line in function` of the innermost of `frames` (innermost first: (file, line, function)) outside torch,
+    loopmark's harness and runpy: where the user's own code is; relative to the working directory below it."""
+    import runpy
+
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)), runpy.__file__, "<")
+    own = next(((f, n, fn) for f, n, fn in frames if not f.startswith(skip)), None)
+    if own is None:
+        return None
+    rel = os.path.relpath(own[0])
+    return f"{own[0] if rel.startswith('..') else rel}:{own[1]} in {own[2]}"
 
 
 def _what_failed(ranks: _Ranks, log: str, code: int, hung: str | None, current, nproc: int, limit):
@@ -582,7 +626,7 @@ def launch_check(child_args: list[str], nproc: int, device: str, cell_timeout: f
     from pathlib import Path
 
     env = quiet_ranks_env(nproc)
-    limit = cell_timeout + min(cell_timeout, 60) if cell_timeout else None
+    limit = launcher_limit(cell_timeout)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "bench",
            "check", *child_args]
     with tempfile.TemporaryDirectory(prefix="loopmark-ranks-") as where, _terminate_as_interrupt():
@@ -600,35 +644,40 @@ def launch_check(child_args: list[str], nproc: int, device: str, cell_timeout: f
     return 1
 
 
-def launch_trace(child_args: list[str], nproc: int, rendezvous: list[str], ranks_env: str, leftover):
+def launch_trace(child_args: list[str], nproc: int, rendezvous: list[str], ranks_env: str, leftover,
+                 cell_timeout: float | None = None):
     """`loopmark trace --nproc-per-node N`: `loopmark trace CHILD_ARGS` under torchrun (`--standalone` unless
     `rendezvous` holds torchrun's rendezvous options), the cores shared out among the ranks. The ranks publish their
     records in a directory named in `ranks_env`, and rank 0 writes them; if it could not (a rank failed and torchrun
-    ended the others first), `leftover(where)` writes what was published and returns its exit status (None: nothing
-    was). Returns (the exit status the results were written with or None, a line naming the rank that failed or
-    None)."""
-    import subprocess
+    ended the others first, or they hung), `leftover(where)` writes what was published and returns its exit status
+    (None: nothing was). Returns (the exit status the results were written with or None, a line naming the rank that
+    failed or None).
+
+    A hang: the ranks' collectives wait `cell_timeout` at most (the traced script's process group is given it as its
+    timeout, or its own if shorter), so a rank waiting on one that never comes raises, and publishes what it measured;
+    with no step on any rank for `launcher_limit(cell_timeout)`, every rank is ended and the line names where each
+    one stopped."""
     import sys
     import tempfile
     from pathlib import Path
 
     env = quiet_ranks_env(nproc)
-    log: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="loopmark-trace-ranks-") as where, _terminate_as_interrupt():
-        env[ranks_env] = where
+    if cell_timeout:
+        env[TIMEOUT_ENV] = f"{cell_timeout:g}"
+    limit = launcher_limit(cell_timeout)
+    with tempfile.TemporaryDirectory(prefix="loopmark-trace-ranks-") as where, \
+            tempfile.TemporaryDirectory(prefix="loopmark-ranks-") as beats, _terminate_as_interrupt():
+        env[ranks_env], env[HEARTBEAT_ENV] = where, beats
         cmd = [sys.executable, "-m", "torch.distributed.run", *(rendezvous or ["--standalone"]),
                f"--nproc-per-node={nproc}", "-m", "bench", "trace", *child_args]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
-        try:
-            _forward(proc.stdout, log, print)
-            proc.wait()
-        finally:
-            _end(proc)
+        code, hung, _, log = _one_torchrun(cmd, env, _Ranks(Path(beats)), limit, nproc, print,
+                                           stalled="no step on any rank in {limit:g} s (--cell-timeout and as much "
+                                                   "again, a minute at most)")
         marker = _read_json(Path(where) / "written.json")
-        if marker is not None:  # rank 0 wrote every rank's cell: its exit status is the trace's
+        if marker is not None and hung is None:  # rank 0 wrote every rank's cell: its exit status is the trace's
             return marker.get("exit_code"), None
-        cause = _root_cause("".join(log))
-        failed = (f"rank {cause[0]} ended ({cause[1]})" if cause else
-                  f"torchrun ended ({_signal_name(proc.returncode)})" if proc.returncode else None)
+        cause = _root_cause(log)
+        failed = (f"timeout: {hung}" if hung is not None else
+                  f"rank {cause[0]} ended ({cause[1]})" if cause else
+                  f"torchrun ended ({_signal_name(code)})" if code else None)
         return leftover(Path(where)), failed

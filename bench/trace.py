@@ -459,6 +459,8 @@ class Tracer:
         self.collected: dict = {}
         self.ranks_differ: tuple[int, int] | None = None  # (step, rank) of the first step after which they differed
         self.replicas: list[weakref.ref] = []  # the DistributedDataParallel modules the script made, in order
+        self.sampler_epochs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # sampler -> (reads, its epoch)
+        self.same_order: str | None = None  # a shuffling DistributedSampler that read an epoch as the one before
         self._saved: list[tuple[object, str, object]] = []
         self._hook = None
         self._train_depth = 0
@@ -586,16 +588,23 @@ class Tracer:
             return []
         from torch.distributed import distributed_c10d
         from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data import DistributedSampler
 
         tracer, init, ddp_init = self, distributed_c10d.init_process_group, DistributedDataParallel.__init__
+        sampler_iter = DistributedSampler.__iter__
+
+        def read_epoch(sampler):
+            if not tracer.disarmed:
+                tracer._sampler_read(sampler)
+            return sampler_iter(sampler)
 
         def init_process_group(backend=None, *args, **kwargs):
-            if isinstance(backend, str) and "nccl" in backend:
+            if not tracer.cuda and isinstance(backend, str) and "nccl" in backend:
                 tracer.notes.append(f"the script's init_process_group({backend!r}) ran on gloo: nccl needs a GPU")
                 backend = "gloo"
-            if _is_cuda(kwargs.get("device_id")):
+            if not tracer.cuda and _is_cuda(kwargs.get("device_id")):
                 kwargs = {k: v for k, v in kwargs.items() if k != "device_id"}
-            return init(backend, *args, **kwargs)
+            return init(backend, *args, **_collective_timeout(args, kwargs))
 
         def __init__(ddp, module, device_ids=None, output_device=None, *args, **kwargs):
             if not tracer.cuda and all(p.device.type == "cpu" for p in module.parameters()):  # the stand-in: CPU
@@ -603,11 +612,27 @@ class Tracer:
             ddp_init(ddp, module, device_ids, output_device, *args, **kwargs)
             tracer.replicas.append(weakref.ref(ddp))
         __init__.__wrapped__ = ddp_init
-        shims = [(DistributedDataParallel, "__init__", __init__)]
-        if not self.cuda:
+        read_epoch.__wrapped__ = sampler_iter
+        shims = [(DistributedDataParallel, "__init__", __init__), (DistributedSampler, "__iter__", read_epoch)]
+        if not self.cuda or os.environ.get(distributed.TIMEOUT_ENV):
             shims += [(distributed_c10d, "init_process_group", init_process_group),
                       (dist, "init_process_group", init_process_group)]
         return shims
+
+    def _sampler_read(self, sampler) -> None:
+        """A DistributedSampler begins an epoch (the DataLoader's iterator asks it for its order). One that shuffles
+        orders each epoch by `seed + epoch`: read again with the epoch it had the time before, it gives the same
+        order again, every epoch (the script never calls `sampler.set_epoch(epoch)`): `different`, as `loopmark
+        check` judges a distributed loop that draws its epochs so."""
+        reads, epoch = self.sampler_epochs.get(sampler, (0, None))
+        now = getattr(sampler, "epoch", None)
+        if reads and now == epoch and getattr(sampler, "shuffle", False) and self.same_order is None:
+            dataset = type(getattr(sampler, "dataset", None)).__name__
+            given = "was never given set_epoch" if not now else f"was given set_epoch({now}) again"
+            self.same_order = (f"the DistributedSampler of the {dataset} {given}: every epoch reads the same order "
+                               f"(its epoch {reads + 1}, at step {self.steps_run + 1}, read the order of the one "
+                               "before; call sampler.set_epoch(epoch) before each epoch)")
+        self.sampler_epochs[sampler] = (reads + 1, now)
 
     def _replicated(self) -> bool:
         """Whether the script trains DDP replicas on several ranks (each rank's parameters the same)."""
@@ -1104,10 +1129,11 @@ class Tracer:
             step, rank = self.ranks_differ
             broken.append(f"after step {step} this rank's parameters differ from rank {rank}'s: a gradient the ranks "
                           "did not share (no_sync on the wrong micro-batch?)")
-        if not self.done["audit"] and not broken:
+        different = [self.same_order] if self.same_order else []
+        if not self.done["audit"] and not broken and not different:
             return {"verdict": "unverified", "verdict_reason": "the script ended before the audit pass",
                     "audit_steps": 0}
-        verdict, reason = audit_verdict(findings, broken)
+        verdict, reason = audit_verdict(findings, broken, extra_different=different)
         return {"verdict": verdict, "verdict_reason": reason,
                 "audit_steps": sum(1 for x in findings if x.kind != "skipped"),
                 "audit_findings": dict(Counter(x.kind for x in findings))}
@@ -1263,6 +1289,55 @@ def ranks_table(records: list[dict]) -> str:
                         right=[1, 2, 3])
 
 
+_STEPS_SEEN = [0]  # the step count of this process's trace, when progress() last saw it
+
+
+def progress(idle: str = "before the script's first step") -> tuple[tuple, str]:
+    """Where this process's trace is, for a launcher's heartbeat: (its step count, which pass and step in words). It
+    changes at step boundaries only, so a rank that no longer steps is seen so; `idle` once no trace runs."""
+    if _ACTIVE:
+        tracer = _ACTIVE[0]
+        _STEPS_SEEN[0] = step = tracer.steps_run
+        where = f"{tracer.phase} pass" if tracer.phase in PHASES else tracer.phase
+        return ("step", step), f"{where}, step {step + 1}"
+    return ("step", _STEPS_SEEN[0]), idle
+
+
+def _collective_timeout(args: tuple, kwargs: dict) -> dict:
+    """`init_process_group`'s keyword arguments with its `timeout` at most the launcher's --cell-timeout (where it set
+    one): a collective that waits for a rank that will never join it raises then, and the rank's trace ends with what
+    it measured. `args` are those after the backend (`init_method`, then `timeout`)."""
+    import datetime
+
+    limit = os.environ.get(distributed.TIMEOUT_ENV)
+    if not limit or len(args) >= 2:
+        return kwargs
+    cap = datetime.timedelta(seconds=float(limit))
+    given = kwargs.get("timeout")
+    return {**kwargs, "timeout": min(given, cap) if isinstance(given, datetime.timedelta) else cap}
+
+
+# what a rank's collective raises when another rank has ended or stopped answering (gloo's and nccl's words)
+PEER_FAILURES = ("remote worker", "closed by peer", "reset by peer", "Timed out waiting", "remote process",
+                 "collective operation timeout", "communicator was aborted")
+
+
+def first_failure(records: list[dict]) -> str | None:
+    """One line naming the rank whose own failure ended a trace under torchrun (the other ranks' collectives then
+    fail, and say so in gloo's or nccl's words), with where in the script it stopped; None when no rank failed of
+    itself."""
+    own = [r for r in records if r.get("status") == "error" and not any(
+        w in str(r.get("error")) for w in PEER_FAILURES)]
+    if not own:
+        return None
+    r = min(own, key=lambda r: r.get("rank", 0))
+    site = f" ({r['error_site']})" if r.get("error_site") else ""
+    others = [x.get("rank") for x in records if x is not r and x.get("status") == "error"]
+    tail = (f"; rank(s) {', '.join(map(str, others))} ended in the collective that waited for it"
+            if others and len(own) == 1 else "")
+    return f"rank {r.get('rank')} failed: {r.get('error')}{site}{tail}"
+
+
 def torchrun_rank() -> tuple[int, int]:
     """(rank, ranks) of this process as torchrun started it; (0, 1) outside torchrun."""
     if not distributed.launched():
@@ -1345,6 +1420,9 @@ def _result(tracer: Tracer, target: Target, outcome: Outcome, steps: int, warmup
             f"the script {'ended' if outcome.how == 'ended' else 'stopped'} after {tracer.steps_run} of the "
             f"{planned} steps planned ({warmup} warm-up + {len(PHASES)} passes of {steps}): passes "
             + ", ".join(f"{p} {tracer.done[p]}/{steps}" for p in PHASES))
+    if outcome.exception is not None:
+        frames = traceback.extract_tb(outcome.exception.__traceback__)[::-1]
+        figures["error_site"] = distributed.own_location([(f.filename, f.lineno, f.name) for f in frames])
     rank, ranks = torchrun_rank()
     if ranks > 1:  # a cell per rank
         figures["rank"] = rank

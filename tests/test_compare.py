@@ -388,3 +388,20 @@ def test_a_line_gone_and_a_line_added_are_both_named(tmp_path, capsys):
     assert rc == 1
     assert (f"syncs/step changed: 1 -> 2 (+2/step at loops/lmloops.py:33 `{GRAD_NORM}`, -1/step at "
             "loops/lmloops.py:33 (gone))") in out
+
+
+def test_the_ranks_of_a_traced_ddp_script_are_gated_each_on_its_own(tmp_path, capsys):
+    """`loopmark trace --nproc-per-node 2` writes a cell per rank (workload `SCRIPT rank R`): compare pairs rank with
+    rank, and a change of collectives/step on rank 1 alone (a no_sync that lost a micro-batch's all-reduce there) is
+    named on rank 1's cell, the other rank's clean."""
+    def ranks(collectives_of_rank_1: float) -> list[dict]:
+        cells = [make_record(f"train.py rank {r}", "trace", "cpu", seed=r) for r in range(2)]
+        for r, cell in enumerate(cells):
+            cell.update(rank=r, ranks=2, collectives_per_step=collectives_of_rank_1 if r else 2.0,
+                        collective_sites={"train.py:40": collectives_of_rank_1 if r else 2.0})
+        return cells
+
+    rc, out, _ = _compare(tmp_path, capsys, ranks(2.0), ranks(1.0), "--only-deterministic")
+    assert rc == 1
+    flagged = [line for line in out.splitlines() if "collectives/step changed" in line]
+    assert len(flagged) == 1 and "train.py rank 1" in flagged[0] and "2 -> 1" in flagged[0], out
