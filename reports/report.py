@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports import markup, plots, results, stats
+from reports import markup, results, stats
 from reports.findings import (
     RANK_SPREAD,
     findings,
@@ -31,14 +31,14 @@ from reports.markup import code
 from reports.results import FLOOR_VARIANT, TRACE_VARIANT, trace_device
 from reports.units import human_bytes
 
-FIGURES = {  # plot_<name>.png -> (title, figure function)
-    "throughput": ("Throughput", plots.throughput),
-    "ratio_to_baseline": ("Step time relative to the baseline", plots.ratio_to_baseline),
-    "syncs_per_step": ("Host-device syncs per step", plots.syncs_per_step),
-    "memory": ("Peak memory and memory growth per step", plots.memory),
-    "step_time_distributions": ("Per-step time distributions", plots.step_time_distributions),
-    "memory_over_steps": ("Memory over steps", plots.memory_over_steps),
-    "cpu_vs_gpu": ("CPU vs GPU", plots.cpu_vs_gpu),
+FIGURES = {  # plot_<name>.png -> (title, the figure's function in reports.plots, imported when a plot is drawn)
+    "throughput": ("Throughput", "throughput"),
+    "ratio_to_baseline": ("Step time relative to the baseline", "ratio_to_baseline"),
+    "syncs_per_step": ("Host-device syncs per step", "syncs_per_step"),
+    "memory": ("Peak memory and memory growth per step", "memory"),
+    "step_time_distributions": ("Per-step time distributions", "step_time_distributions"),
+    "memory_over_steps": ("Memory over steps", "memory_over_steps"),
+    "cpu_vs_gpu": ("CPU vs GPU", "cpu_vs_gpu"),
 }
 DPI = 110
 RATIO_HEADER = "step time / baseline's (below 1 is faster) [95% CI]"
@@ -104,7 +104,10 @@ def write_report(paths: list, out_dir=None, reference_dir=REFERENCE_DIR) -> list
         written.append(csv_path)
     reference = gpu_reference(reference_dir) if not (df["device"] == "cuda").any() else None
     images = {}
-    for name, (title, figure) in FIGURES.items():
+    if FIGURES:
+        from reports import plots  # matplotlib: loaded by the commands that draw, not by every command's start
+    for name, (title, function) in FIGURES.items():
+        figure = getattr(plots, function)
         png_path = out / f"plot_{name}.png"
         if name == "cpu_vs_gpu" and reference is not None:  # this run's CPU cells beside the GPU reference
             fig = figure(pd.concat([df, reference["df"]], ignore_index=True))

@@ -14,8 +14,6 @@ import functools
 import math
 
 import numpy as np
-from scipy.stats import bootstrap, norm
-from scipy.stats import t as student_t
 
 N_RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -38,6 +36,8 @@ def _interval(data: tuple, statistic, n_resamples: int, confidence: float, seed:
         value = float(statistic(*arrays))
         return value, value
     batch = max(1, _BATCH_VALUES // max(sum(len(a) for a in arrays), 1))
+    from scipy.stats import bootstrap  # on first use: scipy.stats costs a second of every command's start
+
     result = bootstrap(arrays, statistic, n_resamples=n_resamples, batch=batch, vectorized=True,
                        confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
     ci = result.confidence_interval
@@ -132,6 +132,8 @@ def block_ratio_with_ci(block_medians_s, reference_block_medians_s,
     logs = np.log(ratios)
     if np.all(logs == logs[0]):
         return ratio, ratio, ratio
+    from scipy.stats import t as student_t
+
     quantile = float(student_t.ppf(0.5 + confidence / 2, len(logs) - 1))
     half = quantile * float(np.std(logs, ddof=1)) / math.sqrt(len(logs))
     centre = float(np.mean(logs))
@@ -173,6 +175,9 @@ def growth_interval(slope: float, se: float, n: int | None = None) -> tuple[floa
     points, the normal quantile when `n` is unknown."""
     if not (_real(slope) and _real(se)) or (n is not None and n < 3):
         return math.nan, math.nan
+    from scipy.stats import norm
+    from scipy.stats import t as student_t
+
     q = 0.5 + GROWTH_T_CONFIDENCE / 2
     half = float(student_t.ppf(q, n - 2) if n is not None else norm.ppf(q)) * se
     return slope - half, slope + half

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest_reports_data import ENVIRONMENT, make_record, write_results_json
 
+import reports.plots
 import reports.report
 from reports import compare, results, stats
 from reports.load import load
@@ -270,8 +271,9 @@ def test_committed_gpu_reference_results_stand_beside_a_cpu_run(tmp_path, monkey
     cuda[1]["ratio_to_baseline"] = None  # replaced by derive on reading: the file's cells are derived again
     write_results_json(reference / "h100", cuda)
     write_results_json(reference / "cpu-quick", _cpu_run())  # a CPU reference: not a GPU one
+    monkeypatch.setattr(reports.plots, "cpu_vs_gpu", cpu_vs_gpu)
     md = _report(tmp_path, _cpu_run(), reference_dir=reference, monkeypatch=monkeypatch,
-                 figures={"cpu_vs_gpu": ("CPU vs GPU", cpu_vs_gpu)})
+                 figures={"cpu_vs_gpu": ("CPU vs GPU", "cpu_vs_gpu")})
     gpu = ENVIRONMENT["gpu"]["name"]
     assert f"GPU reference results ({gpu}, committed in `" in md and "h100/results.json" in md
     assert "cpu-quick" not in md

@@ -191,7 +191,7 @@ def test_unusable_input_raises_one_line_naming_the_file(tmp_path, content, messa
 
 @pytest.mark.parametrize("name", list(FIGURES))
 def test_every_figure_draws(name):
-    fig = FIGURES[name][1](to_frame(full_run()))
+    fig = getattr(plots, FIGURES[name][1])(to_frame(full_run()))
     assert isinstance(fig, Figure)
     fig.canvas.draw()  # layout and text are resolved: no exception
     width, height = fig.get_size_inches()
