@@ -55,8 +55,10 @@ gradients as DDP averages them and compares a checksum of the ranks' parameters 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib.util
+import itertools
 import math
 import multiprocessing
 import os
@@ -220,6 +222,99 @@ class _CudaArguments(TorchFunctionMode):
         return tensor.to(self.target, non_blocking=non_blocking, memory_format=memory_format)
 
 
+def _mapped(kwargs: dict, target: torch.device) -> dict:
+    """A call's keyword arguments with a CUDA `device=` meaning `target` and `pin_memory=True` dropped."""
+    device = kwargs.get("device")
+    if device is not None and _is_cuda(device):
+        kwargs = {**kwargs, "device": target}
+    if kwargs.get("pin_memory"):
+        kwargs = {**kwargs, "pin_memory": False}
+    return kwargs
+
+
+@functools.cache
+def _factory_names() -> tuple[str, ...]:
+    """The public functions of the `torch` namespace that take a `device=` (the aten operators with a `device`
+    argument, `torch.zeros` to `torch.tensor`, and `torch.asarray`, which has no aten schema): each the very object
+    `torch._C._VariableFunctions` holds, which is what torch hands a TorchFunctionMode, never the wrapper `torch.NAME`
+    is swapped for."""
+    names = {s.name.partition("::")[2] for s in torch._C._jit_get_all_schemas()
+             if s.name.startswith("aten::") and any(a.name == "device" for a in s.arguments)} | {"asarray"}
+    return tuple(sorted(n for n in names if not n.startswith("_") and getattr(torch, n, None) is not None
+                        and getattr(torch, n) is getattr(torch._C._VariableFunctions, n, None)))
+
+
+class _CudaEntryPoints:
+    """The device mapping of the time and memory passes, at no cost per operator: while on, every CUDA device argument
+    means `target` where the script can give one: `device=` of the factories (`torch.zeros`, `torch.tensor`, ...,
+    `Tensor.new_zeros`, ...; `nn.Linear(..., device=)` and `Module.to_empty` call them), `Tensor.to(device)`,
+    `.cuda()` (which `Module.to` and `Module.cuda` call for each tensor), and `pin_memory()` keeps the tensor. A
+    TorchFunctionMode (`_CudaArguments`, the count pass's) sees every torch call of the script, a few microseconds
+    each, which the time pass would time as the script's.
+
+    The factories are swapped in `torch` for the whole trace (`tracer_shims`: a script may bind `from torch import
+    zeros` before the pass) and pass their arguments on untouched while the mapping is off. The Tensor methods are
+    swapped only while it is on: torch hands a mode the method `torch.Tensor` holds, and the count pass's modes know
+    the real ones."""
+
+    METHODS = ("new_empty", "new_empty_strided", "new_full", "new_ones", "new_tensor", "new_zeros")
+
+    def __init__(self):
+        self.target: torch.device | None = None
+        self._saved: list[tuple[str, object]] = []
+
+    def factory_shims(self) -> list[tuple[object, str, object]]:
+        return [(torch, name, self._factory(getattr(torch, name))) for name in _factory_names()]
+
+    def _factory(self, original):
+        entry = self
+
+        @functools.wraps(original)
+        def factory(*args, **kwargs):
+            if entry.target is not None and kwargs:
+                kwargs = _mapped(kwargs, entry.target)
+            return original(*args, **kwargs)
+        return factory
+
+    def on(self, target: torch.device) -> None:
+        self.target = target
+        if self._saved:
+            return
+        entry = self
+
+        def to(tensor, *args, **kwargs):
+            if args and not isinstance(args[0], (torch.dtype, torch.Tensor)) and _is_cuda(args[0]):
+                args = (entry.target, *args[1:])
+            return _TO(tensor, *args, **_mapped(kwargs, entry.target) if kwargs else kwargs)
+
+        def cuda(tensor, device=None, non_blocking=False, memory_format=torch.preserve_format):
+            return _TO(tensor, entry.target, non_blocking=non_blocking, memory_format=memory_format)
+
+        methods = {"to": to, "cuda": cuda, "pin_memory": lambda tensor, *args, **kwargs: tensor}
+        methods.update({name: self._method(getattr(torch.Tensor, name)) for name in self.METHODS})
+        # most are torch._C.TensorBase's, found through torch.Tensor: taking the wrapper off uncovers them again
+        self._saved = [(name, torch.Tensor.__dict__.get(name)) for name in methods]
+        for name, method in methods.items():
+            setattr(torch.Tensor, name, method)
+
+    def off(self) -> None:
+        self.target = None
+        for name, method in reversed(self._saved):
+            if method is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, method)
+        self._saved = []
+
+    def _method(self, original):
+        entry = self
+
+        @functools.wraps(original)
+        def method(tensor, *args, **kwargs):
+            return original(tensor, *args, **_mapped(kwargs, entry.target) if kwargs else kwargs)
+        return method
+
+
 def _torch_asks() -> bool:
     """Whether the caller's caller is torch itself, outside its mixed-precision code: torch is told the truth (no GPU),
     so that it starts no CUDA runtime of its own (pinned memory, streams, graph-capture checks, RNG states), while the
@@ -270,19 +365,20 @@ def _unobserved():
 def _live_tensors() -> list[torch.Tensor]:
     """Every tensor the garbage collector knows (type() only: no object's __class__ is looked up), less the compiler's
     stand-ins: `torch.compile` keeps FakeTensors (shapes and dtypes, no memory) in its caches and guards, hundreds of
-    them with a cold cache, whose nominal sizes are not the script's memory."""
-    from torch._subclasses.fake_tensor import FakeTensor
+    them with a cold cache, whose nominal sizes are not the script's memory. The objects are sifted in C (`map`,
+    `compress`): a process with torch loaded holds hundreds of thousands of them."""
+    objects = gc.get_objects()
+    return list(itertools.compress(objects, map(_TensorKinds().__getitem__, map(type, objects))))
 
-    kinds: dict[type, bool] = {}
-    found = []
-    for o in gc.get_objects():
-        kind = type(o)
-        is_tensor = kinds.get(kind)
-        if is_tensor is None:
-            is_tensor = kinds[kind] = issubclass(kind, torch.Tensor) and not issubclass(kind, FakeTensor)
-        if is_tensor:
-            found.append(o)
-    return found
+
+class _TensorKinds(dict):
+    """{type: whether its objects are tensors of memory of their own}, filled in as types are first met."""
+
+    def __missing__(self, kind: type) -> bool:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        self[kind] = is_tensor = issubclass(kind, torch.Tensor) and not issubclass(kind, FakeTensor)
+        return is_tensor
 
 
 def _in_process_group() -> bool:
@@ -395,7 +491,8 @@ class Tracer:
         self.counter = SyncCounter(self.device if self.cuda else STAND_IN)
         self.counting = False  # the counter's modes are on
         self.reached = False  # the script put tensors on the stand-in (seen when the counter goes off)
-        self.mapping: _CudaArguments | None = None
+        self.mapping: _CudaArguments | None = None  # the count pass's (and the warm-up's) device mapping
+        self.entry = _CudaEntryPoints()  # the time and memory passes'
         self.phase = "setup"  # setup (before the first step), warmup, count, time, memory, done
         self.steps_run = 0  # step boundaries so far
         self.done: Counter = Counter()  # measured steps per pass
@@ -481,7 +578,7 @@ class Tracer:
         return False
 
     def _arm(self) -> None:
-        patches = ([] if self.cuda else _cuda_shims()) + self._process_group_shims()
+        patches = ([] if self.cuda else _cuda_shims() + self.entry.factory_shims()) + self._process_group_shims()
         patches += [(torch.autograd, "backward", self._backward(torch.autograd.backward)),
                     (torch.nn.Module, "train", self._train(torch.nn.Module.train)),
                     (torch.amp.GradScaler, "step", self._scaler_step(torch.amp.GradScaler.step)),
@@ -538,11 +635,13 @@ class Tracer:
         self.counter.__enter__()
         self.counting = True
         if not self.cuda:
+            self.entry.off()
             self.mapping = _CudaArguments(STAND_IN)
             self.mapping.__enter__()
 
     def _counter_off(self, remap: bool = True) -> None:
-        """The counter's modes off (and the device mapping on top of them, which comes back meaning `cpu`)."""
+        """The counter's modes off (and the device mapping on top of them, which comes back meaning `cpu`, at the entry
+        points that take a device: `_CudaEntryPoints`)."""
         if self.debug is not None:
             self.debug.__exit__(None, None, None)
             for w in self.debug.caught:  # the script's own warnings, which the debug mode's recording caught
@@ -558,8 +657,9 @@ class Tracer:
             self.counter.__exit__(None, None, None)
             self.counting = False
         if remap and not self.cuda:
-            self.mapping = _CudaArguments(torch.device("cpu"))
-            self.mapping.__enter__()
+            self.entry.on(torch.device("cpu"))
+        else:
+            self.entry.off()
 
     def _modes_on_top(self) -> bool:
         """Whether loopmark's modes are the innermost ones, so that they can be taken off here."""
