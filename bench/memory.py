@@ -115,17 +115,18 @@ class AllocatorLedger:
     def __init__(self, roots=()):
         self.roots = _Roots(tree_flatten(list(roots))[0])
         self.root_bytes: list[int] = []
-        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                               profile_memory=True)
+        self.results = None
 
     def __enter__(self):
         with _quiet_stderr():  # the profiler's C++ side announces its start on stderr
-            self.profiler.__enter__()
+            _start_memory_profiler()
         return self
 
     def __exit__(self, *exc):
-        with _quiet_stderr():
-            return self.profiler.__exit__(*exc)
+        if self.results is None:
+            with _quiet_stderr():
+                self.results = torch._C._autograd._disable_profiler()
+        return False
 
     def mark(self) -> int:
         """Call at a step boundary; returns the live tensor bytes the boundary will be credited with once the
@@ -143,7 +144,7 @@ class AllocatorLedger:
         held = counter = 0
         counter_base = None
         steps: list[dict] = []
-        for name, fields in _records(self.profiler.profiler.kineto_results.experimental_event_tree()):
+        for name, fields in _records(self.results.experimental_event_tree()):
             if fields is None:
                 if name == self.MARK:
                     steps.append({"roots": self.root_bytes[len(steps)], "start": held, "peak": held,
@@ -166,6 +167,17 @@ class AllocatorLedger:
         return steps
 
 
+def _start_memory_profiler() -> None:
+    """torch's profiler on the CPU, recording the allocator's reports and the user scopes (`record_function`, the step
+    marks) only: what `torch.profiler.profile(profile_memory=True)` records, less an event per operator, which costs
+    several times a small operator's own time and would be walked and dropped afterwards."""
+    from torch._C._profiler import ProfilerActivity, ProfilerConfig, ProfilerState, RecordScope, _ExperimentalConfig
+
+    config = ProfilerConfig(ProfilerState.KINETO, False, True, False, False, False, _ExperimentalConfig())
+    torch._C._autograd._prepare_profiler(config, {ProfilerActivity.CPU})
+    torch._C._autograd._enable_profiler(config, {ProfilerActivity.CPU}, {RecordScope.USER_SCOPE})
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """File descriptor 2 sent to /dev/null for the block: the profiler's start and stop print lines (and, with
@@ -183,13 +195,15 @@ def _quiet_stderr():
 
 def _records(tree) -> list[tuple[str, object]]:
     """The profiler's records in time order: (name, allocation fields) for a `[memory]` record, (name, None)
-    for any other; an allocation is recorded as a child of the operator that made it."""
-    flat, stack = [], list(tree)
+    for any other; an allocation is recorded as a child of the scope (`record_function`) it was made in."""
+    flat, stack, allocation = [], list(tree), torch._C._profiler._ExtraFields_Allocation
     while stack:
         node = stack.pop()
-        alloc = isinstance(node.extra_fields, torch._C._profiler._ExtraFields_Allocation)
-        flat.append((node.start_time_ns, node.name, node.extra_fields if alloc else None))
-        stack.extend(node.children)
+        fields = node.extra_fields
+        flat.append((node.start_time_ns, node.name, fields if type(fields) is allocation else None))
+        children = node.children
+        if children:
+            stack += children
     flat.sort(key=lambda r: r[0])
     return [(name, fields) for _, name, fields in flat]
 

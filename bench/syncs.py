@@ -56,7 +56,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakTensorKeyDictionary
+from torch.utils.weak import WeakIdRef, WeakTensorKeyDictionary
 
 from reports.results import SITE_CALLER
 
@@ -190,12 +190,45 @@ def _positions(code) -> tuple:
     return tuple(code.co_positions()) if hasattr(code, "co_positions") else ()
 
 
+class _TensorSet:
+    """Tensors held weakly, by identity. Membership is a dict lookup by `id()` and an identity check of the weak
+    reference found there; a WeakTensorKeyDictionary makes a weak reference for each lookup, and the counter looks up
+    every input of every operator."""
+
+    def __init__(self):
+        self._refs: dict[int, WeakIdRef] = {}
+
+    def __contains__(self, t) -> bool:
+        ref = self._refs.get(id(t))
+        return ref is not None and ref() is t
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def add(self, t) -> None:
+        if t in self:
+            return
+        key, refs = id(t), self._refs
+
+        def forget(ref, key=key):  # the tensor is gone: its id may be another tensor's next
+            if refs.get(key) is ref:
+                del refs[key]
+        refs[key] = WeakIdRef(t, forget)
+
+    def discard(self, t) -> None:
+        if t in self:
+            del self._refs[id(t)]
+
+    def keys(self) -> list:
+        return [t for t in (ref() for ref in list(self._refs.values())) if t is not None]
+
+
 class _Tracker:
     """Which tensors would live on the accelerator."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.tracked = WeakTensorKeyDictionary()
+        self.tracked = _TensorSet()
         # whole storages on the accelerator, views of them made anywhere included: {storage_key: weak reference}. The
         # weak reference keeps the storage's identity from being reused once it is freed (an address would be: a host
         # batch allocated where a collective's temporary tensor was would count as device memory)
@@ -224,11 +257,11 @@ class _Tracker:
 
     def mark(self, t) -> None:
         if isinstance(t, torch.Tensor) and not self.cuda:
-            self.tracked[t] = True
+            self.tracked.add(t)
 
     def unmark(self, t) -> None:
-        if isinstance(t, torch.Tensor) and t in self.tracked:
-            del self.tracked[t]
+        if isinstance(t, torch.Tensor):
+            self.tracked.discard(t)
 
 
 _PRUNE_AT = 256  # storages a tracker holds before it drops those that were freed
@@ -252,9 +285,9 @@ class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         c, tr = self.c, self.c.tracker
-        name = func._schema.name
+        name = _NAMES.get(func) or _NAMES.setdefault(func, func._schema.name)
         c.ops += 1
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = _tensors(args, kwargs)
         if name.startswith("c10d::"):  # a collective's tensors live on the accelerator (DDP's buckets, rebuilt)
             for t in inputs:
                 tr.mark_storage(t)
@@ -288,9 +321,30 @@ class _Dispatch(TorchDispatchMode):
             to_host = name == "aten::_to_copy" and target is not None and not _is_device(target, False)
             into = name == "aten::copy_"  # a copy lands where its destination lives
             if (from_device and not to_host and not into) or _is_device(target, False):
-                for t in tree_flatten(out)[0]:
+                for t in _tensors((out,)):
                     tr.mark(t)
         return out
+
+
+_NAMES: dict = {}  # operator overload: its schema's name (`aten::add`), read once
+
+
+def _tensors(args, kwargs=None) -> list:
+    """The tensors among an operator's arguments (or outputs), as `tree_flatten` finds them: an aten operator's arguments
+    are tensors, scalars and lists of them, so a list is looked into here and anything deeper handed to it."""
+    found = []
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(a, torch.Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    found.append(b)
+                elif isinstance(b, (list, tuple, dict)):
+                    found += [t for t in tree_flatten(b)[0] if isinstance(t, torch.Tensor)]
+        elif isinstance(a, dict):
+            found += [t for t in tree_flatten(a)[0] if isinstance(t, torch.Tensor)]
+    return found
 
 
 def _copy_target(name: str, overload: str, args, kwargs) -> tuple:

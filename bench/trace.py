@@ -365,8 +365,9 @@ def _unobserved():
 def _live_tensors() -> list[torch.Tensor]:
     """Every tensor the garbage collector knows (type() only: no object's __class__ is looked up), less the compiler's
     stand-ins: `torch.compile` keeps FakeTensors (shapes and dtypes, no memory) in its caches and guards, hundreds of
-    them with a cold cache, whose nominal sizes are not the script's memory. The objects are sifted in C (`map`,
-    `compress`): a process with torch loaded holds hundreds of thousands of them."""
+    them with a cold cache, whose nominal sizes are not the script's memory. While a tracer runs, the objects made
+    before the script (torch's, loopmark's: a few hundred thousand) are frozen, out of the collector's sight, so this
+    sweeps what the script made; the objects are sifted in C (`map`, `compress`)."""
     objects = gc.get_objects()
     return list(itertools.compress(objects, map(_TensorKinds().__getitem__, map(type, objects))))
 
@@ -559,6 +560,7 @@ class Tracer:
         self._saved: list[tuple[object, str, object]] = []
         self._hook = None
         self._train_depth = 0
+        self._froze = False  # the objects made before the script are frozen (gc.freeze) while it runs
 
     # -- arming and disarming ---------------------------------------------------------------------------
 
@@ -591,6 +593,10 @@ class Tracer:
         # tracer's, which may end the audit pass at that very step
         self.audit.__enter__()
         self._hook = register_optimizer_step_post_hook(self._on_optimizer_step)
+        if not gc.get_freeze_count():  # `_live_tensors` sweeps what the script made, not torch's and loopmark's objects
+            importlib.import_module("torch._dynamo")  # what the first optimizer.step() imports (100,000 objects)
+            gc.freeze()
+            self._froze = True
         if not self.cuda:  # the counter tracks what lands on the stand-in from the start
             self._counter_on()
         self.phase = "warmup"
@@ -621,6 +627,9 @@ class Tracer:
         self._stderr_back()
         self._eval_unhook()
         self.audit.__exit__(None, None, None)
+        if self._froze:
+            gc.unfreeze()
+            self._froze = False
         self._counter_off(remap=False)
         if self._hook is not None:
             self._hook.remove()
