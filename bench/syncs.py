@@ -229,6 +229,7 @@ class _Tracker:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.tracked = _TensorSet()
+        self._tracked = self.tracked._refs  # read directly by `on_device`, which every operator's inputs go through
         # whole storages on the accelerator, views of them made anywhere included: {storage_key: weak reference}. The
         # weak reference keeps the storage's identity from being reused once it is freed (an address would be: a host
         # batch allocated where a collective's temporary tensor was would count as device memory)
@@ -240,7 +241,8 @@ class _Tracker:
             return False
         if self.cuda:
             return t.is_cuda
-        return t in self.tracked or (bool(self.storages) and storage_key(t) in self.storages)
+        ref = self._tracked.get(id(t))  # `t in self.tracked`, inline
+        return (ref is not None and ref() is t) or (bool(self.storages) and storage_key(t) in self.storages)
 
     def mark_storage(self, t) -> None:
         """`t`'s storage lives on the accelerator, with every view of it: DDP's gradient buckets, whose views it made
@@ -291,8 +293,15 @@ class _Dispatch(TorchDispatchMode):
         if name.startswith("c10d::"):  # a collective's tensors live on the accelerator (DDP's buckets, rebuilt)
             for t in inputs:
                 tr.mark_storage(t)
-        from_device = any(tr.on_device(t) for t in inputs)
-        target, non_blocking = _copy_target(name, func._overloadname, args, kwargs)
+        from_device = False
+        for t in inputs:
+            if tr.on_device(t):
+                from_device = True
+                break
+        if name == "aten::to":
+            target, non_blocking = _copy_target(name, func._overloadname, args, kwargs)
+        else:  # what `_copy_target` gives any other operator
+            target, non_blocking = kwargs.get("device"), bool(kwargs.get("non_blocking", False))
         whole = name == "aten::to"  # under inference_mode `.to()` reaches the modes whole, not as _to_copy
         if whole:
             name = "aten::_to_copy"
@@ -330,8 +339,8 @@ _NAMES: dict = {}  # operator overload: its schema's name (`aten::add`), read on
 
 
 def _tensors(args, kwargs=None) -> list:
-    """The tensors among an operator's arguments (or outputs), as `tree_flatten` finds them: an aten operator's arguments
-    are tensors, scalars and lists of them, so a list is looked into here and anything deeper handed to it."""
+    """The tensors among an operator's arguments (or outputs), as `tree_flatten` finds them: an aten operator's
+    arguments are tensors, scalars and lists of them, so a list is looked into here and anything deeper handed to it."""
     found = []
     for a in (*args, *kwargs.values()) if kwargs else args:
         if isinstance(a, torch.Tensor):
@@ -376,6 +385,10 @@ class _Function(TorchFunctionMode):
         self.c = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.c.arguments is not None:
+            func, args, kwargs = self.c.arguments(func, args, kwargs)
+        if _plain(func):
+            return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
         c, tr = self.c, self.c.tracker
         if getattr(func, "__self__", None) is _DEVICE_ATTRIBUTE and not tr.cuda:
@@ -460,6 +473,22 @@ class _Function(TorchFunctionMode):
 
 _CONSTRUCTORS = {torch.tensor, torch.as_tensor, torch.asarray, torch.Tensor.new_tensor}
 _DEVICE_ATTRIBUTE = torch.Tensor.device  # the descriptor; reading `t.device` reaches __torch_function__ as its __get__
+_PLAIN: dict = {}  # torch function: whether `_Function` has nothing to do with it, decided once per function
+
+
+def _plain(func) -> bool:
+    """Whether `_Function` only calls `func`: it is none of `.device`, `to`/`cpu`, a read-back method, printing or a
+    constructor (each looked at in `__torch_function__`). Most calls of a step are: they skip the checks."""
+    try:
+        plain = _PLAIN.get(func)
+    except TypeError:  # not hashable
+        return False
+    if plain is None:
+        name = getattr(func, "__name__", "")
+        plain = _PLAIN[func] = not (getattr(func, "__self__", None) is _DEVICE_ATTRIBUTE or name in ("to", "cpu")
+                                    or name in READBACK_METHODS or func is torch.Tensor.__repr__
+                                    or func is torch.Tensor.__format__ or func in _CONSTRUCTORS)
+    return plain
 
 
 def _printing(func, args) -> bool:
@@ -550,6 +579,9 @@ class SyncCounter:
         self.pending = WeakTensorKeyDictionary()  # non-blocking device-to-host copies not yet synchronised
         self.hazards = 0
         self.hazard_sites: Counter = Counter()
+        # (func, args, kwargs) -> (func, args, kwargs): what each torch call becomes before it is counted and made (the
+        # tracer's CUDA arguments meaning the stand-in), or None
+        self.arguments = None
         self._modes = [_Function(self), _Dispatch(self)]
         # (module, attribute, wrapper of the original): swapped in while counting
         self._patches = [(torch.cuda, "synchronize", self._synchronize)]

@@ -76,7 +76,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.overrides import _get_current_function_mode_stack
 from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_flatten
 
@@ -191,35 +191,40 @@ _TO, _CUDA, _PIN = torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.pin_memory
 _LoaderIter = torch.utils.data.dataloader._BaseDataLoaderIter
 
 
-class _CudaArguments(TorchFunctionMode):
+class _CudaArguments:
     """Every CUDA device argument of a torch call means `target`: `device=` of any function, `.to(device)`,
     `.cuda()`. There is no pinned memory without a GPU: `pin_memory()` keeps the tensor as it is, and `pin_memory=True`
-    of a factory is dropped."""
+    of a factory is dropped. The counter calls it on each torch call before it looks at the call
+    (`SyncCounter.arguments`): one mode for both, as a mode of its own on top would cost a second Python call per torch
+    call."""
 
     def __init__(self, target: torch.device):
-        super().__init__()
         self.target = target
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __call__(self, func, args, kwargs):
+        """(func, args, kwargs) of the call as it is made with `target`."""
         if kwargs:
             device = kwargs.get("device")
             if device is not None and _is_cuda(device):
                 kwargs = {**kwargs, "device": self.target}
             if kwargs.get("pin_memory"):
                 kwargs = {**kwargs, "pin_memory": False}
-        else:
-            kwargs = {}
         if func is _TO:
             if len(args) > 1 and not isinstance(args[1], (torch.dtype, torch.Tensor)) and _is_cuda(args[1]):
                 args = (args[0], self.target, *args[2:])
         elif func is _CUDA:
-            return self._cuda(*args, **kwargs)
+            return _TO, *self._cuda(*args, **(kwargs or {}))
         elif func is _PIN:
-            return args[0]
-        return func(*args, **kwargs)
+            return _pinned, args, kwargs
+        return func, args, kwargs
 
     def _cuda(self, tensor, device=None, non_blocking=False, memory_format=torch.preserve_format):
-        return tensor.to(self.target, non_blocking=non_blocking, memory_format=memory_format)
+        return (tensor, self.target), {"non_blocking": non_blocking, "memory_format": memory_format}
+
+
+def _pinned(tensor, *args, **kwargs):
+    """`pin_memory()` without a GPU: the tensor itself."""
+    return tensor
 
 
 def _mapped(kwargs: dict, target: torch.device) -> dict:
@@ -248,9 +253,9 @@ class _CudaEntryPoints:
     """The device mapping of the time and memory passes, at no cost per operator: while on, every CUDA device argument
     means `target` where the script can give one: `device=` of the factories (`torch.zeros`, `torch.tensor`, ...,
     `Tensor.new_zeros`, ...; `nn.Linear(..., device=)` and `Module.to_empty` call them), `Tensor.to(device)`,
-    `.cuda()` (which `Module.to` and `Module.cuda` call for each tensor), and `pin_memory()` keeps the tensor. A
-    TorchFunctionMode (`_CudaArguments`, the count pass's) sees every torch call of the script, a few microseconds
-    each, which the time pass would time as the script's.
+    `.cuda()` (which `Module.to` and `Module.cuda` call for each tensor), and `pin_memory()` keeps the tensor. The count
+    pass's mapping (`_CudaArguments`) is a step of the counter's TorchFunctionMode, which sees every torch call of the
+    script, a few microseconds each: the time pass would time that as the script's.
 
     The factories are swapped in `torch` for the whole trace (`tracer_shims`: a script may bind `from torch import
     zeros` before the pass) and pass their arguments on untouched while the mapping is off. The Tensor methods are
@@ -645,21 +650,18 @@ class Tracer:
         self.counting = True
         if not self.cuda:
             self.entry.off()
-            self.mapping = _CudaArguments(STAND_IN)
-            self.mapping.__enter__()
+            self.mapping = self.counter.arguments = _CudaArguments(STAND_IN)
 
     def _counter_off(self, remap: bool = True) -> None:
-        """The counter's modes off (and the device mapping on top of them, which comes back meaning `cpu`, at the entry
-        points that take a device: `_CudaEntryPoints`)."""
+        """The counter's modes off (and its device mapping, which comes back meaning `cpu`, at the entry points that
+        take a device: `_CudaEntryPoints`)."""
         if self.debug is not None:
             self.debug.__exit__(None, None, None)
             for w in self.debug.caught:  # the script's own warnings, which the debug mode's recording caught
                 if not is_sync_warning(w):
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
             self.debug = None
-        if self.mapping is not None:
-            self.mapping.__exit__(None, None, None)
-            self.mapping = None
+        self.mapping = self.counter.arguments = None
         if self.counting:
             tracker = self.counter.tracker
             self.reached = self.reached or bool(len(tracker.tracked) or tracker.storages)
@@ -673,7 +675,7 @@ class Tracer:
     def _modes_on_top(self) -> bool:
         """Whether loopmark's modes are the innermost ones, so that they can be taken off here."""
         functions, dispatch = _get_current_function_mode_stack(), _get_current_dispatch_mode_stack()
-        top = self.mapping or (self.counter._modes[0] if self.counting else None)
+        top = self.counter._modes[0] if self.counting else None
         top_dispatch = self.collectives or self.counter._modes[1]
         return (top is None or (bool(functions) and functions[-1] is top)) and (
             not self.counting or (bool(dispatch) and dispatch[-1] is top_dispatch))
