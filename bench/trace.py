@@ -360,6 +360,11 @@ def _cuda_shims() -> list[tuple[object, str, object]]:
     return [(owner, name, value) for owner, name, value in shims if hasattr(owner, name)]
 
 
+def _modes_on() -> bool:
+    """Whether a torch function or dispatch mode is on."""
+    return bool(torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack())
+
+
 @contextlib.contextmanager
 def _unobserved():
     """Our own tensor operations, hidden from every mode (the counter, the device mapping)."""
@@ -836,16 +841,17 @@ class Tracer:
             return
         step = self.steps_run + 1
         self.backward_passes += 1
-        with _unobserved():
+        # hidden from the modes on (the counter's); with none (the time and memory passes) hiding costs more than the
+        # rest: this runs in the steps the time pass times
+        with _unobserved() if _modes_on() else contextlib.nullcontext():
             if loss.grad_fn is not None:
                 sentinel = _Sentinel()
                 loss.grad_fn.register_prehook(sentinel)
                 self.graphs.append((step, weakref.ref(sentinel)))
             if loss.numel() == 1 and loss.is_floating_point():
-                finite = torch.isfinite(loss.detach()).all()
-                if loss.is_cuda:
-                    self.finite_flags.append((step, finite))  # read after the passes: no sync now
-                elif not bool(finite):
+                if loss.is_cuda:  # read after the passes: no sync now
+                    self.finite_flags.append((step, torch.isfinite(loss.detach()).all()))
+                elif not math.isfinite(loss.detach().item()):
                     self.nonfinite_steps.append(step)
 
     def _train(self, original):
