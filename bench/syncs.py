@@ -48,6 +48,7 @@ import linecache
 import os
 import sys
 import warnings
+import weakref
 from collections import Counter
 from typing import NamedTuple
 
@@ -56,7 +57,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdRef, WeakTensorKeyDictionary
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from reports.results import SITE_CALLER
 
@@ -193,10 +194,15 @@ def _positions(code) -> tuple:
 class _TensorSet:
     """Tensors held weakly, by identity. Membership is a dict lookup by `id()` and an identity check of the weak
     reference found there; a WeakTensorKeyDictionary makes a weak reference for each lookup, and the counter looks up
-    every input of every operator."""
+    every input of every operator (and marks most outputs)."""
 
     def __init__(self):
-        self._refs: dict[int, WeakIdRef] = {}
+        refs: dict[int, _Ref] = {}
+
+        def forget(ref):  # the tensor is gone: its id may be another tensor's next
+            if refs.get(ref.key) is ref:
+                del refs[ref.key]
+        self._refs, self._forget = refs, forget
 
     def __contains__(self, t) -> bool:
         ref = self._refs.get(id(t))
@@ -206,14 +212,12 @@ class _TensorSet:
         return len(self._refs)
 
     def add(self, t) -> None:
-        if t in self:
+        key = id(t)
+        ref = self._refs.get(key)
+        if ref is not None and ref() is t:
             return
-        key, refs = id(t), self._refs
-
-        def forget(ref, key=key):  # the tensor is gone: its id may be another tensor's next
-            if refs.get(key) is ref:
-                del refs[key]
-        refs[key] = WeakIdRef(t, forget)
+        ref = self._refs[key] = _Ref(t, self._forget)
+        ref.key = key
 
     def discard(self, t) -> None:
         if t in self:
@@ -221,6 +225,12 @@ class _TensorSet:
 
     def keys(self) -> list:
         return [t for t in (ref() for ref in list(self._refs.values())) if t is not None]
+
+
+class _Ref(weakref.ref):
+    """A weak reference that knows the id() it is filed under."""
+
+    __slots__ = ("key",)
 
 
 class _Tracker:
@@ -287,9 +297,25 @@ class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         c, tr = self.c, self.c.tracker
-        name = _NAMES.get(func) or _NAMES.setdefault(func, func._schema.name)
         c.ops += 1
+        named = _NAMES.get(func)
+        if named is None:
+            named = _NAMES[func] = _named(func)
+        name, special = named
         inputs = _tensors(args, kwargs)
+        if not special:  # the path below, less the checks that concern none but the special operators
+            if tr.cuda:
+                return func(*args, **kwargs)
+            from_device = False
+            for t in inputs:
+                if tr.on_device(t):
+                    from_device = True
+                    break
+            out = func(*args, **kwargs)
+            if from_device or _is_device(kwargs.get("device"), False):
+                for t in _tensors((out,)):
+                    tr.mark(t)
+            return out
         if name.startswith("c10d::"):  # a collective's tensors live on the accelerator (DDP's buckets, rebuilt)
             for t in inputs:
                 tr.mark_storage(t)
@@ -335,7 +361,15 @@ class _Dispatch(TorchDispatchMode):
         return out
 
 
-_NAMES: dict = {}  # operator overload: its schema's name (`aten::add`), read once
+_NAMES: dict = {}  # operator overload: (its schema's name, `aten::add`, whether it is special), decided once
+# the operators `_Dispatch` looks at beyond where their inputs and outputs live (and collectives, `c10d::`)
+_SPECIAL_OPS = (SYNC_OPS | READ_OPS | INDEX_PUT_OPS | {name for name, _ in SCALAR_READ_OPS}
+                | {"aten::index", "aten::to", "aten::_to_copy", "aten::copy_"})
+
+
+def _named(func) -> tuple[str, bool]:
+    name = func._schema.name
+    return name, name in _SPECIAL_OPS or name.startswith("c10d::")
 
 
 def _tensors(args, kwargs=None) -> list:
