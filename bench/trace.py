@@ -22,7 +22,9 @@ that no instrument distorts another's figure (as `loopmark run`'s passes):
    graphs evaluation builds and keeps: the verdict. Its hooks on the parameters are removed when the pass ends, and
    its global hooks, set when the tracer is armed (none can be added during a step), only look at a flag outside it;
 3. *time*: each step's time (`perf_counter_ns`; on a GPU one CUDA event per boundary, read after the pass, so no
-   sync is added), and the C heap and RSS at each boundary (the host's growth per step);
+   sync is added), and the C heap and RSS at each boundary (the host's growth per step), read between the timed
+   intervals. No torch mode is on: what the tracer does within a step (its hooks on `backward()` and the optimizer
+   step) costs microseconds, so the step time is the script's;
 4. *memory*: the peak (CPU: the allocator's own records, `bench.memory.AllocatorLedger`; CUDA: the caching allocator's
    peak) and the tensor bytes alive at each boundary.
 
@@ -42,7 +44,8 @@ and `torch.accelerator.is_available()` are true, and every CUDA device argument 
 `bench.syncs.STAND_IN` (`cpu:0`) during the warm-up and the count pass: what lands there is tracked as device memory
 by the counter, and what a tensor's storage shares with a tracked one is too (a `Parameter` made of a tracked tensor,
 `param.data = ...`). The time and memory passes run with CUDA arguments meaning `cpu`, so their figures are those of
-the script on this CPU. `torch.cuda.synchronize()` does nothing (the count pass counts it), `pin_memory()` keeps the
+the script on this CPU; there the arguments are mapped with no torch mode, where a device can be given (the
+factories' `device=`, `Tensor.to`, `.cuda()`, `.new_*`, and so `Module.to`: `_CudaEntryPoints`). `torch.cuda.synchronize()` does nothing (the count pass counts it), `pin_memory()` keeps the
 tensor, and the DataLoader pins nothing (it sees no accelerator). See docs/trace.md ("Trace your own script") for the
 scripts whose CPU count equals their CUDA count.
 
@@ -928,6 +931,7 @@ class Tracer:
     def _boundary(self, skipped: bool) -> None:
         if self.in_eval:
             self._eval_end()
+        end = self.clock.now() if self.phase == "time" else None  # the step's end: the bookkeeping below is not its
         self.steps_run += 1
         self._check_graphs()
         phase = self.phase
@@ -945,7 +949,7 @@ class Tracer:
         if phase == "count":
             self._count_step()
         elif phase == "time":
-            self._time_step(last)
+            self._time_step(last, end)
         elif phase == "memory":
             self._memory_step(last)
         if last:
@@ -1023,8 +1027,7 @@ class Tracer:
             self.comm_bytes_by_step.append(now[1] - self._last_collectives[1])
             self._last_collectives = now
 
-    def _time_step(self, last: bool) -> None:
-        end = self.clock.now()
+    def _time_step(self, last: bool, end) -> None:
         self.step_marks.append((self.start_mark, end, self.evals_in_step))
         self.evals_in_step = []
         frames = compiled_frames()  # torch.compile compiled (or recompiled) in this step: its time is the compiler's
