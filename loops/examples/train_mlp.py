@@ -7,7 +7,7 @@ The data is synthetic (features of Gaussian noise, labels from a fixed random li
 
     python loops/examples/train_mlp.py                                    # width 256, batch 32: ~0.5 ms a step
     python loops/examples/train_mlp.py --width 512 --batch-size 64        # ~5 ms a step
-    python loops/examples/train_mlp.py --width 1024 --batch-size 128      # ~50 ms a step
+    python loops/examples/train_mlp.py --width 1024 --batch-size 256      # ~50 ms a step
     loopmark trace --steps 20 loops/examples/train_mlp.py
 
 Host-device syncs per training step on CUDA, worked out from the code below (a step ends at `optimizer.step()`):
