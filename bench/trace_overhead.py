@@ -3,7 +3,7 @@
     python -m bench.trace_overhead [--steps N] [--warmup W] [--threads T] [--repeats R] [SCRIPT.py ARGS...]
     python -m bench.trace_overhead loops/examples/train_mlp.py --width 512 --batch-size 64     # a ~5 ms step
 
-The script (default: loops/examples/train_mlp.py, an MLP whose step takes about half a millisecond; its `--width` and
+The script (default: loops/examples/train_mlp.py, an MLP whose step takes about a millisecond; its `--width` and
 `--batch-size` make it longer) runs in this process once plainly, unmeasured (the first run in a process pays for
 torch's lazy initialisation), then `R` times each way, alternating:
 

@@ -3,11 +3,14 @@ batches moved with `.to(device)`, AdamW, gradient clipping by norm, StepLR stepp
 `--log-interval` steps.
 
 The data is synthetic (features of Gaussian noise, labels from a fixed random linear map): nothing is downloaded.
-`--width` and `--batch-size` size the step; on one CPU thread of a 2020s x86 core, roughly:
+`--width` and `--batch-size` size the step; on one thread of this repository's 2-core CPU VM, roughly:
 
-    python loops/examples/train_mlp.py                                    # width 256, batch 32: ~0.5 ms a step
+    python loops/examples/train_mlp.py                                    # width 64, batch 32: ~1 ms a step
     python loops/examples/train_mlp.py --width 512 --batch-size 64        # ~5 ms a step
-    python loops/examples/train_mlp.py --width 1024 --batch-size 256      # ~50 ms a step
+    python loops/examples/train_mlp.py --width 1024 --batch-size 256      # ~45 ms a step
+
+The smallest step is mostly the optimizer's and the clipping's operators (AdamW updates each of its 8 parameters
+apart on a CPU), a few microseconds each: a narrower model is hardly faster.
     loopmark trace --steps 20 loops/examples/train_mlp.py
 
 Host-device syncs per training step on CUDA, worked out from the code below (a step ends at `optimizer.step()`):
@@ -51,7 +54,7 @@ class MLP(nn.Module):
 
 def main():
     parser = argparse.ArgumentParser(description="PyTorch MLP example (synthetic tabular data)")
-    parser.add_argument("--width", type=int, default=256, help="hidden units per layer (default: 256)")
+    parser.add_argument("--width", type=int, default=64, help="hidden units per layer (default: 64)")
     parser.add_argument("--depth", type=int, default=3, help="hidden layers (default: 3)")
     parser.add_argument("--features", type=int, default=64, help="input features (default: 64)")
     parser.add_argument("--classes", type=int, default=10, help="classes (default: 10)")
