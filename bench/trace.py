@@ -45,9 +45,10 @@ and `torch.accelerator.is_available()` are true, and every CUDA device argument 
 by the counter, and what a tensor's storage shares with a tracked one is too (a `Parameter` made of a tracked tensor,
 `param.data = ...`). The time and memory passes run with CUDA arguments meaning `cpu`, so their figures are those of
 the script on this CPU; there the arguments are mapped with no torch mode, where a device can be given (the
-factories' `device=`, `Tensor.to`, `.cuda()`, `.new_*`, and so `Module.to`: `_CudaEntryPoints`). `torch.cuda.synchronize()` does nothing (the count pass counts it), `pin_memory()` keeps the
-tensor, and the DataLoader pins nothing (it sees no accelerator). See docs/trace.md ("Trace your own script") for the
-scripts whose CPU count equals their CUDA count.
+factories' `device=`, `Tensor.to`, `.cuda()`, `.new_*`, and so `Module.to`: `_CudaEntryPoints`).
+`torch.cuda.synchronize()` does nothing (the count pass counts it), `pin_memory()` keeps the tensor, and the
+DataLoader pins nothing (it sees no accelerator). See docs/trace.md ("Trace your own script") for the scripts whose
+CPU count equals their CUDA count.
 
 **Under torchrun** every rank traces its own process: on the stand-in the script's nccl runs on gloo and DDP gets no
 device ids; the count pass counts each step's collectives (`bench.distributed.CollectiveCounter`), the audit judges
