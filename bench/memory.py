@@ -153,11 +153,15 @@ class AllocatorLedger:
         held = counter = 0
         counter_base = None
         steps: list[dict] = []
+        peak = counter_peak = None  # the step under way's (None before the first mark), kept here, written at its end
         for name, fields in _records(self.results.experimental_event_tree()):
             if fields is None:
                 if name == self.MARK:
+                    if steps:
+                        steps[-1]["peak"], steps[-1]["counter_peak"] = peak, counter_peak
                     steps.append({"roots": self.root_bytes[len(steps)], "start": held, "peak": held,
                                   "counter_start": counter, "counter_peak": counter})
+                    peak, counter_peak = held, counter
                 continue
             if fields.device.type != "cpu":
                 continue
@@ -170,9 +174,13 @@ class AllocatorLedger:
             if counter_base is None:
                 counter_base = int(fields.total_allocated) - size
             counter = int(fields.total_allocated) - counter_base
-            if steps:
-                steps[-1]["peak"] = max(steps[-1]["peak"], held)
-                steps[-1]["counter_peak"] = max(steps[-1]["counter_peak"], counter)
+            if peak is not None:
+                if held > peak:
+                    peak = held
+                if counter > counter_peak:
+                    counter_peak = counter
+        if steps:
+            steps[-1]["peak"], steps[-1]["counter_peak"] = peak, counter_peak
         return steps
 
 
