@@ -60,11 +60,20 @@ def heap_bytes() -> int | None:
 
 
 def rss_bytes() -> int | None:
+    """The process's resident set, from /proc/self/statm, kept open (read at each step boundary of a pass: opening it
+    each time costs tens of microseconds); None where there is no such file."""
+    global _STATM
+    pid = os.getpid()
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
+        if _STATM is None or _STATM[0] != pid:  # first call, or a forked child: its own /proc/self
+            _STATM = (pid, os.open("/proc/self/statm", os.O_RDONLY))
+        return int(os.pread(_STATM[1], 128, 0).split()[1]) * _PAGE_SIZE
+    except (OSError, AttributeError):  # no /proc, or no os.pread
         return None
+
+
+_STATM: tuple[int, int] | None = None  # (pid, descriptor of its /proc/self/statm)
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def slope_per_step(trace: list) -> float:
@@ -115,17 +124,18 @@ class AllocatorLedger:
     def __init__(self, roots=()):
         self.roots = _Roots(tree_flatten(list(roots))[0])
         self.root_bytes: list[int] = []
-        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                               profile_memory=True)
+        self.results = None
 
     def __enter__(self):
         with _quiet_stderr():  # the profiler's C++ side announces its start on stderr
-            self.profiler.__enter__()
+            _start_memory_profiler()
         return self
 
     def __exit__(self, *exc):
-        with _quiet_stderr():
-            return self.profiler.__exit__(*exc)
+        if self.results is None:
+            with _quiet_stderr():
+                self.results = torch._C._autograd._disable_profiler()
+        return False
 
     def mark(self) -> int:
         """Call at a step boundary; returns the live tensor bytes the boundary will be credited with once the
@@ -143,11 +153,15 @@ class AllocatorLedger:
         held = counter = 0
         counter_base = None
         steps: list[dict] = []
-        for name, fields in _records(self.profiler.profiler.kineto_results.experimental_event_tree()):
+        peak = counter_peak = None  # the step under way's (None before the first mark), kept here, written at its end
+        for name, fields in _records(self.results.experimental_event_tree()):
             if fields is None:
                 if name == self.MARK:
+                    if steps:
+                        steps[-1]["peak"], steps[-1]["counter_peak"] = peak, counter_peak
                     steps.append({"roots": self.root_bytes[len(steps)], "start": held, "peak": held,
                                   "counter_start": counter, "counter_peak": counter})
+                    peak, counter_peak = held, counter
                 continue
             if fields.device.type != "cpu":
                 continue
@@ -160,10 +174,25 @@ class AllocatorLedger:
             if counter_base is None:
                 counter_base = int(fields.total_allocated) - size
             counter = int(fields.total_allocated) - counter_base
-            if steps:
-                steps[-1]["peak"] = max(steps[-1]["peak"], held)
-                steps[-1]["counter_peak"] = max(steps[-1]["counter_peak"], counter)
+            if peak is not None:
+                if held > peak:
+                    peak = held
+                if counter > counter_peak:
+                    counter_peak = counter
+        if steps:
+            steps[-1]["peak"], steps[-1]["counter_peak"] = peak, counter_peak
         return steps
+
+
+def _start_memory_profiler() -> None:
+    """torch's profiler on the CPU, recording the allocator's reports and the user scopes (`record_function`, the step
+    marks) only: what `torch.profiler.profile(profile_memory=True)` records, less an event per operator, which costs
+    several times a small operator's own time and would be walked and dropped afterwards."""
+    from torch._C._profiler import ProfilerActivity, ProfilerConfig, ProfilerState, RecordScope, _ExperimentalConfig
+
+    config = ProfilerConfig(ProfilerState.KINETO, False, True, False, False, False, _ExperimentalConfig())
+    torch._C._autograd._prepare_profiler(config, {ProfilerActivity.CPU})
+    torch._C._autograd._enable_profiler(config, {ProfilerActivity.CPU}, {RecordScope.USER_SCOPE})
 
 
 @contextlib.contextmanager
@@ -183,13 +212,15 @@ def _quiet_stderr():
 
 def _records(tree) -> list[tuple[str, object]]:
     """The profiler's records in time order: (name, allocation fields) for a `[memory]` record, (name, None)
-    for any other; an allocation is recorded as a child of the operator that made it."""
-    flat, stack = [], list(tree)
+    for any other; an allocation is recorded as a child of the scope (`record_function`) it was made in."""
+    flat, stack, allocation = [], list(tree), torch._C._profiler._ExtraFields_Allocation
     while stack:
         node = stack.pop()
-        alloc = isinstance(node.extra_fields, torch._C._profiler._ExtraFields_Allocation)
-        flat.append((node.start_time_ns, node.name, node.extra_fields if alloc else None))
-        stack.extend(node.children)
+        fields = node.extra_fields
+        flat.append((node.start_time_ns, node.name, fields if type(fields) is allocation else None))
+        children = node.children
+        if children:
+            stack += children
     flat.sort(key=lambda r: r[0])
     return [(name, fields) for _, name, fields in flat]
 

@@ -48,6 +48,7 @@ import linecache
 import os
 import sys
 import warnings
+import weakref
 from collections import Counter
 from typing import NamedTuple
 
@@ -212,12 +213,55 @@ def _positions(code) -> tuple:
     return tuple(code.co_positions()) if hasattr(code, "co_positions") else ()
 
 
+class _TensorSet:
+    """Tensors held weakly, by identity. Membership is a dict lookup by `id()` and an identity check of the weak
+    reference found there; a WeakTensorKeyDictionary makes a weak reference for each lookup, and the counter looks up
+    every input of every operator (and marks most outputs)."""
+
+    def __init__(self):
+        refs: dict[int, _Ref] = {}
+
+        def forget(ref):  # the tensor is gone: its id may be another tensor's next
+            if refs.get(ref.key) is ref:
+                del refs[ref.key]
+        self._refs, self._forget = refs, forget
+
+    def __contains__(self, t) -> bool:
+        ref = self._refs.get(id(t))
+        return ref is not None and ref() is t
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def add(self, t) -> None:
+        key = id(t)
+        ref = self._refs.get(key)
+        if ref is not None and ref() is t:
+            return
+        ref = self._refs[key] = _Ref(t, self._forget)
+        ref.key = key
+
+    def discard(self, t) -> None:
+        if t in self:
+            del self._refs[id(t)]
+
+    def keys(self) -> list:
+        return [t for t in (ref() for ref in list(self._refs.values())) if t is not None]
+
+
+class _Ref(weakref.ref):
+    """A weak reference that knows the id() it is filed under."""
+
+    __slots__ = ("key",)
+
+
 class _Tracker:
     """Which tensors would live on the accelerator."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.tracked = WeakTensorKeyDictionary()
+        self.tracked = _TensorSet()
+        self._tracked = self.tracked._refs  # read directly by `on_device`, which every operator's inputs go through
         # whole storages on the accelerator, views of them made anywhere included: {storage_key: weak reference}. The
         # weak reference keeps the storage's identity from being reused once it is freed (an address would be: a host
         # batch allocated where a collective's temporary tensor was would count as device memory)
@@ -229,7 +273,8 @@ class _Tracker:
             return False
         if self.cuda:
             return t.is_cuda
-        return t in self.tracked or (bool(self.storages) and storage_key(t) in self.storages)
+        ref = self._tracked.get(id(t))  # `t in self.tracked`, inline
+        return (ref is not None and ref() is t) or (bool(self.storages) and storage_key(t) in self.storages)
 
     def mark_storage(self, t) -> None:
         """`t`'s storage lives on the accelerator, with every view of it: DDP's gradient buckets, whose views it made
@@ -246,11 +291,11 @@ class _Tracker:
 
     def mark(self, t) -> None:
         if isinstance(t, torch.Tensor) and not self.cuda:
-            self.tracked[t] = True
+            self.tracked.add(t)
 
     def unmark(self, t) -> None:
-        if isinstance(t, torch.Tensor) and t in self.tracked:
-            del self.tracked[t]
+        if isinstance(t, torch.Tensor):
+            self.tracked.discard(t)
 
 
 _PRUNE_AT = 256  # storages a tracker holds before it drops those that were freed
@@ -274,14 +319,37 @@ class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         c, tr = self.c, self.c.tracker
-        name = func._schema.name
         c.ops += 1
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        named = _NAMES.get(func)
+        if named is None:
+            named = _NAMES[func] = _named(func)
+        name, special = named
+        inputs = _tensors(args, kwargs)
+        if not special:  # the path below, less the checks that concern none but the special operators
+            if tr.cuda:
+                return func(*args, **kwargs)
+            from_device = False
+            for t in inputs:
+                if tr.on_device(t):
+                    from_device = True
+                    break
+            out = func(*args, **kwargs)
+            if from_device or _is_device(kwargs.get("device"), False):
+                for t in _tensors((out,)):
+                    tr.mark(t)
+            return out
         if name.startswith("c10d::"):  # a collective's tensors live on the accelerator (DDP's buckets, rebuilt)
             for t in inputs:
                 tr.mark_storage(t)
-        from_device = any(tr.on_device(t) for t in inputs)
-        target, non_blocking = _copy_target(name, func._overloadname, args, kwargs)
+        from_device = False
+        for t in inputs:
+            if tr.on_device(t):
+                from_device = True
+                break
+        if name == "aten::to":
+            target, non_blocking = _copy_target(name, func._overloadname, args, kwargs)
+        else:  # what `_copy_target` gives any other operator
+            target, non_blocking = kwargs.get("device"), bool(kwargs.get("non_blocking", False))
         whole = name == "aten::to"  # under inference_mode `.to()` reaches the modes whole, not as _to_copy
         if whole:
             name = "aten::_to_copy"
@@ -310,9 +378,38 @@ class _Dispatch(TorchDispatchMode):
             to_host = name == "aten::_to_copy" and target is not None and not _is_device(target, False)
             into = name == "aten::copy_"  # a copy lands where its destination lives
             if (from_device and not to_host and not into) or _is_device(target, False):
-                for t in tree_flatten(out)[0]:
+                for t in _tensors((out,)):
                     tr.mark(t)
         return out
+
+
+_NAMES: dict = {}  # operator overload: (its schema's name, `aten::add`, whether it is special), decided once
+# the operators `_Dispatch` looks at beyond where their inputs and outputs live (and collectives, `c10d::`)
+_SPECIAL_OPS = (SYNC_OPS | READ_OPS | INDEX_PUT_OPS | {name for name, _ in SCALAR_READ_OPS}
+                | {"aten::index", "aten::to", "aten::_to_copy", "aten::copy_"})
+
+
+def _named(func) -> tuple[str, bool]:
+    name = func._schema.name
+    return name, name in _SPECIAL_OPS or name.startswith("c10d::")
+
+
+def _tensors(args, kwargs=None) -> list:
+    """The tensors among an operator's arguments (or outputs), as `tree_flatten` finds them: an aten operator's
+    arguments are tensors, scalars and lists of them, so a list is looked into here and anything deeper handed to it."""
+    found = []
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(a, torch.Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    found.append(b)
+                elif isinstance(b, (list, tuple, dict)):
+                    found += [t for t in tree_flatten(b)[0] if isinstance(t, torch.Tensor)]
+        elif isinstance(a, dict):
+            found += [t for t in tree_flatten(a)[0] if isinstance(t, torch.Tensor)]
+    return found
 
 
 def _copy_target(name: str, overload: str, args, kwargs) -> tuple:
@@ -344,6 +441,10 @@ class _Function(TorchFunctionMode):
         self.c = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.c.arguments is not None:
+            func, args, kwargs = self.c.arguments(func, args, kwargs)
+        if _plain(func):
+            return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
         c, tr = self.c, self.c.tracker
         if getattr(func, "__self__", None) is _DEVICE_ATTRIBUTE and not tr.cuda:
@@ -428,6 +529,22 @@ class _Function(TorchFunctionMode):
 
 _CONSTRUCTORS = {torch.tensor, torch.as_tensor, torch.asarray, torch.Tensor.new_tensor}
 _DEVICE_ATTRIBUTE = torch.Tensor.device  # the descriptor; reading `t.device` reaches __torch_function__ as its __get__
+_PLAIN: dict = {}  # torch function: whether `_Function` has nothing to do with it, decided once per function
+
+
+def _plain(func) -> bool:
+    """Whether `_Function` only calls `func`: it is none of `.device`, `to`/`cpu`, a read-back method, printing or a
+    constructor (each looked at in `__torch_function__`). Most calls of a step are: they skip the checks."""
+    try:
+        plain = _PLAIN.get(func)
+    except TypeError:  # not hashable
+        return False
+    if plain is None:
+        name = getattr(func, "__name__", "")
+        plain = _PLAIN[func] = not (getattr(func, "__self__", None) is _DEVICE_ATTRIBUTE or name in ("to", "cpu")
+                                    or name in READBACK_METHODS or func is torch.Tensor.__repr__
+                                    or func is torch.Tensor.__format__ or func in _CONSTRUCTORS)
+    return plain
 
 
 def _printing(func, args) -> bool:
@@ -520,6 +637,9 @@ class SyncCounter:
         self.pending = WeakTensorKeyDictionary()  # non-blocking device-to-host copies not yet synchronised
         self.hazards = 0
         self.hazard_sites: Counter = Counter()
+        # (func, args, kwargs) -> (func, args, kwargs): what each torch call becomes before it is counted and made (the
+        # tracer's CUDA arguments meaning the stand-in), or None
+        self.arguments = None
         self._modes = [_Function(self), _Dispatch(self)]
         # (module, attribute, wrapper of the original): swapped in while counting
         self._patches = [(torch.cuda, "synchronize", self._synchronize)]

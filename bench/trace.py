@@ -22,7 +22,9 @@ that no instrument distorts another's figure (as `loopmark run`'s passes):
    graphs evaluation builds and keeps: the verdict. Its hooks on the parameters are removed when the pass ends, and
    its global hooks, set when the tracer is armed (none can be added during a step), only look at a flag outside it;
 3. *time*: each step's time (`perf_counter_ns`; on a GPU one CUDA event per boundary, read after the pass, so no
-   sync is added), and the C heap and RSS at each boundary (the host's growth per step);
+   sync is added), and the C heap and RSS at each boundary (the host's growth per step), read between the timed
+   intervals. No torch mode is on: what the tracer does within a step (its hooks on `backward()` and the optimizer
+   step) costs microseconds, so the step time is the script's;
 4. *memory*: the peak (CPU: the allocator's own records, `bench.memory.AllocatorLedger`; CUDA: the caching allocator's
    peak) and the tensor bytes alive at each boundary.
 
@@ -42,9 +44,11 @@ and `torch.accelerator.is_available()` are true, and every CUDA device argument 
 `bench.syncs.STAND_IN` (`cpu:0`) during the warm-up and the count pass: what lands there is tracked as device memory
 by the counter, and what a tensor's storage shares with a tracked one is too (a `Parameter` made of a tracked tensor,
 `param.data = ...`). The time and memory passes run with CUDA arguments meaning `cpu`, so their figures are those of
-the script on this CPU. `torch.cuda.synchronize()` does nothing (the count pass counts it), `pin_memory()` keeps the
-tensor, and the DataLoader pins nothing (it sees no accelerator). See docs/trace.md ("Trace your own script") for the
-scripts whose CPU count equals their CUDA count.
+the script on this CPU; there the arguments are mapped with no torch mode, where a device can be given (the
+factories' `device=`, `Tensor.to`, `.cuda()`, `.new_*`, and so `Module.to`: `_CudaEntryPoints`).
+`torch.cuda.synchronize()` does nothing (the count pass counts it), `pin_memory()` keeps the tensor, and the
+DataLoader pins nothing (it sees no accelerator). See docs/trace.md ("Trace your own script") for the scripts whose
+CPU count equals their CUDA count.
 
 **Under torchrun** every rank traces its own process: on the stand-in the script's nccl runs on gloo and DDP gets no
 device ids; the count pass counts each step's collectives (`bench.distributed.CollectiveCounter`), the audit judges
@@ -55,8 +59,10 @@ gradients as DDP averages them and compares a checksum of the ranks' parameters 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib.util
+import itertools
 import math
 import multiprocessing
 import os
@@ -74,7 +80,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.overrides import _get_current_function_mode_stack
 from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_flatten
 
@@ -189,35 +195,133 @@ _TO, _CUDA, _PIN = torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.pin_memory
 _LoaderIter = torch.utils.data.dataloader._BaseDataLoaderIter
 
 
-class _CudaArguments(TorchFunctionMode):
+class _CudaArguments:
     """Every CUDA device argument of a torch call means `target`: `device=` of any function, `.to(device)`,
     `.cuda()`. There is no pinned memory without a GPU: `pin_memory()` keeps the tensor as it is, and `pin_memory=True`
-    of a factory is dropped."""
+    of a factory is dropped. The counter calls it on each torch call before it looks at the call
+    (`SyncCounter.arguments`): one mode for both, as a mode of its own on top would cost a second Python call per torch
+    call."""
 
     def __init__(self, target: torch.device):
-        super().__init__()
         self.target = target
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __call__(self, func, args, kwargs):
+        """(func, args, kwargs) of the call as it is made with `target`."""
         if kwargs:
             device = kwargs.get("device")
             if device is not None and _is_cuda(device):
                 kwargs = {**kwargs, "device": self.target}
             if kwargs.get("pin_memory"):
                 kwargs = {**kwargs, "pin_memory": False}
-        else:
-            kwargs = {}
         if func is _TO:
             if len(args) > 1 and not isinstance(args[1], (torch.dtype, torch.Tensor)) and _is_cuda(args[1]):
                 args = (args[0], self.target, *args[2:])
         elif func is _CUDA:
-            return self._cuda(*args, **kwargs)
+            return _TO, *self._cuda(*args, **(kwargs or {}))
         elif func is _PIN:
-            return args[0]
-        return func(*args, **kwargs)
+            return _pinned, args, kwargs
+        return func, args, kwargs
 
     def _cuda(self, tensor, device=None, non_blocking=False, memory_format=torch.preserve_format):
-        return tensor.to(self.target, non_blocking=non_blocking, memory_format=memory_format)
+        return (tensor, self.target), {"non_blocking": non_blocking, "memory_format": memory_format}
+
+
+def _pinned(tensor, *args, **kwargs):
+    """`pin_memory()` without a GPU: the tensor itself."""
+    return tensor
+
+
+def _mapped(kwargs: dict, target: torch.device) -> dict:
+    """A call's keyword arguments with a CUDA `device=` meaning `target` and `pin_memory=True` dropped."""
+    device = kwargs.get("device")
+    if device is not None and _is_cuda(device):
+        kwargs = {**kwargs, "device": target}
+    if kwargs.get("pin_memory"):
+        kwargs = {**kwargs, "pin_memory": False}
+    return kwargs
+
+
+@functools.cache
+def _factory_names() -> tuple[str, ...]:
+    """The public functions of the `torch` namespace that take a `device=` (the aten operators with a `device`
+    argument, `torch.zeros` to `torch.tensor`, and `torch.asarray`, which has no aten schema): each the very object
+    `torch._C._VariableFunctions` holds, which is what torch hands a TorchFunctionMode, never the wrapper `torch.NAME`
+    is swapped for."""
+    names = {s.name.partition("::")[2] for s in torch._C._jit_get_all_schemas()
+             if s.name.startswith("aten::") and any(a.name == "device" for a in s.arguments)} | {"asarray"}
+    return tuple(sorted(n for n in names if not n.startswith("_") and getattr(torch, n, None) is not None
+                        and getattr(torch, n) is getattr(torch._C._VariableFunctions, n, None)))
+
+
+class _CudaEntryPoints:
+    """The device mapping of the time and memory passes, at no cost per operator: while on, every CUDA device argument
+    means `target` where the script can give one: `device=` of the factories (`torch.zeros`, `torch.tensor`, ...,
+    `Tensor.new_zeros`, ...; `nn.Linear(..., device=)` and `Module.to_empty` call them), `Tensor.to(device)`,
+    `.cuda()` (which `Module.to` and `Module.cuda` call for each tensor), and `pin_memory()` keeps the tensor. The count
+    pass's mapping (`_CudaArguments`) is a step of the counter's TorchFunctionMode, which sees every torch call of the
+    script, a few microseconds each: the time pass would time that as the script's.
+
+    The factories are swapped in `torch` for the whole trace (`tracer_shims`: a script may bind `from torch import
+    zeros` before the pass) and pass their arguments on untouched while the mapping is off. The Tensor methods are
+    swapped only while it is on: torch hands a mode the method `torch.Tensor` holds, and the count pass's modes know
+    the real ones."""
+
+    METHODS = ("new_empty", "new_empty_strided", "new_full", "new_ones", "new_tensor", "new_zeros")
+
+    def __init__(self):
+        self.target: torch.device | None = None
+        self._saved: list[tuple[str, object]] = []
+
+    def factory_shims(self) -> list[tuple[object, str, object]]:
+        return [(torch, name, self._factory(getattr(torch, name))) for name in _factory_names()]
+
+    def _factory(self, original):
+        entry = self
+
+        @functools.wraps(original)
+        def factory(*args, **kwargs):
+            if entry.target is not None and kwargs:
+                kwargs = _mapped(kwargs, entry.target)
+            return original(*args, **kwargs)
+        return factory
+
+    def on(self, target: torch.device) -> None:
+        self.target = target
+        if self._saved:
+            return
+        entry = self
+
+        def to(tensor, *args, **kwargs):
+            if args and not isinstance(args[0], (torch.dtype, torch.Tensor)) and _is_cuda(args[0]):
+                args = (entry.target, *args[1:])
+            return _TO(tensor, *args, **_mapped(kwargs, entry.target) if kwargs else kwargs)
+
+        def cuda(tensor, device=None, non_blocking=False, memory_format=torch.preserve_format):
+            return _TO(tensor, entry.target, non_blocking=non_blocking, memory_format=memory_format)
+
+        methods = {"to": to, "cuda": cuda, "pin_memory": lambda tensor, *args, **kwargs: tensor}
+        methods.update({name: self._method(getattr(torch.Tensor, name)) for name in self.METHODS})
+        # most are torch._C.TensorBase's, found through torch.Tensor: taking the wrapper off uncovers them again
+        self._saved = [(name, torch.Tensor.__dict__.get(name)) for name in methods]
+        for name, method in methods.items():
+            setattr(torch.Tensor, name, method)
+
+    def off(self) -> None:
+        self.target = None
+        for name, method in reversed(self._saved):
+            if method is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, method)
+        self._saved = []
+
+    def _method(self, original):
+        entry = self
+
+        @functools.wraps(original)
+        def method(tensor, *args, **kwargs):
+            return original(tensor, *args, **_mapped(kwargs, entry.target) if kwargs else kwargs)
+        return method
 
 
 def _torch_asks() -> bool:
@@ -260,6 +364,11 @@ def _cuda_shims() -> list[tuple[object, str, object]]:
     return [(owner, name, value) for owner, name, value in shims if hasattr(owner, name)]
 
 
+def _modes_on() -> bool:
+    """Whether a torch function or dispatch mode is on."""
+    return bool(torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack())
+
+
 @contextlib.contextmanager
 def _unobserved():
     """Our own tensor operations, hidden from every mode (the counter, the device mapping)."""
@@ -270,19 +379,21 @@ def _unobserved():
 def _live_tensors() -> list[torch.Tensor]:
     """Every tensor the garbage collector knows (type() only: no object's __class__ is looked up), less the compiler's
     stand-ins: `torch.compile` keeps FakeTensors (shapes and dtypes, no memory) in its caches and guards, hundreds of
-    them with a cold cache, whose nominal sizes are not the script's memory."""
-    from torch._subclasses.fake_tensor import FakeTensor
+    them with a cold cache, whose nominal sizes are not the script's memory. While a tracer runs, the objects made
+    before the script (torch's, loopmark's: a few hundred thousand) are frozen, out of the collector's sight, so this
+    sweeps what the script made; the objects are sifted in C (`map`, `compress`)."""
+    objects = gc.get_objects()
+    return list(itertools.compress(objects, map(_TensorKinds().__getitem__, map(type, objects))))
 
-    kinds: dict[type, bool] = {}
-    found = []
-    for o in gc.get_objects():
-        kind = type(o)
-        is_tensor = kinds.get(kind)
-        if is_tensor is None:
-            is_tensor = kinds[kind] = issubclass(kind, torch.Tensor) and not issubclass(kind, FakeTensor)
-        if is_tensor:
-            found.append(o)
-    return found
+
+class _TensorKinds(dict):
+    """{type: whether its objects are tensors of memory of their own}, filled in as types are first met."""
+
+    def __missing__(self, kind: type) -> bool:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        self[kind] = is_tensor = issubclass(kind, torch.Tensor) and not issubclass(kind, FakeTensor)
+        return is_tensor
 
 
 def _in_process_group() -> bool:
@@ -395,7 +506,8 @@ class Tracer:
         self.counter = SyncCounter(self.device if self.cuda else STAND_IN)
         self.counting = False  # the counter's modes are on
         self.reached = False  # the script put tensors on the stand-in (seen when the counter goes off)
-        self.mapping: _CudaArguments | None = None
+        self.mapping: _CudaArguments | None = None  # the count pass's (and the warm-up's) device mapping
+        self.entry = _CudaEntryPoints()  # the time and memory passes'
         self.phase = "setup"  # setup (before the first step), warmup, count, time, memory, done
         self.steps_run = 0  # step boundaries so far
         self.done: Counter = Counter()  # measured steps per pass
@@ -464,6 +576,7 @@ class Tracer:
         self._saved: list[tuple[object, str, object]] = []
         self._hook = None
         self._train_depth = 0
+        self._froze = False  # the objects made before the script are frozen (gc.freeze) while it runs
 
     # -- arming and disarming ---------------------------------------------------------------------------
 
@@ -483,7 +596,7 @@ class Tracer:
         return False
 
     def _arm(self) -> None:
-        patches = ([] if self.cuda else _cuda_shims()) + self._process_group_shims()
+        patches = ([] if self.cuda else _cuda_shims() + self.entry.factory_shims()) + self._process_group_shims()
         patches += [(torch.autograd, "backward", self._backward(torch.autograd.backward)),
                     (torch.nn.Module, "train", self._train(torch.nn.Module.train)),
                     (torch.amp.GradScaler, "step", self._scaler_step(torch.amp.GradScaler.step)),
@@ -496,6 +609,10 @@ class Tracer:
         # tracer's, which may end the audit pass at that very step
         self.audit.__enter__()
         self._hook = register_optimizer_step_post_hook(self._on_optimizer_step)
+        if not gc.get_freeze_count():  # `_live_tensors` sweeps what the script made, not torch's and loopmark's objects
+            importlib.import_module("torch._dynamo")  # what the first optimizer.step() imports (100,000 objects)
+            gc.freeze()
+            self._froze = True
         if not self.cuda:  # the counter tracks what lands on the stand-in from the start
             self._counter_on()
         self.phase = "warmup"
@@ -526,6 +643,9 @@ class Tracer:
         self._stderr_back()
         self._eval_unhook()
         self.audit.__exit__(None, None, None)
+        if self._froze:
+            gc.unfreeze()
+            self._froze = False
         self._counter_off(remap=False)
         self.counter.logs.__exit__(None, None, None)  # armed when an optimizer was made, maybe before any count
         if self._hook is not None:
@@ -541,33 +661,33 @@ class Tracer:
         self.counter.__enter__()
         self.counting = True
         if not self.cuda:
-            self.mapping = _CudaArguments(STAND_IN)
-            self.mapping.__enter__()
+            self.entry.off()
+            self.mapping = self.counter.arguments = _CudaArguments(STAND_IN)
 
     def _counter_off(self, remap: bool = True) -> None:
-        """The counter's modes off (and the device mapping on top of them, which comes back meaning `cpu`)."""
+        """The counter's modes off (and its device mapping, which comes back meaning `cpu`, at the entry points that
+        take a device: `_CudaEntryPoints`)."""
         if self.debug is not None:
             self.debug.__exit__(None, None, None)
             for w in self.debug.caught:  # the script's own warnings, which the debug mode's recording caught
                 if not is_sync_warning(w):
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
             self.debug = None
-        if self.mapping is not None:
-            self.mapping.__exit__(None, None, None)
-            self.mapping = None
+        self.mapping = self.counter.arguments = None
         if self.counting:
             tracker = self.counter.tracker
             self.reached = self.reached or bool(len(tracker.tracked) or tracker.storages)
             self.counter.__exit__(None, None, None)
             self.counting = False
         if remap and not self.cuda:
-            self.mapping = _CudaArguments(torch.device("cpu"))
-            self.mapping.__enter__()
+            self.entry.on(torch.device("cpu"))
+        else:
+            self.entry.off()
 
     def _modes_on_top(self) -> bool:
         """Whether loopmark's modes are the innermost ones, so that they can be taken off here."""
         functions, dispatch = _get_current_function_mode_stack(), _get_current_dispatch_mode_stack()
-        top = self.mapping or (self.counter._modes[0] if self.counting else None)
+        top = self.counter._modes[0] if self.counting else None
         top_dispatch = self.collectives or self.counter._modes[1]
         return (top is None or (bool(functions) and functions[-1] is top)) and (
             not self.counting or (bool(dispatch) and dispatch[-1] is top_dispatch))
@@ -753,16 +873,17 @@ class Tracer:
             return
         step = self.steps_run + 1
         self.backward_passes += 1
-        with _unobserved():
+        # hidden from the modes on (the counter's); with none (the time and memory passes) hiding costs more than the
+        # rest: this runs in the steps the time pass times
+        with _unobserved() if _modes_on() else contextlib.nullcontext():
             if loss.grad_fn is not None:
                 sentinel = _Sentinel()
                 loss.grad_fn.register_prehook(sentinel)
                 self.graphs.append((step, weakref.ref(sentinel)))
             if loss.numel() == 1 and loss.is_floating_point():
-                finite = torch.isfinite(loss.detach()).all()
-                if loss.is_cuda:
-                    self.finite_flags.append((step, finite))  # read after the passes: no sync now
-                elif not bool(finite):
+                if loss.is_cuda:  # read after the passes: no sync now
+                    self.finite_flags.append((step, torch.isfinite(loss.detach()).all()))
+                elif not math.isfinite(loss.detach().item()):
                     self.nonfinite_steps.append(step)
 
     def _train(self, original):
@@ -839,6 +960,7 @@ class Tracer:
     def _boundary(self, skipped: bool) -> None:
         if self.in_eval:
             self._eval_end()
+        end = self.clock.now() if self.phase == "time" else None  # the step's end: the bookkeeping below is not its
         self.steps_run += 1
         self._check_graphs()
         phase = self.phase
@@ -856,7 +978,7 @@ class Tracer:
         if phase == "count":
             self._count_step()
         elif phase == "time":
-            self._time_step(last)
+            self._time_step(last, end)
         elif phase == "memory":
             self._memory_step(last)
         if last:
@@ -934,8 +1056,7 @@ class Tracer:
             self.comm_bytes_by_step.append(now[1] - self._last_collectives[1])
             self._last_collectives = now
 
-    def _time_step(self, last: bool) -> None:
-        end = self.clock.now()
+    def _time_step(self, last: bool, end) -> None:
         self.step_marks.append((self.start_mark, end, self.evals_in_step))
         self.evals_in_step = []
         frames = compiled_frames()  # torch.compile compiled (or recompiled) in this step: its time is the compiler's
