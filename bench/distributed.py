@@ -44,6 +44,13 @@ def launched() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
+def torchrun_rank() -> tuple[int, int]:
+    """(rank, ranks) of this process as torchrun started it; (0, 1) outside torchrun."""
+    if not launched():
+        return 0, 1
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
 def world() -> tuple[int, int]:
     """(rank, ranks); (0, 1) outside a process group."""
     return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
