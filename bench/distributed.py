@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from bench.syncs import _site
+from bench.syncs import locate
 
 # set by the launching `loopmark run` in its torchrun's environment: where the ranks report which cell and pass they
 # are in (`heartbeat`), so that it can name the cell and the rank of a crash or a hang
@@ -232,7 +232,7 @@ class CollectiveCounter(TorchDispatchMode):
                 else ()
             tensors = [t for t in tree_flatten(sent)[0] if isinstance(t, torch.Tensor)]
             self.ops[op] += 1
-            self.sites[_site()] += 1
+            self.sites[locate().text] += 1
             self.bytes += sum(t.numel() * t.element_size() for t in tensors)
             if self.keep is not None:
                 self.keep.extend(tensors)
