@@ -586,7 +586,7 @@ def cmd_trace(args) -> int:
     another status than 0 or never stepped (what it had is written all the same), 2 bad input, 3 unwritable results.
     Under torchrun (`--nproc-per-node N` starts it) every rank traces its own process and rank 0 writes a cell per
     rank; the exit status is the worst rank's."""
-    from bench import distributed, trace
+    from bench import distributed, trace, trace_ranks
     from bench.env import environment
 
     try:
@@ -604,13 +604,13 @@ def cmd_trace(args) -> int:
     given = [f"--{name.replace('_', '-')}" for name in RENDEZVOUS if getattr(args, name) is not None]
     if given and not args.nproc_per_node:
         raise UsageError(f"{given[0]} is a torchrun option: it goes with --nproc-per-node N")
-    rank, ranks = trace.torchrun_rank()
+    rank, ranks = distributed.torchrun_rank()
     if args.nproc_per_node and not distributed.launched():  # the ranks run this command under torchrun
         return _launch_trace(args, _out_dir(args))
     out = _out_dir(args) if rank == 0 else None  # rank 0 writes every rank's cell
     idle = ["before the script's first step"]  # what this rank's heartbeat says when no step is under way
     if ranks > 1:
-        trace.unpublish(rank)
+        trace_ranks.unpublish(rank)
         # under the launching `loopmark trace`: its heartbeat, each step's, from a thread of its own
         distributed.beat_in_background(rank, lambda: trace.progress(idle[0]))
     env = environment()  # before the script runs, which may be shown a GPU this machine does not have
@@ -629,15 +629,15 @@ def cmd_trace(args) -> int:
         if ranks == 1:
             code = _trace_written(args, out, env, [result.record], ranks)
             return code if code != EXIT_OK else result.exit_code
-        trace.publish(result.record, result.exit_code)
+        trace_ranks.publish(result.record, result.exit_code)
         idle[0] = "its trace ended: waiting for the other ranks' records" if rank == 0 else "its trace ended"
         if rank:  # rank 0 exits with the worst rank's status; a rank that failed and exits so would have torchrun
             return EXIT_OK  # end rank 0 before it has written every rank's cell
-        found = trace.collect(ranks, trace.RANKS_WAIT_S)
+        found = trace_ranks.collect(ranks, trace_ranks.RANKS_WAIT_S)
         code = _trace_written(args, out, env, [found[r]["record"] for r in sorted(found)], ranks)
-        trace.clear_ranks()
+        trace_ranks.clear_ranks()
         code = code if code != EXIT_OK else max(found[r]["exit_code"] for r in found)
-        trace.publish_written(code)
+        trace_ranks.publish_written(code)
         return code
 
     script_args = target.argv[1:]
@@ -655,7 +655,7 @@ def cmd_trace(args) -> int:
 def _trace_written(args, out: Path, env: dict, records: list[dict], ranks: int) -> int:
     """The summary of a trace's records (one, or one per rank: rank 0's in full, then every rank's line), its results
     and report: EXIT_OK, EXIT_WRITE, or with --strict 1 for a broken verdict or a pass with no step."""
-    from bench import trace
+    from bench import trace, trace_ranks
     from reports.findings import sync_sites
     from reports.results import OutputError, write_results
     from reports.table import printable
@@ -665,11 +665,11 @@ def _trace_written(args, out: Path, env: dict, records: list[dict], ranks: int) 
         print(printable(trace.summary(records[0], sync_sites(records[0]))))
     if ranks > 1:
         missing = sorted(set(range(ranks)) - {r.get("rank") for r in records})
-        print("\nranks:\n" + trace.ranks_table(records))
+        print("\nranks:\n" + trace_ranks.ranks_table(records))
         if missing:
             print(f"rank(s) {', '.join(map(str, missing))}: no result (the rank failed or was ended before its trace "
                   "was done: see its output above)")
-        failed = trace.first_failure(records)
+        failed = trace_ranks.first_failure(records)
         if failed:
             print(f"loopmark trace: {failed}", file=sys.stderr)
     if not records:
@@ -698,7 +698,7 @@ def _launch_trace(args, out: Path) -> int:
     """`loopmark trace --nproc-per-node N`: this command again under torchrun, one process per rank (rank 0 writes
     every rank's cell to --out). When rank 0 could not (a rank failed and torchrun ended the others), the records the
     ranks published are written here."""
-    from bench import distributed, trace
+    from bench import distributed, trace_ranks
 
     child = ["--out", str(out), "--overwrite", *(["--strict"] if args.strict else [])]
     for name in ("steps", "warmup"):
@@ -707,7 +707,7 @@ def _launch_trace(args, out: Path) -> int:
     child += ["-m", *args.module] if args.module is not None else args.script
     rendezvous = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in RENDEZVOUS
                   if getattr(args, name) is not None]
-    written, failed = distributed.launch_trace(child, args.nproc_per_node, rendezvous, trace.RANKS_DIR_ENV,
+    written, failed = distributed.launch_trace(child, args.nproc_per_node, rendezvous, trace_ranks.RANKS_DIR_ENV,
                                                 lambda where: _ranks_left(args, out, where), args.cell_timeout)
     if failed:
         print(f"loopmark trace: {failed}", file=sys.stderr)
@@ -716,11 +716,11 @@ def _launch_trace(args, out: Path) -> int:
 
 def _ranks_left(args, out: Path, where: Path) -> int | None:
     """After a torchrun whose rank 0 wrote nothing: write the records the ranks published (None: there were none)."""
-    from bench import trace
+    from bench import trace_ranks
     from bench.env import environment
 
     ranks = args.nproc_per_node * (int(args.nnodes) if str(args.nnodes or "").isdigit() else 1)
-    found = trace.collect(ranks, where=where)
+    found = trace_ranks.collect(ranks, where=where)
     if not found:
         return None
     code = _trace_written(args, out, environment(), [found[r]["record"] for r in sorted(found)], ranks)

@@ -834,7 +834,8 @@ def check(workload: Workload, variant: Variant, device, epochs: int = CHECK_EPOC
     fresh, base, no_base = cache[key]
     traj = trajectory(workload, variant, device, epochs, staged, seed, fresh)
     if syncs is None:  # one epoch shows a read made before its sync: it is made at the same place every epoch
-        syncs = measure_syncs(build_cell(workload, variant, device, seed), staged[:steps])
+        syncs = measure_syncs(build_cell(workload, variant, device, seed), staged[:steps],
+                              device_buffers=distributed.collective_buffers)
     record = verdict_of(variant, traj, base, syncs, no_base=no_base)
     record["expected_verdict"] = variant.expected_for(workload.name)
     return record

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from bench.syncs import _site
+from bench.syncs import locate
 
 # set by the launching `loopmark run` in its torchrun's environment: where the ranks report which cell and pass they
 # are in (`heartbeat`), so that it can name the cell and the rank of a crash or a hang
@@ -42,6 +42,13 @@ def active() -> bool:
 def launched() -> bool:
     """Whether torchrun started this process (its environment names the rank and the rendezvous)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def torchrun_rank() -> tuple[int, int]:
+    """(rank, ranks) of this process as torchrun started it; (0, 1) outside torchrun."""
+    if not launched():
+        return 0, 1
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
 def world() -> tuple[int, int]:
@@ -225,7 +232,7 @@ class CollectiveCounter(TorchDispatchMode):
                 else ()
             tensors = [t for t in tree_flatten(sent)[0] if isinstance(t, torch.Tensor)]
             self.ops[op] += 1
-            self.sites[_site()] += 1
+            self.sites[locate().text] += 1
             self.bytes += sum(t.numel() * t.element_size() for t in tensors)
             if self.keep is not None:
                 self.keep.extend(tensors)

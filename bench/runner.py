@@ -236,7 +236,7 @@ def untimed_passes(workload, variant, device, s: Settings, staged: list, cache: 
     record = record if record is not None else {}
     say("syncs")
     cell = build_cell(workload, variant, device, s.seed)
-    syncs = measure_syncs(cell, staged, warmup=s.warmup)
+    syncs = measure_syncs(cell, staged, warmup=s.warmup, device_buffers=distributed.collective_buffers)
     record.update(syncs)
     if variant.kind == "ddp":
         say("collectives")

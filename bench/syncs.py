@@ -157,10 +157,6 @@ def user_where(frame, root: str | None) -> tuple[str, str] | None:
     return _where(frame, root) if frame is not None else None
 
 
-def _site(root: str | None = None) -> str:
-    return locate(root).text
-
-
 def _where(frame, root: str | None) -> tuple[str, str]:
     """(`file:line`, the line's source) of a frame."""
     filename = frame.f_code.co_filename
@@ -668,7 +664,7 @@ class SyncCounter:
     def hazard(self) -> None:
         """A read of a non-blocking device-to-host copy with no sync since: on CUDA, maybe stale data."""
         self.hazards += 1
-        self.hazard_sites[_site(self.root)] += 1
+        self.hazard_sites[locate(self.root).text] += 1
 
     def _synchronize(self, original):
         """`torch.cuda.synchronize()` waits for the device: one sync, which no dispatcher sees. On the stand-in
@@ -797,9 +793,11 @@ def _read_line(site: str) -> str:
     return linecache.getline(os.path.abspath(path), int(line)).strip() if line.isdigit() else ""
 
 
-def measure_syncs(cell, batches: list, warmup: int = 0) -> dict:
+def measure_syncs(cell, batches: list, warmup: int = 0, device_buffers=None) -> dict:
     """Syncs and operators per step over one epoch of `batches`, after a warm-up epoch of the first `warmup` of them
-    (none: the cell is already warmed up).
+    (none: the cell is already warmed up). `device_buffers(cell, batches)`: tensors beyond the cell's own state that
+    live on the device, found after the warm-up on the device the count is shown (a DDP cell's gradient buckets:
+    `bench.distributed.collective_buffers`).
 
     On the CPU the loop is shown the stand-in device (`run.device` is `cpu:0`) from the warm-up on: a loop that keeps
     the device it was first given (minGPT's `Trainer` sets `self.device` once) moves its batches to the device the
@@ -812,9 +810,8 @@ def measure_syncs(cell, batches: list, warmup: int = 0) -> dict:
             cell.epoch(cell.batches(batches[:warmup]))
         counter = SyncCounter(device)
         counter.track(device_state(cell, batches))
-        from bench.distributed import collective_buffers
-
-        for t in collective_buffers(cell, batches):  # DDP's buckets: where a GPU's gradients are all-reduced
+        # DDP's buckets: where a GPU's gradients are all-reduced
+        for t in device_buffers(cell, batches) if device_buffers else ():
             counter.tracker.mark_storage(t)
         # a live DataLoader's batches are drawn before counting: the main process unpickles a batch (aten::empty,
         # set_ per tensor) when a worker's result arrives, which with 2 workers may fall in an earlier block, so

@@ -38,28 +38,17 @@ a graph still alive `GRAPH_LAG` steps after its backward pass is one the script 
 an optimizer to its `.train()` (or the next backward pass), syncs, operators and time are counted apart
 (`eval_*` fields); the memory pass's peak includes it. Validation that never calls `.eval()` counts in its step.
 
-**Without a GPU the count is the CUDA count.** The script runs as on a machine with one: `torch.cuda.is_available()`
-and `torch.accelerator.is_available()` are true, and every CUDA device argument (`"cuda"`, `"cuda:0"`,
-`torch.device("cuda")`, an index, `.cuda()`, `.to(device)`, `device=...` of any factory, `Module.to`) means
-`bench.syncs.STAND_IN` (`cpu:0`) during the warm-up and the count pass: what lands there is tracked as device memory
-by the counter, and what a tensor's storage shares with a tracked one is too (a `Parameter` made of a tracked tensor,
-`param.data = ...`). The time and memory passes run with CUDA arguments meaning `cpu`, so their figures are those of
-the script on this CPU; there the arguments are mapped with no torch mode, where a device can be given (the
-factories' `device=`, `Tensor.to`, `.cuda()`, `.new_*`, and so `Module.to`: `_CudaEntryPoints`).
-`torch.cuda.synchronize()` does nothing (the count pass counts it), `pin_memory()` keeps the tensor, and the
-DataLoader pins nothing (it sees no accelerator). See docs/trace.md ("Trace your own script") for the scripts whose
-CPU count equals their CUDA count.
+**Without a GPU the count is the CUDA count**: the script runs as on a machine with one (`bench.standin`).
 
 **Under torchrun** every rank traces its own process: on the stand-in the script's nccl runs on gloo and DDP gets no
 device ids; the count pass counts each step's collectives (`bench.distributed.CollectiveCounter`), the audit judges
 gradients as DDP averages them and compares a checksum of the ranks' parameters after each step (they differ:
-`broken`); each rank publishes its record (`publish`) and rank 0 writes them, a cell per rank.
+`broken`); each rank publishes its record and rank 0 writes them, a cell per rank (`bench.trace_ranks`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import importlib.util
 import itertools
@@ -89,6 +78,7 @@ from bench.audit import Audit
 from bench.audit import verdict as audit_verdict
 from bench.cell import compiled_frames
 from bench.memory import AllocatorLedger, cpu_peaks, heap_bytes, rss_bytes, slope_per_step
+from bench.standin import CudaArguments, CudaEntryPoints, cuda_shims, is_cuda
 from bench.syncs import (
     STAND_IN,
     CudaDebugSyncs,
@@ -98,6 +88,7 @@ from bench.syncs import (
     site_details,
     storage_key,
 )
+from bench.trace_ranks import collective_timeout
 from reports.results import TRACE_VARIANT, CellSpec, Measurement, record, site_code, trace_device
 from reports.table import format_table
 from reports.units import human_bytes
@@ -181,189 +172,6 @@ def module_target(name: str, args=()) -> Target:
     return Target(name=name, argv=(spec.origin or name, *args), module=name)
 
 
-# -- CUDA arguments on a machine without one ---------------------------------------------------------------
-
-def _is_cuda(device) -> bool:
-    if isinstance(device, str):
-        return device == "cuda" or device.startswith("cuda:")
-    if isinstance(device, torch.device):
-        return device.type == "cuda"
-    return isinstance(device, int) and not isinstance(device, bool)  # an index: a CUDA device
-
-
-_TO, _CUDA, _PIN = torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.pin_memory
-_LoaderIter = torch.utils.data.dataloader._BaseDataLoaderIter
-
-
-class _CudaArguments:
-    """Every CUDA device argument of a torch call means `target`: `device=` of any function, `.to(device)`,
-    `.cuda()`. There is no pinned memory without a GPU: `pin_memory()` keeps the tensor as it is, and `pin_memory=True`
-    of a factory is dropped. The counter calls it on each torch call before it looks at the call
-    (`SyncCounter.arguments`): one mode for both, as a mode of its own on top would cost a second Python call per torch
-    call."""
-
-    def __init__(self, target: torch.device):
-        self.target = target
-
-    def __call__(self, func, args, kwargs):
-        """(func, args, kwargs) of the call as it is made with `target`."""
-        if kwargs:
-            device = kwargs.get("device")
-            if device is not None and _is_cuda(device):
-                kwargs = {**kwargs, "device": self.target}
-            if kwargs.get("pin_memory"):
-                kwargs = {**kwargs, "pin_memory": False}
-        if func is _TO:
-            if len(args) > 1 and not isinstance(args[1], (torch.dtype, torch.Tensor)) and _is_cuda(args[1]):
-                args = (args[0], self.target, *args[2:])
-        elif func is _CUDA:
-            return _TO, *self._cuda(*args, **(kwargs or {}))
-        elif func is _PIN:
-            return _pinned, args, kwargs
-        return func, args, kwargs
-
-    def _cuda(self, tensor, device=None, non_blocking=False, memory_format=torch.preserve_format):
-        return (tensor, self.target), {"non_blocking": non_blocking, "memory_format": memory_format}
-
-
-def _pinned(tensor, *args, **kwargs):
-    """`pin_memory()` without a GPU: the tensor itself."""
-    return tensor
-
-
-def _mapped(kwargs: dict, target: torch.device) -> dict:
-    """A call's keyword arguments with a CUDA `device=` meaning `target` and `pin_memory=True` dropped."""
-    device = kwargs.get("device")
-    if device is not None and _is_cuda(device):
-        kwargs = {**kwargs, "device": target}
-    if kwargs.get("pin_memory"):
-        kwargs = {**kwargs, "pin_memory": False}
-    return kwargs
-
-
-@functools.cache
-def _factory_names() -> tuple[str, ...]:
-    """The public functions of the `torch` namespace that take a `device=` (the aten operators with a `device`
-    argument, `torch.zeros` to `torch.tensor`, and `torch.asarray`, which has no aten schema): each the very object
-    `torch._C._VariableFunctions` holds, which is what torch hands a TorchFunctionMode, never the wrapper `torch.NAME`
-    is swapped for."""
-    names = {s.name.partition("::")[2] for s in torch._C._jit_get_all_schemas()
-             if s.name.startswith("aten::") and any(a.name == "device" for a in s.arguments)} | {"asarray"}
-    return tuple(sorted(n for n in names if not n.startswith("_") and getattr(torch, n, None) is not None
-                        and getattr(torch, n) is getattr(torch._C._VariableFunctions, n, None)))
-
-
-class _CudaEntryPoints:
-    """The device mapping of the time and memory passes, at no cost per operator: while on, every CUDA device argument
-    means `target` where the script can give one: `device=` of the factories (`torch.zeros`, `torch.tensor`, ...,
-    `Tensor.new_zeros`, ...; `nn.Linear(..., device=)` and `Module.to_empty` call them), `Tensor.to(device)`,
-    `.cuda()` (which `Module.to` and `Module.cuda` call for each tensor), and `pin_memory()` keeps the tensor. The count
-    pass's mapping (`_CudaArguments`) is a step of the counter's TorchFunctionMode, which sees every torch call of the
-    script, a few microseconds each: the time pass would time that as the script's.
-
-    The factories are swapped in `torch` for the whole trace (`tracer_shims`: a script may bind `from torch import
-    zeros` before the pass) and pass their arguments on untouched while the mapping is off. The Tensor methods are
-    swapped only while it is on: torch hands a mode the method `torch.Tensor` holds, and the count pass's modes know
-    the real ones."""
-
-    METHODS = ("new_empty", "new_empty_strided", "new_full", "new_ones", "new_tensor", "new_zeros")
-
-    def __init__(self):
-        self.target: torch.device | None = None
-        self._saved: list[tuple[str, object]] = []
-
-    def factory_shims(self) -> list[tuple[object, str, object]]:
-        return [(torch, name, self._factory(getattr(torch, name))) for name in _factory_names()]
-
-    def _factory(self, original):
-        entry = self
-
-        @functools.wraps(original)
-        def factory(*args, **kwargs):
-            if entry.target is not None and kwargs:
-                kwargs = _mapped(kwargs, entry.target)
-            return original(*args, **kwargs)
-        return factory
-
-    def on(self, target: torch.device) -> None:
-        self.target = target
-        if self._saved:
-            return
-        entry = self
-
-        def to(tensor, *args, **kwargs):
-            if args and not isinstance(args[0], (torch.dtype, torch.Tensor)) and _is_cuda(args[0]):
-                args = (entry.target, *args[1:])
-            return _TO(tensor, *args, **_mapped(kwargs, entry.target) if kwargs else kwargs)
-
-        def cuda(tensor, device=None, non_blocking=False, memory_format=torch.preserve_format):
-            return _TO(tensor, entry.target, non_blocking=non_blocking, memory_format=memory_format)
-
-        methods = {"to": to, "cuda": cuda, "pin_memory": lambda tensor, *args, **kwargs: tensor}
-        methods.update({name: self._method(getattr(torch.Tensor, name)) for name in self.METHODS})
-        # most are torch._C.TensorBase's, found through torch.Tensor: taking the wrapper off uncovers them again
-        self._saved = [(name, torch.Tensor.__dict__.get(name)) for name in methods]
-        for name, method in methods.items():
-            setattr(torch.Tensor, name, method)
-
-    def off(self) -> None:
-        self.target = None
-        for name, method in reversed(self._saved):
-            if method is None:
-                delattr(torch.Tensor, name)
-            else:
-                setattr(torch.Tensor, name, method)
-        self._saved = []
-
-    def _method(self, original):
-        entry = self
-
-        @functools.wraps(original)
-        def method(tensor, *args, **kwargs):
-            return original(tensor, *args, **_mapped(kwargs, entry.target) if kwargs else kwargs)
-        return method
-
-
-def _torch_asks() -> bool:
-    """Whether the caller's caller is torch itself, outside its mixed-precision code: torch is told the truth (no GPU),
-    so that it starts no CUDA runtime of its own (pinned memory, streams, graph-capture checks, RNG states), while the
-    script and torch.amp (GradScaler, autocast) see one GPU."""
-    name = sys._getframe(2).f_globals.get("__name__", "")
-    return (name == "torch" or name.startswith("torch.")) and not name.startswith(("torch.amp", "torch.cuda.amp"))
-
-
-def _cuda_shims() -> list[tuple[object, str, object]]:
-    """(owner, attribute, replacement): torch as the script sees it with one GPU, on a machine without one."""
-    accelerator = getattr(torch, "accelerator", None)
-    real_accelerator = getattr(accelerator, "current_accelerator", None)
-
-    def available():
-        return not _torch_asks()
-
-    def device_count():
-        return 0 if _torch_asks() else 1
-
-    def current_accelerator(check_available=False):
-        if _torch_asks():
-            return None if check_available else real_accelerator(False)
-        return torch.device("cuda")
-
-    shims = [(torch.cuda, "is_available", available), (torch.cuda, "device_count", device_count),
-             (torch.cuda, "current_device", lambda: 0), (torch.cuda, "set_device", lambda device: None),
-             (torch.cuda, "get_device_name", lambda device=None: "loopmark CUDA stand-in (cpu:0)"),
-             (torch.cuda, "get_device_capability", lambda device=None: (8, 0)),
-             (torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True),
-             (torch.cuda, "synchronize", lambda device=None: None),
-             (torch.cuda, "reset_peak_memory_stats", lambda device=None: None)]
-    if accelerator is not None:
-        shims += [(accelerator, "is_available", available), (accelerator, "device_count", device_count),
-                  (accelerator, "current_accelerator", current_accelerator),
-                  (accelerator, "current_device_index", lambda: 0),
-                  (accelerator, "set_device_index", lambda device: None),
-                  (accelerator, "synchronize", lambda device=None: None)]
-    return [(owner, name, value) for owner, name, value in shims if hasattr(owner, name)]
-
-
 def _modes_on() -> bool:
     """Whether a torch function or dispatch mode is on."""
     return bool(torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack())
@@ -411,6 +219,7 @@ def _rank_mean(vector: torch.Tensor) -> torch.Tensor:
 
 # -- the tracer ---------------------------------------------------------------------------------------------
 
+_LoaderIter = torch.utils.data.dataloader._BaseDataLoaderIter
 _ACTIVE: list = []  # the tracer running in this process, if any (for the fork handler)
 
 
@@ -506,8 +315,8 @@ class Tracer:
         self.counter = SyncCounter(self.device if self.cuda else STAND_IN)
         self.counting = False  # the counter's modes are on
         self.reached = False  # the script put tensors on the stand-in (seen when the counter goes off)
-        self.mapping: _CudaArguments | None = None  # the count pass's (and the warm-up's) device mapping
-        self.entry = _CudaEntryPoints()  # the time and memory passes'
+        self.mapping: CudaArguments | None = None  # the count pass's (and the warm-up's) device mapping
+        self.entry = CudaEntryPoints()  # the time and memory passes'
         self.phase = "setup"  # setup (before the first step), warmup, count, time, memory, done
         self.steps_run = 0  # step boundaries so far
         self.done: Counter = Counter()  # measured steps per pass
@@ -596,7 +405,7 @@ class Tracer:
         return False
 
     def _arm(self) -> None:
-        patches = ([] if self.cuda else _cuda_shims() + self.entry.factory_shims()) + self._process_group_shims()
+        patches = ([] if self.cuda else cuda_shims() + self.entry.factory_shims()) + self._process_group_shims()
         patches += [(torch.autograd, "backward", self._backward(torch.autograd.backward)),
                     (torch.nn.Module, "train", self._train(torch.nn.Module.train)),
                     (torch.amp.GradScaler, "step", self._scaler_step(torch.amp.GradScaler.step)),
@@ -662,11 +471,11 @@ class Tracer:
         self.counting = True
         if not self.cuda:
             self.entry.off()
-            self.mapping = self.counter.arguments = _CudaArguments(STAND_IN)
+            self.mapping = self.counter.arguments = CudaArguments(STAND_IN)
 
     def _counter_off(self, remap: bool = True) -> None:
         """The counter's modes off (and its device mapping, which comes back meaning `cpu`, at the entry points that
-        take a device: `_CudaEntryPoints`)."""
+        take a device: `CudaEntryPoints`)."""
         if self.debug is not None:
             self.debug.__exit__(None, None, None)
             for w in self.debug.caught:  # the script's own warnings, which the debug mode's recording caught
@@ -722,9 +531,9 @@ class Tracer:
             if not tracer.cuda and isinstance(backend, str) and "nccl" in backend:
                 tracer.notes.append(f"the script's init_process_group({backend!r}) ran on gloo: nccl needs a GPU")
                 backend = "gloo"
-            if not tracer.cuda and _is_cuda(kwargs.get("device_id")):
+            if not tracer.cuda and is_cuda(kwargs.get("device_id")):
                 kwargs = {k: v for k, v in kwargs.items() if k != "device_id"}
-            return init(backend, *args, **_collective_timeout(args, kwargs))
+            return init(backend, *args, **collective_timeout(args, kwargs))
 
         def __init__(ddp, module, device_ids=None, output_device=None, *args, **kwargs):
             if not tracer.cuda and all(p.device.type == "cpu" for p in module.parameters()):  # the stand-in: CPU
@@ -1332,83 +1141,7 @@ def run_target(target: Target) -> Outcome:
             gc.collect()  # DataLoader workers whose iterator is in a cycle with the script's globals end here
 
 
-# -- the ranks of a script under torchrun ----------------------------------------------------------------------
-# Each rank traces its own process; each puts its record in a directory the ranks share (the launching `loopmark trace
-# --nproc-per-node` names it; under a torchrun of the user's own, a directory of the machine's temporary directory
-# named after torchrun's run id and port), and rank 0 writes them, one cell per rank.
-RANKS_DIR_ENV = "LOOPMARK_TRACE_RANKS_DIR"
-RANKS_WAIT_S = 120.0  # how long rank 0 waits for the other ranks' records once its own trace has ended
-
-
-def ranks_dir() -> Path:
-    where = os.environ.get(RANKS_DIR_ENV)
-    if where:
-        return Path(where)
-    run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}-{os.environ.get('MASTER_PORT', '')}"
-    return Path(tempfile.gettempdir()) / f"loopmark-trace-{''.join(c for c in run if c.isalnum() or c in '-_')}"
-
-
-def publish_written(exit_code: int) -> None:
-    """Rank 0 wrote every rank's cell, and exits with `exit_code`: what the launching `loopmark trace` exits with."""
-    import json
-
-    if os.environ.get(RANKS_DIR_ENV):
-        (ranks_dir() / "written.json").write_text(json.dumps({"exit_code": exit_code}))
-    else:  # a torchrun of the user's own: nothing is left in the temporary directory
-        with contextlib.suppress(OSError):
-            ranks_dir().rmdir()
-
-
-def unpublish(rank: int) -> None:
-    """Before this rank's trace: no record of an earlier run of the same run id and port is left for rank 0 to read."""
-    with contextlib.suppress(OSError):
-        (ranks_dir() / f"rank{rank}.json").unlink()
-
-
-def publish(record: dict, exit_code: int) -> None:
-    """This rank's record and exit code, where rank 0 (or the launcher) reads them."""
-    import json
-
-    where = ranks_dir()
-    rank = record.get("rank", 0)
-    where.mkdir(parents=True, exist_ok=True)
-    tmp = where / f".rank{rank}.tmp"
-    tmp.write_text(json.dumps({"record": record, "exit_code": exit_code}, default=str))
-    os.replace(tmp, where / f"rank{rank}.json")
-
-
-def collect(ranks: int, wait_s: float = 0.0, where: Path | None = None) -> dict[int, dict]:
-    """The ranks' published {"record", "exit_code"}, by rank, waiting up to `wait_s` for every rank's."""
-    import json
-
-    deadline, where = time.monotonic() + wait_s, where or ranks_dir()
-    while True:
-        found = {}
-        for rank in range(ranks):
-            with contextlib.suppress(OSError, ValueError):
-                found[rank] = json.loads((where / f"rank{rank}.json").read_text())
-        if len(found) == ranks or time.monotonic() >= deadline:
-            return found
-        time.sleep(0.2)
-
-
-def clear_ranks() -> None:
-    """The published records, once written to the results (a later run with the same id starts clean)."""
-    for path in ranks_dir().glob("rank*.json"):
-        path.unlink(missing_ok=True)
-
-
-def ranks_table(records: list[dict]) -> str:
-    """One line per rank of a traced script under torchrun: its figures side by side."""
-    def number(r, key, spec=".3g"):
-        v = r.get(key)
-        return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "-"
-    rows = [[str(r.get("rank")), number(r, "syncs_per_step"), number(r, "collectives_per_step"),
-             human_bytes(r["comm_bytes_per_step"]) if isinstance(r.get("comm_bytes_per_step"), (int, float)) else "-",
-             str(r.get("verdict") or "-"), str(r.get("status")), str(r.get("error") or "")[:100]] for r in records]
-    return format_table(["rank", "syncs/step", "collectives/step", "sent/step", "verdict", "status", "error"], rows,
-                        right=[1, 2, 3])
-
+# -- where the trace is, for a launcher's heartbeat -----------------------------------------------
 
 _STEPS_SEEN = [0]  # the step count of this process's trace, when progress() last saw it
 
@@ -1422,48 +1155,6 @@ def progress(idle: str = "before the script's first step") -> tuple[tuple, str]:
         where = f"{tracer.phase} pass" if tracer.phase in PHASES else tracer.phase
         return ("step", step), f"{where}, step {step + 1}"
     return ("step", _STEPS_SEEN[0]), idle
-
-
-def _collective_timeout(args: tuple, kwargs: dict) -> dict:
-    """`init_process_group`'s keyword arguments with its `timeout` at most the launcher's --cell-timeout (where it set
-    one): a collective that waits for a rank that will never join it raises then, and the rank's trace ends with what
-    it measured. `args` are those after the backend (`init_method`, then `timeout`)."""
-    import datetime
-
-    limit = os.environ.get(distributed.TIMEOUT_ENV)
-    if not limit or len(args) >= 2:
-        return kwargs
-    cap = datetime.timedelta(seconds=float(limit))
-    given = kwargs.get("timeout")
-    return {**kwargs, "timeout": min(given, cap) if isinstance(given, datetime.timedelta) else cap}
-
-
-# what a rank's collective raises when another rank has ended or stopped answering (gloo's and nccl's words)
-PEER_FAILURES = ("remote worker", "closed by peer", "reset by peer", "Timed out waiting", "remote process",
-                 "collective operation timeout", "communicator was aborted")
-
-
-def first_failure(records: list[dict]) -> str | None:
-    """One line naming the rank whose own failure ended a trace under torchrun (the other ranks' collectives then
-    fail, and say so in gloo's or nccl's words), with where in the script it stopped; None when no rank failed of
-    itself."""
-    own = [r for r in records if r.get("status") == "error" and not any(
-        w in str(r.get("error")) for w in PEER_FAILURES)]
-    if not own:
-        return None
-    r = min(own, key=lambda r: r.get("rank", 0))
-    site = f" ({r['error_site']})" if r.get("error_site") else ""
-    others = [x.get("rank") for x in records if x is not r and x.get("status") == "error"]
-    tail = (f"; rank(s) {', '.join(map(str, others))} ended in the collective that waited for it"
-            if others and len(own) == 1 else "")
-    return f"rank {r.get('rank')} failed: {r.get('error')}{site}{tail}"
-
-
-def torchrun_rank() -> tuple[int, int]:
-    """(rank, ranks) of this process as torchrun started it; (0, 1) outside torchrun."""
-    if not distributed.launched():
-        return 0, 1
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
 @dataclass
@@ -1544,7 +1235,7 @@ def _result(tracer: Tracer, target: Target, outcome: Outcome, steps: int, warmup
     if outcome.exception is not None:
         frames = traceback.extract_tb(outcome.exception.__traceback__)[::-1]
         figures["error_site"] = distributed.own_location([(f.filename, f.lineno, f.name) for f in frames])
-    rank, ranks = torchrun_rank()
+    rank, ranks = distributed.torchrun_rank()
     if ranks > 1:  # a cell per rank
         figures["rank"] = rank
     spec = CellSpec(workload=target.name if ranks == 1 else f"{target.name} rank {rank}", variant=TRACE_VARIANT,
