@@ -88,7 +88,9 @@ from bench.syncs import (
     site_details,
     storage_key,
 )
+from bench.timing import LoadWatch
 from bench.trace_ranks import collective_timeout
+from reports import stats
 from reports.results import TRACE_VARIANT, CellSpec, Measurement, record, site_code, trace_device
 from reports.table import format_table
 from reports.units import human_bytes
@@ -346,6 +348,7 @@ class Tracer:
         self.clock = _Clock(self.cuda)
         self.step_marks: list[tuple] = []  # (start, end, [(eval start, eval end)])
         self.step_times: list[float] = []
+        self.load: LoadWatch | None = None  # around the whole pass, outside its steps: was the machine busy?
         self.frames = 0  # dynamo's compiled frames when the last timed step ended
         self.compiled_steps: list[int] = []  # timed steps in which torch.compile compiled
         self.start_mark = None
@@ -833,6 +836,7 @@ class Tracer:
             self.evals_in_step = []
             self.frames = compiled_frames()
             self._sample_host()
+            self.load = LoadWatch().__enter__()  # what else ran meanwhile, read before and after
             self.start_mark = self.clock.now()
         elif phase == "memory":
             self.say(f"step {self.steps_run}: measuring memory over {n} steps")
@@ -893,6 +897,8 @@ class Tracer:
             self._end_count(n)
             self._counter_off()
         elif phase == "time":
+            if self.load is not None:
+                self.load.__exit__(None, None, None)
             times = []
             for start, end, evals in self.step_marks:
                 if self.cuda:
@@ -1245,8 +1251,10 @@ def _result(tracer: Tracer, target: Target, outcome: Outcome, steps: int, warmup
                     torch_version=torch.__version__, steps=tracer.done["count"] or None,
                     repeats=1 if tracer.done["time"] else None, warmup_steps=warmup)
     blocks = [tracer.step_times] if tracer.done["time"] else []
-    return Trace(record(spec, Measurement(status=status, error=error, figures=figures, blocks=blocks)), outcome,
-                 exit_code)
+    load = [tracer.load.figures] if blocks and tracer.load is not None and tracer.load.figures else []
+    r = record(spec, Measurement(status=status, error=error, figures=figures, blocks=blocks, block_load=load))
+    r["reliability"] = stats.reliability(r.get("block_load"), r["device"])  # as `derive` has it for a run's cells
+    return Trace(r, outcome, exit_code)
 
 
 def strict_failures(r: dict) -> list[str]:
@@ -1256,6 +1264,14 @@ def strict_failures(r: dict) -> list[str]:
     if empty:
         failed.append(f"no step measured in the {', '.join(empty)} pass(es)")
     return failed
+
+
+def _busy(reliability) -> str:
+    """What the summary says of step times measured on a busy machine (`reports.stats.reliability`)."""
+    if not (isinstance(reliability, str) and reliability.startswith("unreliable")):
+        return ""
+    why = reliability.split(": ", 2)[-1]  # "unreliable: interference in 1 of 1 of its timed blocks: WHY"
+    return f"? a busy machine: {why}; trace again on a quiet one to trust the step time"
 
 
 def _steps_text(steps: list[int], limit: int = 8) -> str:
@@ -1289,7 +1305,9 @@ def summary(r: dict, sites: list[dict] | None = None) -> str:
                                                                      f"{s:g}" for s in r.get("syncs_by_step") or [])],
             ["operators", number("ops_per_step", ".1f"), "dispatched aten operators, DataLoader iteration apart"],
             ["step time (median)", f"{median * 1e3:.3g} ms" if isinstance(median, float) else "-",
-             f"IQR {r['step_time_iqr_s'] * 1e3:.2g} ms" if isinstance(r.get("step_time_iqr_s"), float) else ""],
+             "; ".join(x for x in (f"IQR {r['step_time_iqr_s'] * 1e3:.2g} ms"
+                                   if isinstance(r.get("step_time_iqr_s"), float) else "",
+                                   _busy(r.get("reliability"))) if x)],
             ["peak memory", size("peak_memory_bytes"), "CUDA allocator" if r["device"] == "cuda"
              else "CPU tensors (host and stand-in device)"],
             ["memory growth", size("memory_growth_bytes_per_step", "/step"),

@@ -22,6 +22,7 @@ import torch
 import bench.cli
 from bench import trace
 from bench.cli import main
+from reports import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "loops" / "examples"
@@ -480,3 +481,17 @@ def test_a_compiled_model_is_measured_without_the_compilers_tensors_or_its_compi
         """)
     r = traced(late, steps=2, warmup=1).record
     assert len(r["step_times_s"]) == 1 and any("compiled (torch.compile" in n for n in r["trace_notes"]), r
+
+
+def test_the_time_pass_says_whether_the_machine_was_busy(tmp_path):
+    """The time pass is watched as `run`'s timed blocks are (`bench.timing.LoadWatch`, read before and after the pass,
+    never inside a step): the record carries its readings and a `reliability`, and a busy machine's step time is
+    flagged in the summary."""
+    r = traced(tiny(tmp_path), steps=3, warmup=1).record
+    [load] = r["block_load"]
+    assert load["wall_s"] > 0 and load["threads"] == torch.get_num_threads()
+    assert r["reliability"] == "ok" or r["reliability"].startswith("unreliable: ")  # the machine as it is now
+    busy = {**load, "wait_s": load["wall_s"]}  # its threads waited for a CPU all the pass long
+    flagged = {**r, "block_load": [busy], "reliability": stats.reliability([busy], "cpu")}
+    assert "? a busy machine: its threads waited for a CPU for up to 100%" in trace.summary(flagged)
+    assert "a busy machine" not in trace.summary({**r, "reliability": "ok"})
