@@ -90,6 +90,21 @@ def _is_harness(filename: str) -> bool:
             or (filename.startswith(_STDLIB_DIR) and "site-packages" not in filename))
 
 
+def _shown_at_user_line(show):
+    """`warnings.showwarning` for while the counter's modes are on: a warning torch raises from inside an operator
+    (`float(loss)` of a loss that requires grad) names the frame that called torch, which under a mode is the mode's,
+    in loopmark; it is shown at the user's line instead, as without loopmark."""
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if filename.startswith(_HARNESS_DIR):
+            frame = sys._getframe(1)
+            while frame is not None and _is_harness(frame.f_code.co_filename):
+                frame = frame.f_back
+            if frame is not None:
+                filename, lineno, line = frame.f_code.co_filename, frame.f_lineno, None
+        return show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
 _LIBRARY_DIRS = ("site-packages", "dist-packages")
 _OWN_LOOPS = os.path.join(os.path.dirname(_HARNESS_DIR), "loops") + os.sep  # the user's code, wherever installed
 
@@ -681,6 +696,8 @@ class SyncCounter:
         for (owner, attr, wrap), (_, _, original) in zip(self._patches, self._saved):
             setattr(owner, attr, wrap(original))
         self.logs.__enter__()
+        self._show = warnings.showwarning
+        warnings.showwarning = _shown_at_user_line(self._show)
         for m in self._modes:
             m.__enter__()
         return self
@@ -689,6 +706,7 @@ class SyncCounter:
         for m in reversed(self._modes):
             m.__exit__(*exc)
         self.logs.__exit__(*exc)
+        warnings.showwarning = self._show
         for owner, attr, original in reversed(self._saved):
             setattr(owner, attr, original)
         return False

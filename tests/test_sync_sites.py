@@ -5,13 +5,14 @@ first line of its statement; and the same text from whatever working directory t
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from bench.cell import build_cell, stage_batches
-from bench.syncs import SyncCounter, measure_syncs, site_details
+from bench.syncs import STAND_IN, SyncCounter, measure_syncs, site_details
 from loops import resolve_variant, resolve_workload
 from reports.compare import _sync_site_changes
 from reports.results import site_file
@@ -146,3 +147,17 @@ def test_compare_matches_a_library_site_whose_callers_line_moved_and_reports_a_n
                    "<site-packages>/fakelib/__init__.py:2 from train.py:30": other})
     assert _sync_site_changes(base, added) == ("+1/step at <site-packages>/fakelib/__init__.py:2 from train.py:30 "
                                                "`return value.item() from fakelib.log(accuracy)`")
+
+
+def test_a_warning_torch_raises_in_an_operator_names_the_users_line():
+    """Under the counter's modes the frame that calls torch is loopmark's: a warning torch raises from an operator
+    (`float(loss)` of a loss that requires grad) is shown at the user's line, as without loopmark."""
+    shown = []
+    loss = torch.ones(1, requires_grad=True).sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: shown.append(
+            (filename, lineno))
+        with SyncCounter(STAND_IN):
+            float(loss); here = sys._getframe().f_lineno  # noqa: E702
+    assert shown == [(__file__, here)]
