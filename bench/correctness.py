@@ -330,9 +330,20 @@ def _grad_rtol(pending: list) -> float:
     return FP16_GRAD_RTOL if any(p[2] == torch.float16 for p in pending) else GRAD_RTOL
 
 
+_CHUNK = 1 << 20  # elements of a difference taken at a time: a model-sized temporary would cost more than the sum
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b|, 0 exactly when a equals b. A large model's difference is taken a chunk at a time through one
+    small buffer: each new model-sized temporary is fresh memory from the system, and touching it costs several times
+    the arithmetic."""
     scale = float(b.norm())
-    diff = float((a - b).norm())
+    if a.numel() <= _CHUNK:
+        diff = float((a - b).norm())
+    else:
+        buffer = torch.empty(_CHUNK, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+        diff = math.sqrt(math.fsum(float(torch.sub(x, y, out=buffer[:len(x)]).norm()) ** 2
+                                   for x, y in zip(a.split(_CHUNK), b.split(_CHUNK))))
     return 0.0 if diff == 0.0 else diff / max(scale, 1e-30)
 
 
@@ -393,9 +404,10 @@ def _judge(step: _Step, history: list[_Step]) -> tuple[str, str]:
 
 
 def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged: list, seed: int = 0,
-               fresh: FreshGrads | None = None, keep_fresh: bool = False, epoch_batches=None):
+               fresh: FreshGrads | None = None, keep_fresh: bool = False, epoch_batches=None, then=None):
     """What `variant` did over `staged`; its steps' batch gradients are taken from `fresh` where they are
-    known, and kept there when `keep_fresh` (the baseline's run).
+    known, and kept there when `keep_fresh` (the baseline's run). `then(cell)` is called with the cell once its
+    epochs have run and nothing watches it any more.
 
     A distributed (`ddp`) variant reads `epoch_batches(cell, e)` instead, each rank its own part (a live loader
     whose sampler the loop reorders, or not); the gradient each step consumes is checked against the mean over the
@@ -541,6 +553,8 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
     if variant.kind == "eval":
         traj.buffers_changed = any(not torch.equal(b, buffers_before[n]) for n, b in cell.model.named_buffers())
     traj.params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    if then is not None:
+        then(cell)
     return traj
 
 
@@ -832,9 +846,12 @@ def check(workload: Workload, variant: Variant, device, epochs: int = CHECK_EPOC
             base.envelope = envelope(workload, baseline, device, epochs, staged, seed, base)
         cache[key] = fresh, base, no_base
     fresh, base, no_base = cache[key]
-    traj = trajectory(workload, variant, device, epochs, staged, seed, fresh)
-    if syncs is None:  # one epoch shows a read made before its sync: it is made at the same place every epoch
-        syncs = measure_syncs(build_cell(workload, variant, device, seed), staged[:steps])
+    counted: dict = {}
+    # one epoch shows a read made before its sync: it is made at the same place every epoch, the checked epochs' cell
+    # included (counted on it, that cell is neither built nor compiled again)
+    count = None if syncs is not None else lambda cell: counted.update(measure_syncs(cell, staged[:steps]))
+    traj = trajectory(workload, variant, device, epochs, staged, seed, fresh, then=count)
+    syncs = syncs if syncs is not None else counted
     record = verdict_of(variant, traj, base, syncs, no_base=no_base)
     record["expected_verdict"] = variant.expected_for(workload.name)
     return record
