@@ -214,17 +214,33 @@ def _watch_backward(seen: _Seen):
         torch.autograd.backward = original
 
 
-def _flatten(grads, params: list) -> torch.Tensor:
-    """One flat vector of `grads` (a missing one counts as zeros). float32 unless a parameter is float64: the
-    gradients compared are float32 values, and their norms and dot products in float32 are good to ~1e-6,
-    far inside GRAD_RTOL; the copies cost half as much memory traffic as float64 ones on a large model."""
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).detach().to(dtype).flatten()
-                      for g, p in zip(grads, params)])
+def _flatten(grads, params: list, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One flat vector of `grads` (a missing one counts as zeros), written into `out` when given. float32 unless a
+    parameter is float64: the gradients compared are float32 values, and their norms and dot products in float32 are
+    good to ~1e-6, far inside GRAD_RTOL; the copies cost half as much memory traffic as float64 ones on a large
+    model."""
+    parts = [(g if g is not None else torch.zeros_like(p)).detach().to(_flat_dtype(params)).flatten()
+             for g, p in zip(grads, params)]
+    return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
 
-def _flat_grads(params: list) -> torch.Tensor:
-    return _flatten([p.grad for p in params], params)
+def _flat_dtype(params: list) -> torch.dtype:
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+class _Consumed:
+    """The flat gradients in `.grad` that steps consumed, written into two buffers taken in turn: a step is judged
+    against the step before it alone, so two are ever needed, and a model-sized vector made anew each step would
+    be fresh memory from the system every time."""
+
+    def __init__(self, params: list):
+        self.params = params
+        self.buffers = [torch.empty(sum(p.numel() for p in params), dtype=_flat_dtype(params),
+                                    device=params[0].device if params else None) for _ in range(2)]
+
+    def __call__(self, number: int) -> torch.Tensor:
+        """The gradients now in `.grad`, as step `number` consumed them."""
+        return _flatten([p.grad for p in self.params], self.params, self.buffers[number % 2])
 
 
 def _autocast_state(device_type: str):
@@ -356,11 +372,16 @@ class _Step:
     """One optimizer step as the correctness pass saw it."""
 
     number: int
-    consumed: torch.Tensor  # the gradient in .grad when optimizer.step() ran
+    # the gradient in .grad when optimizer.step() ran; its buffer is reused two steps later (`_Consumed`)
+    consumed: torch.Tensor
     fresh: torch.Tensor | None  # this step's batch gradient (None: no forward and no backward since the last)
     rtol: float
     from_backward: bool = False  # fresh is the gradient of what the loop backpropagated, not of run.criterion
     micro: list = field(default_factory=list)  # fresh gradients of each micro-batch, when there are several
+    zero: bool = field(init=False)  # whether it consumed no gradient at all (all zero or None)
+
+    def __post_init__(self):
+        self.zero = float(self.consumed.norm()) == 0.0
 
 
 def _judge(step: _Step, history: list[_Step]) -> tuple[str, str]:
@@ -369,8 +390,7 @@ def _judge(step: _Step, history: list[_Step]) -> tuple[str, str]:
     `broken`: the step mixed in other batches' gradients or missed its own (zeroed, stale, accumulated,
     dropped micro-batches, the same gradient applied twice). `changed`: it used a function of its own batch's
     gradient alone (scaled, clipped by norm or by value). `unknown`: neither explains it."""
-    n, c, f = step.number, step.consumed, step.fresh
-    zero = float(c.norm()) == 0.0
+    n, c, f, zero = step.number, step.consumed, step.fresh, step.zero
     if f is None:  # optimizer.step() again with no forward or backward since the last one
         previous = history[-1].consumed if history else None
         if not zero and previous is not None and _rel(c, previous) <= step.rtol:
@@ -420,6 +440,7 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
     across = distributed.active() and net is not cell.model
     history: list[_Step] = []
     seen = _Seen(params)
+    consumed = _Consumed(params)
 
     def note(verdict: str, reason: str) -> None:
         if verdict == "broken" and traj.grad_error is None:
@@ -431,7 +452,7 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
 
     def check_step(optimizer, args, kwargs):
         pending, backpropagated, complete = seen.take()
-        step = _Step(len(history) + 1, _flat_grads(params), None, _grad_rtol(pending))
+        step = _Step(len(history) + 1, consumed(len(history) + 1), None, _grad_rtol(pending))
         seen.paused = True
         # a forward that ran compiled (no random-number state recorded) is not recomputed eagerly: its own
         # kernels round differently, and through many BatchNorm layers that is not rounding any more; its
@@ -486,7 +507,7 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
                                           before)
         losses.extend(batch_losses)
         moved = any(not torch.equal(p, before[n]) for n, p in cell.model.named_parameters())
-        step = _Step(len(history) + 1, _flat_grads(params), fresh, GRAD_RTOL)
+        step = _Step(len(history) + 1, consumed(len(history) + 1), fresh, GRAD_RTOL)
         note(*_judge(step, history))
         if moved:
             history.append(step)
@@ -546,7 +567,7 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
             hook.remove()
     traj.audit = audit.findings if audit else []
     traj.optimizer_steps = len(history) if single else sum(f.kind != "skipped" for f in traj.audit)
-    traj.no_gradient = bool(history) and all(float(s.consumed.norm()) == 0.0 and (s.fresh is None or float(
+    traj.no_gradient = bool(history) and all(s.zero and (s.fresh is None or float(
         s.fresh.norm()) == 0.0) for s in history)
     traj.batches = sum(len(b) for b in traj.batch_sizes) if epoch_batches else epochs * steps_per_epoch
     traj.retains_graph = any(_holds_graph(v) for v in traj.reported)
