@@ -9,6 +9,7 @@ cell is built, and belongs to that cell alone.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import itertools
@@ -166,10 +167,8 @@ def _seeded_model(workload: Workload, seed: int) -> torch.nn.Module:
         return copy.deepcopy(model)
     model = workload.build_model()
     _built.clear()
-    try:
+    with contextlib.suppress(Exception):  # a module holding what deepcopy refuses (a generator, a handle): none kept
         _built.append((workload, workload.build_model, seed, copy.deepcopy(model), torch.get_rng_state()))
-    except Exception:  # a module holding what deepcopy refuses (a generator, a handle): nothing kept
-        pass
     return model
 
 
