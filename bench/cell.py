@@ -9,6 +9,8 @@ cell is built, and belongs to that cell alone.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import itertools
 import sys
@@ -150,14 +152,33 @@ def build_optimizer(workload: Workload, model: torch.nn.Module):
     return built
 
 
+_built: list = []  # [(workload, its build_model, seed, the model as built, the CPU random-number state after it)]
+
+
+def _seeded_model(workload: Workload, seed: int) -> torch.nn.Module:
+    """`workload.build_model()` right after `torch.manual_seed(workload.seed + seed)`, leaving the random-number state
+    where building leaves it. Every pass of every variant of a workload builds the same model from the same seed: the
+    last one built is kept, and a copy of it stands in for building it again (a resnet18's initialisation costs
+    several times its copy). A model that cannot be copied is built every time."""
+    torch.manual_seed(workload.seed + seed)
+    if _built and _built[0][0] is workload and _built[0][1] is workload.build_model and _built[0][2] == seed:
+        *_, model, after = _built[0]
+        torch.set_rng_state(after)
+        return copy.deepcopy(model)
+    model = workload.build_model()
+    _built.clear()
+    with contextlib.suppress(Exception):  # a module holding what deepcopy refuses (a generator, a handle): none kept
+        _built.append((workload, workload.build_model, seed, copy.deepcopy(model), torch.get_rng_state()))
+    return model
+
+
 def build_cell(workload: Workload, variant: Variant, device: torch.device, seed: int = 0) -> Cell:
     """A fresh cell: the model seeded, the optimizer over it, the variant's loop prepared for both.
 
     Building a cell forgets compiled code, so build every cell of a pass before running any whose loop
     compiles: a cell run after another is built recompiles on its next epoch."""
     reset_compiled()
-    torch.manual_seed(workload.seed + seed)
-    model = workload.build_model().to(device)
+    model = _seeded_model(workload, seed).to(device)
     if variant.ddp is not None:  # every rank starts from these weights; DDP broadcasts rank 0's all the same
         from bench.distributed import wrap
 

@@ -214,17 +214,33 @@ def _watch_backward(seen: _Seen):
         torch.autograd.backward = original
 
 
-def _flatten(grads, params: list) -> torch.Tensor:
-    """One flat vector of `grads` (a missing one counts as zeros). float32 unless a parameter is float64: the
-    gradients compared are float32 values, and their norms and dot products in float32 are good to ~1e-6,
-    far inside GRAD_RTOL; the copies cost half as much memory traffic as float64 ones on a large model."""
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).detach().to(dtype).flatten()
-                      for g, p in zip(grads, params)])
+def _flatten(grads, params: list, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One flat vector of `grads` (a missing one counts as zeros), written into `out` when given. float32 unless a
+    parameter is float64: the gradients compared are float32 values, and their norms and dot products in float32 are
+    good to ~1e-6, far inside GRAD_RTOL; the copies cost half as much memory traffic as float64 ones on a large
+    model."""
+    parts = [(g if g is not None else torch.zeros_like(p)).detach().to(_flat_dtype(params)).flatten()
+             for g, p in zip(grads, params)]
+    return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
 
-def _flat_grads(params: list) -> torch.Tensor:
-    return _flatten([p.grad for p in params], params)
+def _flat_dtype(params: list) -> torch.dtype:
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+class _Consumed:
+    """The flat gradients in `.grad` that steps consumed, written into two buffers taken in turn: a step is judged
+    against the step before it alone, so two are ever needed, and a model-sized vector made anew each step would
+    be fresh memory from the system every time."""
+
+    def __init__(self, params: list):
+        self.params = params
+        self.buffers = [torch.empty(sum(p.numel() for p in params), dtype=_flat_dtype(params),
+                                    device=params[0].device if params else None) for _ in range(2)]
+
+    def __call__(self, number: int) -> torch.Tensor:
+        """The gradients now in `.grad`, as step `number` consumed them."""
+        return _flatten([p.grad for p in self.params], self.params, self.buffers[number % 2])
 
 
 def _autocast_state(device_type: str):
@@ -330,9 +346,20 @@ def _grad_rtol(pending: list) -> float:
     return FP16_GRAD_RTOL if any(p[2] == torch.float16 for p in pending) else GRAD_RTOL
 
 
+_CHUNK = 1 << 20  # elements of a difference taken at a time: a model-sized temporary would cost more than the sum
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b|, 0 exactly when a equals b. A large model's difference is taken a chunk at a time through one
+    small buffer: each new model-sized temporary is fresh memory from the system, and touching it costs several times
+    the arithmetic."""
     scale = float(b.norm())
-    diff = float((a - b).norm())
+    if a.numel() <= _CHUNK:
+        diff = float((a - b).norm())
+    else:
+        buffer = torch.empty(_CHUNK, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+        diff = math.sqrt(math.fsum(float(torch.sub(x, y, out=buffer[:len(x)]).norm()) ** 2
+                                   for x, y in zip(a.split(_CHUNK), b.split(_CHUNK))))
     return 0.0 if diff == 0.0 else diff / max(scale, 1e-30)
 
 
@@ -345,11 +372,16 @@ class _Step:
     """One optimizer step as the correctness pass saw it."""
 
     number: int
-    consumed: torch.Tensor  # the gradient in .grad when optimizer.step() ran
+    # the gradient in .grad when optimizer.step() ran; its buffer is reused two steps later (`_Consumed`)
+    consumed: torch.Tensor
     fresh: torch.Tensor | None  # this step's batch gradient (None: no forward and no backward since the last)
     rtol: float
     from_backward: bool = False  # fresh is the gradient of what the loop backpropagated, not of run.criterion
     micro: list = field(default_factory=list)  # fresh gradients of each micro-batch, when there are several
+    zero: bool = field(init=False)  # whether it consumed no gradient at all (all zero or None)
+
+    def __post_init__(self):
+        self.zero = float(self.consumed.norm()) == 0.0
 
 
 def _judge(step: _Step, history: list[_Step]) -> tuple[str, str]:
@@ -358,8 +390,7 @@ def _judge(step: _Step, history: list[_Step]) -> tuple[str, str]:
     `broken`: the step mixed in other batches' gradients or missed its own (zeroed, stale, accumulated,
     dropped micro-batches, the same gradient applied twice). `changed`: it used a function of its own batch's
     gradient alone (scaled, clipped by norm or by value). `unknown`: neither explains it."""
-    n, c, f = step.number, step.consumed, step.fresh
-    zero = float(c.norm()) == 0.0
+    n, c, f, zero = step.number, step.consumed, step.fresh, step.zero
     if f is None:  # optimizer.step() again with no forward or backward since the last one
         previous = history[-1].consumed if history else None
         if not zero and previous is not None and _rel(c, previous) <= step.rtol:
@@ -393,9 +424,10 @@ def _judge(step: _Step, history: list[_Step]) -> tuple[str, str]:
 
 
 def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged: list, seed: int = 0,
-               fresh: FreshGrads | None = None, keep_fresh: bool = False, epoch_batches=None):
+               fresh: FreshGrads | None = None, keep_fresh: bool = False, epoch_batches=None, then=None):
     """What `variant` did over `staged`; its steps' batch gradients are taken from `fresh` where they are
-    known, and kept there when `keep_fresh` (the baseline's run).
+    known, and kept there when `keep_fresh` (the baseline's run). `then(cell)` is called with the cell once its
+    epochs have run and nothing watches it any more.
 
     A distributed (`ddp`) variant reads `epoch_batches(cell, e)` instead, each rank its own part (a live loader
     whose sampler the loop reorders, or not); the gradient each step consumes is checked against the mean over the
@@ -408,6 +440,7 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
     across = distributed.active() and net is not cell.model
     history: list[_Step] = []
     seen = _Seen(params)
+    consumed = _Consumed(params)
 
     def note(verdict: str, reason: str) -> None:
         if verdict == "broken" and traj.grad_error is None:
@@ -419,7 +452,7 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
 
     def check_step(optimizer, args, kwargs):
         pending, backpropagated, complete = seen.take()
-        step = _Step(len(history) + 1, _flat_grads(params), None, _grad_rtol(pending))
+        step = _Step(len(history) + 1, consumed(len(history) + 1), None, _grad_rtol(pending))
         seen.paused = True
         # a forward that ran compiled (no random-number state recorded) is not recomputed eagerly: its own
         # kernels round differently, and through many BatchNorm layers that is not rounding any more; its
@@ -474,7 +507,7 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
                                           before)
         losses.extend(batch_losses)
         moved = any(not torch.equal(p, before[n]) for n, p in cell.model.named_parameters())
-        step = _Step(len(history) + 1, _flat_grads(params), fresh, GRAD_RTOL)
+        step = _Step(len(history) + 1, consumed(len(history) + 1), fresh, GRAD_RTOL)
         note(*_judge(step, history))
         if moved:
             history.append(step)
@@ -534,13 +567,15 @@ def trajectory(workload: Workload, variant: Variant, device, epochs: int, staged
             hook.remove()
     traj.audit = audit.findings if audit else []
     traj.optimizer_steps = len(history) if single else sum(f.kind != "skipped" for f in traj.audit)
-    traj.no_gradient = bool(history) and all(float(s.consumed.norm()) == 0.0 and (s.fresh is None or float(
+    traj.no_gradient = bool(history) and all(s.zero and (s.fresh is None or float(
         s.fresh.norm()) == 0.0) for s in history)
     traj.batches = sum(len(b) for b in traj.batch_sizes) if epoch_batches else epochs * steps_per_epoch
     traj.retains_graph = any(_holds_graph(v) for v in traj.reported)
     if variant.kind == "eval":
         traj.buffers_changed = any(not torch.equal(b, buffers_before[n]) for n, b in cell.model.named_buffers())
     traj.params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    if then is not None:
+        then(cell)
     return traj
 
 
@@ -832,10 +867,13 @@ def check(workload: Workload, variant: Variant, device, epochs: int = CHECK_EPOC
             base.envelope = envelope(workload, baseline, device, epochs, staged, seed, base)
         cache[key] = fresh, base, no_base
     fresh, base, no_base = cache[key]
-    traj = trajectory(workload, variant, device, epochs, staged, seed, fresh)
-    if syncs is None:  # one epoch shows a read made before its sync: it is made at the same place every epoch
-        syncs = measure_syncs(build_cell(workload, variant, device, seed), staged[:steps],
-                              device_buffers=distributed.collective_buffers)
+    counted: dict = {}
+    # one epoch shows a read made before its sync: it is made at the same place every epoch, the checked epochs' cell
+    # included (counted on it, that cell is neither built nor compiled again)
+    count = None if syncs is not None else lambda cell: counted.update(
+        measure_syncs(cell, staged[:steps], device_buffers=distributed.collective_buffers))
+    traj = trajectory(workload, variant, device, epochs, staged, seed, fresh, then=count)
+    syncs = syncs if syncs is not None else counted
     record = verdict_of(variant, traj, base, syncs, no_base=no_base)
     record["expected_verdict"] = variant.expected_for(workload.name)
     return record

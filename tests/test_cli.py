@@ -31,6 +31,28 @@ USER = "loops.example_user"
 SMALLEST = ["--device", "cpu", "--quick", "--steps", "3", "--repeats", "2", "--warmup", "1"]
 FAILING_LOOP = ("import sys\n\n\ndef explode(run):\n    raise RuntimeError('boom')\n\n\n"
                 "def leave(run):\n    sys.exit(0)\n")
+# a workload whose forward never returns: the run is still inside it when the test interrupts it, however slow
+WAITING_WORKLOAD = """import time
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from loops import Workload
+
+
+class Waits(nn.Linear):
+    def forward(self, x):
+        while True:  # until the run is interrupted
+            time.sleep(0.01)
+
+
+def waiting():
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    return Workload(name="waiting", build_model=lambda: Waits(4, 2),
+                    build_optimizer=lambda params: torch.optim.SGD(params, lr=0.1), criterion=nn.CrossEntropyLoss(),
+                    train_data=data, test_data=data, batch_size=8)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +221,15 @@ def test_resume_skips_finished_cells(user_run, tmp_path, monkeypatch):
 
 
 def test_sigint_leaves_valid_files_with_every_finished_cell(tmp_path):
-    """Ctrl-C while a cell is measured exits 130 without a traceback, and the files hold every cell finished before."""
+    """Ctrl-C while a cell is measured exits 130 without a traceback, and the files hold every cell finished before.
+    The second workload's forward never returns: the signal lands inside its cells however loaded the machine is."""
     out = tmp_path / "r"
-    cmd = [sys.executable, "-m", "bench", "run", *SMALLEST, "--workload", "digits", "--workload", "cnn",
-           "--variant", "tensor_sum", "--out", str(out)]
+    (tmp_path / "waiting_workload.py").write_text(WAITING_WORKLOAD)
+    cmd = [sys.executable, "-m", "bench", "run", *SMALLEST, "--workload", "digits", "--workload",
+           "waiting_workload:waiting", "--variant", "tensor_sum", "--out", str(out)]
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     lines: list[str] = []
 
     def read_stderr():
@@ -215,11 +240,18 @@ def test_sigint_leaves_valid_files_with_every_finished_cell(tmp_path):
     reader.start()
     finished = re.compile(r"^cpu\s+digits\s+\S+\s+ok\b")
     deadline = time.time() + 240
-    # a cell's progress line is printed once both files hold it: digits' two cells are written, cnn's are running
-    while time.time() < deadline and proc.poll() is None and sum(map(bool, map(finished.match, lines))) < 2:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    try:
+        # a cell's progress line is printed once both files hold it: digits' two cells are written, the waiting
+        # workload's are running (and stay so until the signal)
+        while time.time() < deadline and proc.poll() is None and sum(map(bool, map(finished.match, lines))) < 2:
+            time.sleep(0.02)
+        assert proc.poll() is None, "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     reader.join(timeout=10)
     stderr = "".join(lines)
     assert proc.returncode == 130, stderr
@@ -227,8 +259,8 @@ def test_sigint_leaves_valid_files_with_every_finished_cell(tmp_path):
     cells = json.loads((out / "results.json").read_text())["cells"]
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert 2 <= len(cells) < 4 and len(rows) == len(cells)
-    assert all(c["status"] == "ok" and c["step_times_s"] for c in cells)
+    assert len(cells) == 2 and len(rows) == len(cells)
+    assert all(c["workload"] == "digits" and c["status"] == "ok" and c["step_times_s"] for c in cells)
 
 
 def test_the_summary_after_a_run_flags_unreliable_ratios_and_says_why_the_speed_columns_differ(capsys):
