@@ -163,13 +163,25 @@ def _seeded_model(workload: Workload, seed: int) -> torch.nn.Module:
     torch.manual_seed(workload.seed + seed)
     if _built and _built[0][0] is workload and _built[0][1] is workload.build_model and _built[0][2] == seed:
         *_, model, after = _built[0]
-        torch.set_rng_state(after)
+        _set_rng_states(after)
         return copy.deepcopy(model)
     model = workload.build_model()
     _built.clear()
     with contextlib.suppress(Exception):  # a module holding what deepcopy refuses (a generator, a handle): none kept
-        _built.append((workload, workload.build_model, seed, copy.deepcopy(model), torch.get_rng_state()))
+        _built.append((workload, workload.build_model, seed, copy.deepcopy(model), _rng_states()))
     return model
+
+
+def _rng_states() -> tuple:
+    """The CPU random-number state, and each GPU's where CUDA is in use (a model built on the GPU draws there)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+
+def _set_rng_states(states: tuple) -> None:
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def build_cell(workload: Workload, variant: Variant, device: torch.device, seed: int = 0) -> Cell:
