@@ -45,11 +45,7 @@ class CudaArguments:
     def __call__(self, func, args, kwargs):
         """(func, args, kwargs) of the call as it is made with `target`."""
         if kwargs:
-            device = kwargs.get("device")
-            if device is not None and is_cuda(device):
-                kwargs = {**kwargs, "device": self.target}
-            if kwargs.get("pin_memory"):
-                kwargs = {**kwargs, "pin_memory": False}
+            kwargs = _mapped(kwargs, self.target)
         if func is _TO:
             if len(args) > 1 and not isinstance(args[1], (torch.dtype, torch.Tensor)) and is_cuda(args[1]):
                 args = (args[0], self.target, *args[2:])
@@ -136,7 +132,7 @@ class CudaEntryPoints:
         def cuda(tensor, device=None, non_blocking=False, memory_format=torch.preserve_format):
             return _TO(tensor, entry.target, non_blocking=non_blocking, memory_format=memory_format)
 
-        methods = {"to": to, "cuda": cuda, "pin_memory": lambda tensor, *args, **kwargs: tensor}
+        methods = {"to": to, "cuda": cuda, "pin_memory": _pinned}
         methods.update({name: self._method(getattr(torch.Tensor, name)) for name in self.METHODS})
         # most are torch._C.TensorBase's, found through torch.Tensor: taking the wrapper off uncovers them again
         self._saved = [(name, torch.Tensor.__dict__.get(name)) for name in methods]
