@@ -1,7 +1,7 @@
 """Distributed cells: the `ddp` variants, one process per rank under torchrun, the gloo backend on CPU and nccl on
-CUDA. loopmark starts no processes of its own making: `loopmark run --nproc-per-node N` runs itself under
-`torch.distributed.run` (torchrun), and a user's own torchrun command (several nodes: `--nnodes`,
-`--rdzv-endpoint`) runs it the same way.
+CUDA. `loopmark run --nproc-per-node N` runs itself as the N ranks of a one-node torchrun job (`bench.launcher`
+starts them as `torchrun --standalone` would, forked from one process that imported torch once), and a user's own
+torchrun command (several nodes: `--nnodes`, `--rdzv-endpoint`) runs it the same way.
 
 Every rank runs every pass of every cell, in the same order (`DistributedRunner`); rank 0 writes the results. Per
 cell, beside what a one-process cell has:
@@ -436,7 +436,9 @@ def _forward(stream, log: list, echo) -> None:
     failure report are kept, not shown: the launcher says in one line what failed."""
     import re
 
-    launcher_line = re.compile(r"^[WEI]\d{4} \d\d:\d\d:\d\d")
+    from bench.launcher import PREFIX
+
+    launcher_line = re.compile(rf"^([WEI]\d{{4}} \d\d:\d\d:\d\d|{re.escape(PREFIX)})")
     torch_rank = re.compile(r"^\[rank\d+\]:")  # torch's prefix on a rank's own warnings and tracebacks
     report = False
     for line in stream:
@@ -444,6 +446,18 @@ def _forward(stream, log: list, echo) -> None:
         report = report or line.startswith("Traceback (most recent call last)")
         if not (report or launcher_line.match(line) or torch_rank.match(line)):
             echo(line.rstrip("\n"))
+
+
+def ranks_command(nproc: int, args: list[str], rendezvous: list[str] | None = None) -> list[str]:
+    """The command that runs `python -m bench ARGS` as `nproc` ranks: on this machine alone, `bench.launcher` (the
+    ranks of `torchrun --standalone`, forked from one process that imported torch once); with torchrun's rendezvous
+    options (several nodes), torchrun itself."""
+    import sys
+
+    if rendezvous:
+        return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={nproc}", "-m", "bench",
+                *args]
+    return [sys.executable, "-m", "bench.launcher", str(nproc), *args]
 
 
 def launcher_limit(cell_timeout: float | None) -> float | None:
@@ -460,7 +474,6 @@ def launch(child_args: list[str], out, nproc: int, device: str, cell_timeout: fl
     the ranks start again (`--resume`) on the cells after it. `say(line)` shows the ranks' output. Returns when a
     torchrun ends well, or when its ranks reached no cell (then every cell still planned is recorded by
     `record_fault(None, ...)`). SIGTERM ends the ranks as Ctrl-C does (KeyboardInterrupt)."""
-    import sys
     import tempfile
     from pathlib import Path
 
@@ -469,8 +482,7 @@ def launch(child_args: list[str], out, nproc: int, device: str, cell_timeout: fl
     faulted: set = set()
     with tempfile.TemporaryDirectory(prefix="loopmark-ranks-") as where, _terminate_as_interrupt():
         ranks, env[HEARTBEAT_ENV] = _Ranks(Path(where)), where
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "bench", "run", *child_args, "--device", device, "--out", str(out), "--resume"]
+        cmd = ranks_command(nproc, ["run", *child_args, "--device", device, "--out", str(out), "--resume"])
         while True:
             code, hung, current, log = _one_torchrun(cmd, env, ranks, limit, nproc, say)
             if code == 0 and hung is None:
@@ -578,11 +590,13 @@ def _what_failed(ranks: _Ranks, log: str, code: int, hung: str | None, current, 
     """(cell, status, message) of what ended a torchrun that did not end well."""
     if hung is not None:
         return current, "timeout", hung
+    cause = _root_cause(log)
     faults = ranks.faults()
+    if cause is not None and cause[0] not in {f["rank"] for f in faults}:
+        faults = []  # the first rank to end reported no fault (it was killed): the others' followed from it
     if faults:
         first = faults[0]
         return tuple(first["cell"]), first["status"], f"rank {first['rank']}: {first['error']}"
-    cause = _root_cause(log)
     who = f"rank {cause[0]} ended ({cause[1]})" if cause else f"torchrun ended ({_signal_name(code)})"
     if current is None:
         last = next((line.strip() for line in reversed(log.splitlines())
@@ -634,8 +648,7 @@ def launch_check(child_args: list[str], nproc: int, device: str, cell_timeout: f
 
     env = quiet_ranks_env(nproc)
     limit = launcher_limit(cell_timeout)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "bench",
-           "check", *child_args]
+    cmd = ranks_command(nproc, ["check", *child_args])
     with tempfile.TemporaryDirectory(prefix="loopmark-ranks-") as where, _terminate_as_interrupt():
         ranks, env[HEARTBEAT_ENV] = _Ranks(Path(where)), where
         code, hung, current, log = _one_torchrun(cmd, env, ranks, limit, nproc, print)
@@ -664,7 +677,6 @@ def launch_trace(child_args: list[str], nproc: int, rendezvous: list[str], ranks
     timeout, or its own if shorter), so a rank waiting on one that never comes raises, and publishes what it measured;
     with no step on any rank for `launcher_limit(cell_timeout)`, every rank is ended and the line names where each
     one stopped."""
-    import sys
     import tempfile
     from pathlib import Path
 
@@ -675,8 +687,7 @@ def launch_trace(child_args: list[str], nproc: int, rendezvous: list[str], ranks
     with tempfile.TemporaryDirectory(prefix="loopmark-trace-ranks-") as where, \
             tempfile.TemporaryDirectory(prefix="loopmark-ranks-") as beats, _terminate_as_interrupt():
         env[ranks_env], env[HEARTBEAT_ENV] = where, beats
-        cmd = [sys.executable, "-m", "torch.distributed.run", *(rendezvous or ["--standalone"]),
-               f"--nproc-per-node={nproc}", "-m", "bench", "trace", *child_args]
+        cmd = ranks_command(nproc, ["trace", *child_args], rendezvous)
         code, hung, _, log = _one_torchrun(cmd, env, _Ranks(Path(beats)), limit, nproc, print,
                                            stalled="no step on any rank in {limit:g} s (--cell-timeout and as much "
                                                    "again, a minute at most)")

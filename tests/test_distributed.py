@@ -183,3 +183,24 @@ def test_a_bug_that_needs_two_ranks_expects_no_bug_on_one():
     v = resolve_variant("ddp_no_sync_off_by_one")
     assert (v.expected_for("mlp", 1), v.expected_for("mlp", 2)) == ("equivalent", "broken")
     assert resolve_variant("ddp_no_sync_off_by_one+zero_grad_missing").expected_for("mlp", 1) == "broken"
+
+
+def test_the_launchers_ranks_get_every_variable_torchrun_gives_a_rank():
+    """`bench.launcher` gives each rank what torch's own agent puts in a worker's environment (read from the installed
+    torch's source, so a torch that adds one fails here), with the values of a one-node job."""
+    import inspect
+    import re
+
+    from torch.distributed.elastic.agent.server import local_elastic_agent
+
+    from bench.launcher import rank_env
+
+    source = inspect.getsource(local_elastic_agent.LocalElasticAgent._start_workers)
+    block = source[source.index("worker_env = {"):]
+    torchrun = set(re.findall(r'^\s*"([A-Z_]+)":', block[:block.index("}")], re.M)) | {"LOCAL_RANK"}
+    assert {"RANK", "WORLD_SIZE", "MASTER_PORT", "TORCHELASTIC_RUN_ID"} <= torchrun
+    env = rank_env(1, 2, 29500)
+    assert torchrun <= set(env), torchrun - set(env)
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"], env["GROUP_RANK"]) == \
+        ("1", "1", "2", "2", "0")
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("127.0.0.1", "29500")
