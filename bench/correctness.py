@@ -54,6 +54,11 @@ GRAD_RTOL = 1e-4  # a fresh recomputation of a float32 gradient agrees to ~1e-7;
 FP16_GRAD_RTOL = 1e-2
 LOSS_RTOL = 1e-5  # float32 accumulation of a few losses: ~1e-7
 EQUIV_RTOL = 1e-5  # the least rounding allowed; a training loop's own rounding envelope may be wider
+# A variant's float32 arithmetic is another approximation of the same exact trajectory, as far from it as the
+# baseline's may be: the two can stand up to the sum of their distances apart, twice the baseline's envelope
+# (torch.compile's fused kernels on resnet18: parameters 0.068 and loss 2.0e-4 from the baseline, whose own
+# float32 run ends 0.076 and 1.1e-4 from float64)
+ROUNDING_SPREAD = 2.0
 # the correctness pass's size, the same under `loopmark check` and `loopmark run` (full or --quick), so that a
 # verdict never depends on which command gave it: 2 epochs show accumulation across epochs, 3 steps across steps
 CHECK_EPOCHS = 2
@@ -774,8 +779,9 @@ def verdict_of(variant: Variant, traj: Trajectory, base: Trajectory | None, sync
         loss_diff = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(reported, base_loss))
     if diff == 0.0 and loss_diff == 0.0:
         return result("identical", "parameters and reported loss bitwise equal to the baseline's")
-    param_tol, loss_tol = (max(EQUIV_RTOL, x) for x in (base.envelope or (0.0, 0.0)))
-    wide = f"; the baseline is {param_tol:.2g} from float64" if param_tol > EQUIV_RTOL else ""
+    from_exact = base.envelope or (0.0, 0.0)
+    param_tol, loss_tol = (max(EQUIV_RTOL, ROUNDING_SPREAD * x) for x in from_exact)
+    wide = f"; the baseline is {from_exact[0]:.2g} from float64" if param_tol > EQUIV_RTOL else ""
     if diff <= param_tol and loss_diff <= loss_tol:
         return result("equivalent", f"equal to the baseline within rounding (parameters {diff:.2g}, "
                                     f"reported loss {loss_diff:.2g} relative{wide})")

@@ -81,7 +81,8 @@ def test_the_rounding_envelope_is_the_baselines_distance_from_float64():
                                       params={n: p * (1 + scale) for n, p in base.params.items()})
         return correctness.verdict_of(variant, traj, base)
 
-    inside, outside = verdict(cnn_params / 2), verdict(cnn_params * 2)
+    # up to twice the envelope: a float32 variant as far from exact arithmetic as the baseline, on the other side
+    inside, outside = verdict(cnn_params * 1.9), verdict(cnn_params * 2.2)
     assert inside["verdict"] == "equivalent" and "from float64" in inside["verdict_reason"]
     assert outside["verdict"] == "different"
     base.envelope = None
