@@ -37,13 +37,14 @@ def traced(out: Path, *argv: str, launcher: bool, warmup: int = 2) -> subprocess
 
 
 @pytest.mark.parametrize(("micro_batches", "no_sync", "collectives", "verdict", "launcher", "more"), [
-    (1, "none", 1, "consistent", False, []),  # one all-reduce per backward pass
-    (2, "first", 1, "consistent", False, []),  # no_sync on the first micro-batch: one all-reduce, after the last
-    (2, "backward", 2, "consistent", False, []),  # no_sync around backward() only: DDP all-reduces both (a no-op)
+    # one all-reduce per backward pass; the user's own torchrun command (the other cases: loopmark's launcher)
+    (1, "none", 1, "consistent", False, []),
+    (2, "first", 1, "consistent", True, []),  # no_sync on the first micro-batch: one all-reduce, after the last
+    (2, "backward", 2, "consistent", True, []),  # no_sync around backward() only: DDP all-reduces both (a no-op)
     (2, "last", 1, "broken", True, []),  # the last micro-batch not synced: the ranks' parameters part after step 1
     # nanoGPT's require_backward_grad_sync on the last micro-batch: one all-reduce; epochs of 2 steps, each given
     # set_epoch: no epoch repeats the one before
-    (2, "flag", 1, "consistent", False, ["--samples", "32"]),
+    (2, "flag", 1, "consistent", True, ["--samples", "32"]),
     # epochs of 4 steps and no set_epoch: the second epoch (steps 5 to 8, in the audit and time passes) reads the
     # first one's order
     (1, "none", 1, "different", True, ["--samples", "32", "--no-set-epoch"]),
