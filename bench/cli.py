@@ -99,9 +99,8 @@ def cmd_list(args) -> int:
 def cmd_check(args) -> int:
     import torch
 
-    from bench import correctness, runner
-    from loops import WORKLOADS, builtin_names, resolve_variant, resolve_workload
-    from reports.results import as_expected
+    from bench import runner
+    from loops import WORKLOADS, builtin_names, resolve_variant
     from reports.table import format_table
 
     _resolve_names(args.workload, args.variant)
@@ -115,39 +114,13 @@ def cmd_check(args) -> int:
     kinds = ("ddp",) if spread else ("train", "eval")
     names = args.variant or [n for n in builtin_names() if resolve_variant(n).kind in kinds]
     default_workloads = runner.DEFAULT_DDP_WORKLOADS if spread else list(WORKLOADS)
+    cells = [(wname, vname) for wname in args.workload or default_workloads for vname in names]
+    checked = _check_cells(cells, device, args, spread)
     rows, failures = [], 0
-    for wname in args.workload or default_workloads:
-        try:
-            workload = resolve_workload(wname)
-        except runner.CELL_FAULTS as exc:  # the user's workload function raised: a fault of each of its cells
-            for vname in names:
-                rows.append([wname, resolve_variant(vname).name, "error", resolve_variant(vname).expected_for(wname),
-                             runner.fault_text(exc) + "  <-- FAIL"])
-                failures += 1
-            continue
-        cache: dict = {}
-        for vname in names:
-            variant = resolve_variant(vname)
-            _status(f"checking {workload.name} {variant.name}")
-            if spread:  # the launcher ends every rank when a cell makes no progress within --cell-timeout
-                spread.heartbeat((workload.name, variant.name, str(device)), "correctness")
-            try:
-                r = correctness.check(workload, variant, device, args.epochs or correctness.CHECK_EPOCHS,
-                                      args.steps, args.seed, cache)
-            except runner.CELL_FAULTS as exc:  # a user's loop that raises or exits
-                if spread:  # the other ranks wait for this one in a collective: end them all, saying why
-                    print(f"loopmark check: rank {rank}: {workload.name} {variant.name}: error: "
-                          f"{runner.fault_text(exc)}", file=sys.stderr, flush=True)
-                    os._exit(EXIT_FAIL)
-                r = {"verdict": "error", "expected_verdict": variant.expected_for(workload.name),
-                     "verdict_reason": runner.fault_text(exc)}
-            expected = r["expected_verdict"]
-            status = "skipped" if r["verdict"] == "skipped" else "ok"
-            matches = as_expected(status, r["verdict"], expected)
-            bad = matches is False or (matches is None and r["verdict"] in ("broken", "error"))
-            failures += bad
-            rows.append([workload.name, variant.name, r["verdict"], expected, r["verdict_reason"]
-                         + ("  <-- FAIL" if bad else "")])
+    for n, (row, bad) in enumerate(checked, 1):
+        _status(f"checked {n}/{len(cells)}: {row[0]} {row[1]}")
+        rows.append(row)
+        failures += bad
     _status("")
     if spread:
         spread.finish()
@@ -156,6 +129,69 @@ def cmd_check(args) -> int:
     print(format_table(["workload", "variant", "verdict", "expected", "reason"], rows))
     print(f"\n{failures} failing cell(s)" if failures else "\nall verdicts as expected")
     return EXIT_FAIL if failures else EXIT_OK
+
+
+def _check_cells(cells: list[tuple[str, str]], device, args, spread):
+    """(row, failed) of each (workload, variant) cell, in order. On the CPU in one process of a single thread, the
+    cells are shared out among processes forked from this one (`--jobs`, one per core up to 4 by default, each of
+    one core's threads): a verdict is made within one process (the baseline it is judged against is that process's
+    own), and on a small machine one thread per cell does more than two on one cell."""
+    from concurrent.futures.process import BrokenProcessPool
+    from functools import partial
+
+    from bench import launcher
+
+    check = partial(_check_cell, device=device, epochs=args.epochs, steps=args.steps, seed=args.seed)
+    cores = os.cpu_count() or 1
+    jobs = min(args.jobs or min(cores, 4), len(cells))
+    done = 0
+    if jobs > 1 and not spread and device.type == "cpu" and launcher.fork_safe():
+        try:
+            for result in launcher.forked_map(check, cells, jobs, max(1, cores // jobs)):
+                done += 1
+                yield result
+        except BrokenProcessPool:  # a loop that ended its process: the cells from there on run here, as with --jobs 1
+            pass
+    for cell in cells[done:]:
+        yield check(cell, spread=spread)
+
+
+_CHECK_CACHE: dict = {}  # this process's workloads and baselines, by workload name: shared by that workload's cells
+
+
+def _check_cell(cell: tuple[str, str], device, epochs, steps, seed, spread=None) -> tuple[list[str], bool]:
+    """The check of one (workload, variant) cell: its table row and whether it fails."""
+    from bench import correctness, runner
+    from loops import resolve_variant, resolve_workload
+    from reports.results import as_expected
+
+    wname, vname = cell
+    variant = resolve_variant(vname)
+    if wname not in _CHECK_CACHE:
+        try:
+            _CHECK_CACHE[wname] = resolve_workload(wname), {}
+        except runner.CELL_FAULTS as exc:  # the user's workload function raised: a fault of each of its cells
+            _CHECK_CACHE[wname] = exc, None
+    workload, cache = _CHECK_CACHE[wname]
+    if cache is None:
+        return [wname, variant.name, "error", variant.expected_for(wname),
+                runner.fault_text(workload) + "  <-- FAIL"], True
+    if spread:  # the launcher ends every rank when a cell makes no progress within --cell-timeout
+        spread.heartbeat((workload.name, variant.name, str(device)), "correctness")
+    try:
+        r = correctness.check(workload, variant, device, epochs or correctness.CHECK_EPOCHS, steps, seed, cache)
+    except runner.CELL_FAULTS as exc:  # a user's loop that raises or exits
+        if spread:  # the other ranks wait for this one in a collective: end them all, saying why
+            print(f"loopmark check: rank {spread.world()[0]}: {workload.name} {variant.name}: error: "
+                  f"{runner.fault_text(exc)}", file=sys.stderr, flush=True)
+            os._exit(EXIT_FAIL)
+        r = {"verdict": "error", "expected_verdict": variant.expected_for(workload.name),
+             "verdict_reason": runner.fault_text(exc)}
+    expected = r["expected_verdict"]
+    matches = as_expected("skipped" if r["verdict"] == "skipped" else "ok", r["verdict"], expected)
+    bad = matches is False or (matches is None and r["verdict"] in ("broken", "error"))
+    reason = r["verdict_reason"] + ("  <-- FAIL" if bad else "")
+    return [workload.name, variant.name, r["verdict"], expected, reason], bad
 
 
 def _status(text: str) -> None:
@@ -790,6 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=_int_at_least(1),
                    help="steps per epoch (default 3, or the workload's own; as in `loopmark run`)")
     c.add_argument("--seed", type=_int_at_least(0), default=0)
+    c.add_argument("--jobs", type=_int_at_least(1), metavar="N",
+                   help="on the CPU, check N cells at once in processes of their own (default: one per core, up to 4)")
     c.add_argument("--nproc-per-node", type=_int_at_least(1), metavar="N",
                    help="check the distributed variants (ddp_*), N processes on this machine under torchrun")
     c.add_argument("--cell-timeout", type=_non_negative, metavar="SECONDS", default=600,

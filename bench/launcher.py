@@ -156,3 +156,42 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------- independent work shared out among forked workers
+def fork_safe() -> bool:
+    """Whether this process may fork workers: a single thread (a fork copies only the calling thread, and a lock another
+    thread held stays held in the copy) and no CUDA context made (a forked child cannot use it)."""
+    import threading
+
+    import torch
+
+    return (hasattr(os, "fork") and threading.active_count() == 1
+            and not (torch.cuda.is_available() and torch.cuda.is_initialized()))
+
+
+def _worker_threads(threads: int) -> None:
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to take: it ends the workers
+    torch.set_num_threads(threads)
+
+
+def forked_map(func, items: list, jobs: int, threads: int):
+    """`func(item)` for each of `items`, in `jobs` processes forked from this one (each with `threads` intra-op
+    threads), yielded in the order of `items` as each is ready. Raises `BrokenProcessPool` at the first item whose
+    worker died (the caller runs it, and those after it, itself)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=_worker_threads,
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(func, item) for item in items]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
