@@ -186,12 +186,15 @@ def forked_map(func, items: list, jobs: int, threads: int):
 
     sys.stdout.flush()
     sys.stderr.flush()
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=_worker_threads,
-                             initargs=(threads,)) as pool:
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=_worker_threads,
+                               initargs=(threads,))
+    try:
         futures = [pool.submit(func, item) for item in items]
-        try:
-            for future in futures:
-                yield future.result()
-        finally:
-            for future in futures:
-                future.cancel()
+        for future in futures:
+            yield future.result()
+    except BaseException:  # an interrupt, a worker that died, the caller done early: no worker goes on
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()

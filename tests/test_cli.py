@@ -177,6 +177,28 @@ def test_check_passes_on_builtins_and_fails_on_a_broken_user_loop(capsys):
     assert "step 2 consumed the sum of 2 batch gradients" in capsys.readouterr().out
 
 
+def test_check_shared_out_among_processes_gives_the_rows_one_process_gives(capsys, monkeypatch):
+    """`check --jobs 2` checks cells in two forked processes, each judging against its own baseline: the table is
+    the one `--jobs 1` prints, row for row, in the same order; a workload whose function raises is an error row."""
+    from bench import launcher
+
+    forked = []
+    real = launcher.forked_map
+    monkeypatch.setattr(launcher, "forked_map", lambda *a: (forked.append(a[2]), real(*a))[1])
+    argv = ["check", "--epochs", "2", "--steps", "2", "--workload", "mlp", "--workload", f"{USER}:regression",
+            "--variant", "baseline", "--variant", "graph_sum", "--variant", "zero_grad_missing", "--variant",
+            "tensor_sum"]
+    tables = []
+    for jobs in ("1", "2"):
+        capsys.readouterr()
+        assert main([*argv, "--jobs", jobs]) == 0
+        tables.append(capsys.readouterr().out)
+    assert forked == [2], "the second check ran in two processes"
+    assert tables[0] == tables[1]
+    assert [line.split()[:3] for line in tables[1].splitlines()[1:4]] == [
+        ["mlp", "baseline", "identical"], ["mlp", "graph_sum", "broken"], ["mlp", "zero_grad_missing", "broken"]]
+
+
 def test_run_with_a_user_workload_and_variant_writes_every_column(user_run):
     """`loopmark run` with a user's workload and variant writes every CSV column, the baseline beside them, every
     timed step and the environment."""
