@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 import bench
+from bench import launcher
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_WRITE = 3  # an output could not be written mid-way (a full disk): one line, what was saved before is kept
@@ -105,8 +106,8 @@ def cmd_check(args) -> int:
 
     _resolve_names(args.workload, args.variant)
     spread = _distributed_plan(args)
-    if spread and not spread.launched():  # the ranks run this command under torchrun
-        return spread.launch_check(_child_args(args, "check"), args.nproc_per_node, args.device, args.cell_timeout)
+    if spread and not launcher.launched():  # the ranks run this command under torchrun
+        return launcher.launch_check(_child_args(args, "check"), args.nproc_per_node, args.device, args.cell_timeout)
     if spread:
         spread.init(args.device)
     device = spread.rank_device(args.device) if spread else torch.device(_devices(args.device, "cpu")[0])
@@ -212,7 +213,7 @@ def cmd_run(args) -> int:
                                        warmup=args.warmup, cell_timeout=args.cell_timeout)
     if settings.steps < 3:
         raise UsageError("--steps must be >= 3")
-    if spread and spread.launched():  # one rank of a distributed run: one device, the process group's
+    if spread and launcher.launched():  # one rank of a distributed run: one device, the process group's
         devices = devices[:1]
     groups = runner.plan(devices, args.workload, args.variant, args.extended, distributed=bool(spread))
     if args.shard:  # this job's part of the plan; `loopmark merge` puts the shards' results together
@@ -220,7 +221,7 @@ def cmd_run(args) -> int:
             groups = runner.shard(groups, *args.shard)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    if spread and not spread.launched():
+    if spread and not launcher.launched():
         return _launch_run(args, groups, devices, settings)
     if spread:
         spread.init(devices[0], settings.cell_timeout or None)
@@ -260,7 +261,7 @@ def cmd_run(args) -> int:
     printer.close()
     if spread:
         spread.finish()
-    if spread and os.environ.get(spread.HEARTBEAT_ENV):  # rank 0 under `run --nproc-per-node`: its launcher reports
+    if spread and os.environ.get(launcher.HEARTBEAT_ENV):  # rank 0 under `run --nproc-per-node`: its launcher reports
         return EXIT_OK
     return _finish(args, out, records)
 
@@ -288,7 +289,7 @@ def _distributed_plan(args):
     nproc = getattr(args, "nproc_per_node", None)
     if nproc:
         _check_nproc(nproc)
-    if nproc or distributed.launched():
+    if nproc or launcher.launched():
         if args.device == "cuda" or (args.device == "all" and _devices("all", "")[0] == "cuda"):
             args.device = "cuda"
         else:
@@ -345,7 +346,7 @@ def _child_args(args, command: str) -> list[str]:
 def _launch_run(args, groups, devices, settings) -> int:
     """`loopmark run --nproc-per-node N`: the cells run under torchrun, one process per rank (rank 0 writes them to
     --out); a cell whose ranks crash, hang or fault is recorded here, and the ranks go on with the cells after it."""
-    from bench import distributed, runner
+    from bench import runner
     from bench.cell import parse_device
     from loops import resolve_variant, resolve_workload
     from reports import results
@@ -383,7 +384,7 @@ def _launch_run(args, groups, devices, settings) -> int:
     aside = results.set_aside(out) if args.overwrite else None
     try:
         for device in devices:
-            distributed.launch(_child_args(args, "run"), out, args.nproc_per_node, device, settings.cell_timeout,
+            launcher.launch_run(_child_args(args, "run"), out, args.nproc_per_node, device, settings.cell_timeout,
                                record_fault, lambda line: print(line, file=sys.stderr, flush=True))
     except KeyboardInterrupt:
         printer.close()
@@ -621,28 +622,31 @@ def cmd_trace(args) -> int:
     measured (a note says so when the script ended before every step was), 1 when the script raised, exited with
     another status than 0 or never stepped (what it had is written all the same), 2 bad input, 3 unwritable results.
     Under torchrun (`--nproc-per-node N` starts it) every rank traces its own process and rank 0 writes a cell per
-    rank; the exit status is the worst rank's."""
-    from bench import distributed, trace, trace_ranks
-    from bench.env import environment
+    rank; the exit status is the worst rank's. The launching command (`--nproc-per-node N`) imports no torch: its
+    ranks do."""
+    from bench import target as targets
 
     try:
         if args.module is not None:
             if not args.module:
                 raise UsageError("-m: give the module to run (-m package.module [ARGS...])")
-            target = trace.module_target(args.module[0], args.module[1:])
+            target = targets.module_target(args.module[0], args.module[1:])
         elif args.script:
-            target = trace.script_target(args.script[0], args.script[1:])
+            target = targets.script_target(args.script[0], args.script[1:])
         else:
             raise UsageError("give the script to trace: loopmark trace [OPTIONS] SCRIPT.py [ARGS...], or -m MODULE "
                              "[ARGS...]")
-    except trace.BadTarget as exc:
+    except targets.BadTarget as exc:
         raise UsageError(str(exc)) from None
     given = [f"--{name.replace('_', '-')}" for name in RENDEZVOUS if getattr(args, name) is not None]
     if given and not args.nproc_per_node:
         raise UsageError(f"{given[0]} is a torchrun option: it goes with --nproc-per-node N")
-    rank, ranks = distributed.torchrun_rank()
-    if args.nproc_per_node and not distributed.launched():  # the ranks run this command under torchrun
+    rank, ranks = launcher.torchrun_rank()
+    if args.nproc_per_node and not launcher.launched():  # the ranks run this command under torchrun
         return _launch_trace(args, _out_dir(args))
+    from bench import distributed, trace, trace_ranks
+    from bench.env import environment
+
     out = _out_dir(args) if rank == 0 else None  # rank 0 writes every rank's cell
     idle = ["before the script's first step"]  # what this rank's heartbeat says when no step is under way
     if ranks > 1:
@@ -734,7 +738,7 @@ def _launch_trace(args, out: Path) -> int:
     """`loopmark trace --nproc-per-node N`: this command again under torchrun, one process per rank (rank 0 writes
     every rank's cell to --out). When rank 0 could not (a rank failed and torchrun ended the others), the records the
     ranks published are written here."""
-    from bench import distributed, trace_ranks
+    from bench import trace_ranks
 
     child = ["--out", str(out), "--overwrite", *(["--strict"] if args.strict else [])]
     for name in ("steps", "warmup"):
@@ -743,7 +747,7 @@ def _launch_trace(args, out: Path) -> int:
     child += ["-m", *args.module] if args.module is not None else args.script
     rendezvous = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in RENDEZVOUS
                   if getattr(args, name) is not None]
-    written, failed = distributed.launch_trace(child, args.nproc_per_node, rendezvous, trace_ranks.RANKS_DIR_ENV,
+    written, failed = launcher.launch_trace(child, args.nproc_per_node, rendezvous, trace_ranks.RANKS_DIR_ENV,
                                                 lambda where: _ranks_left(args, out, where), args.cell_timeout)
     if failed:
         print(f"loopmark trace: {failed}", file=sys.stderr)
@@ -955,6 +959,7 @@ IMPORTS = {"list": ("loops.variants", "loops.workloads", "reports.table"),  # `i
            "selfcheck": ("bench.selfcheck",),
            "report": ("reports.report",), "compare": ("reports.compare", "reports.load"), "merge": ("reports.merge",),
            "trace": ("bench.trace", "reports.report", "reports.findings")}
+LAUNCHING = ("trace",)  # commands whose launching process (--nproc-per-node N) imports what it needs itself
 
 
 def _import_for(command: str) -> None:
@@ -985,7 +990,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
     spread = sys.modules.get("bench.distributed")
-    if spread is not None and spread.launched() and argv is None:
+    if spread is not None and launcher.launched() and argv is None:
         # a rank, done: its process group is closed, its results written. Leaving through the interpreter's teardown
         # can abort in a collective library's thread (`terminate called without an active exception`), which torchrun
         # would report as this rank's failure
@@ -1010,7 +1015,8 @@ def _main(argv: list[str]) -> int:
     sys.path.insert(0, os.getcwd())  # so that a user's package.module:function in this directory imports
     try:
         _check_builtin_names(args)
-        _import_for(args.command)
+        if not (args.command in LAUNCHING and getattr(args, "nproc_per_node", None) and not launcher.launched()):
+            _import_for(args.command)
         return COMMANDS[args.command](args)
     except (UsageError, ValueError) as exc:  # report and compare raise ValueError for unusable files
         if not isinstance(exc, UsageError) and args.command not in ("report", "compare"):

@@ -10,6 +10,7 @@ import sys
 import torch
 
 import bench
+from bench.launcher import COMMAND_ENV  # the command the user typed, set by the launcher for its ranks
 
 
 def _cpu_model() -> str | None:
@@ -23,7 +24,6 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
-COMMAND_ENV = "LOOPMARK_COMMAND"
 
 
 def environment(argv: list[str] | None = None) -> dict:

@@ -29,8 +29,38 @@ PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "bench.cli", "bench.ru
 # collective fail at once, and a traced rank then publishes what it measured (torchrun's agent, polling, gives as much)
 SETTLE_S = 2.0
 GRACE_S = 10.0  # how long ended ranks get between SIGTERM and SIGKILL
-# the launcher's own lines: `bench.distributed` keeps them from the user's screen, as it keeps torchrun's
+# the launcher's own lines: kept from the user's screen (`_forward`), as torchrun's are
 PREFIX = "loopmark-launcher: "
+
+# set by the launcher in its ranks' environment: where the ranks report which cell and pass they are in
+# (`bench.distributed.heartbeat`), so that it can name the cell and the rank of a crash or a hang
+HEARTBEAT_ENV = "LOOPMARK_HEARTBEAT_DIR"
+# set by the launching `loopmark trace`: its --cell-timeout, the longest a traced script's collective may wait
+TIMEOUT_ENV = "LOOPMARK_CELL_TIMEOUT"
+# set by the launcher: the command the user typed, which the ranks' results record as the run's command
+COMMAND_ENV = "LOOPMARK_COMMAND"
+
+
+def launched() -> bool:
+    """Whether a launcher (torchrun, or this module's) started this process as a rank: its environment names the rank
+    and the rendezvous."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def torchrun_rank() -> tuple[int, int]:
+    """(rank, ranks) of this process as its launcher started it; (0, 1) outside one."""
+    if not launched():
+        return 0, 1
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def _torch_dir() -> str:
+    """Where torch is installed, found without importing it (a frame there is torch's own)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    return (list(spec.submodule_search_locations or []) or [""])[0] if spec else ""
+
 
 
 def free_port() -> int:
@@ -75,7 +105,7 @@ def _rank(rank: int, nproc: int, port: int, args: list[str]) -> None:
     sys.exit(code)  # the interpreter's own shutdown: atexit handlers and flushed streams, as a process ending runs
 
 
-def launch(nproc: int, args: list[str]) -> int:
+def start_ranks(nproc: int, args: list[str]) -> int:
     """Start `nproc` ranks of `python -m bench ARGS` and wait for them; 0 when every rank exits 0, else 1 once the
     others are ended, the first failure reported."""
     import importlib
@@ -151,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or not argv[0].isdigit() or int(argv[0]) < 1:
         print("usage: python -m bench.launcher N ARGS...: N ranks of `python -m bench ARGS...`", file=sys.stderr)
         return 2
-    return launch(int(argv[0]), argv[1:])
+    return start_ranks(int(argv[0]), argv[1:])
 
 
 if __name__ == "__main__":
@@ -198,3 +228,338 @@ def forked_map(func, items: list, jobs: int, threads: int):
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
+
+
+# ---------------------------------------------------------------- launching `run`, `check` and `trace` with N ranks
+# c10d's flight recorder keeps its last 2000 collectives in a ring buffer: about 1.5 MiB of C heap that grows a few
+# hundred bytes a step until it is full, which the memory pass would report as the loop's growth. The launcher turns
+# it off unless the environment sets it; results.json's environment says which (`flight_recorder`).
+FLIGHT_RECORDER_ENV = "TORCH_FR_BUFFER_SIZE"
+
+
+def quiet_ranks_env(nproc: int, threads: int | None = None) -> dict:
+    """The ranks' environment: the cores shared out among them (OMP_NUM_THREADS), the flight recorder off unless set,
+    and the command the user typed (what results.json records as the run's command)."""
+    import sys
+
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // nproc))
+    env.setdefault(FLIGHT_RECORDER_ENV, "0")
+    env.setdefault(COMMAND_ENV, " ".join(["loopmark", *sys.argv[1:]]))  # what the user typed, for the results
+    return env
+
+
+def _signal_name(code: int) -> str:
+    import signal
+
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _root_cause(log: str) -> tuple[int, str] | None:
+    """(rank, how it ended) of the first failure torchrun's summary names."""
+    import re
+
+    found = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", log, re.S)
+    return (int(found.group(1)), _signal_name(int(found.group(2)))) if found else None
+
+
+def _read_json(path) -> dict | None:
+    import json
+
+    try:
+        doc = json.loads(path.read_text())
+        return doc if isinstance(doc, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+class _Ranks:
+    """What the ranks of one torchrun reported in its heartbeat directory."""
+
+    def __init__(self, where):
+        self.where = where
+
+    def clear(self) -> None:
+        for path in self.where.glob("*.json"):
+            path.unlink(missing_ok=True)
+
+    def beats(self) -> list[dict]:
+        return [d for d in map(_read_json, sorted(self.where.glob("rank*.json"))) if d]
+
+    def faults(self) -> list[dict]:
+        return sorted((d for d in map(_read_json, self.where.glob("fault*.json")) if d), key=lambda d: d["rank"])
+
+
+def _forward(stream, log: list, echo) -> None:
+    """Copy the ranks' output to `echo`, line by line, and keep all of it in `log`. torchrun's own log lines and its
+    failure report are kept, not shown: the launcher says in one line what failed."""
+    import re
+
+    from bench.launcher import PREFIX
+
+    launcher_line = re.compile(rf"^([WEI]\d{{4}} \d\d:\d\d:\d\d|{re.escape(PREFIX)})")
+    torch_rank = re.compile(r"^\[rank\d+\]:")  # torch's prefix on a rank's own warnings and tracebacks
+    report = False
+    for line in stream:
+        log.append(line)
+        report = report or line.startswith("Traceback (most recent call last)")
+        if not (report or launcher_line.match(line) or torch_rank.match(line)):
+            echo(line.rstrip("\n"))
+
+
+def ranks_command(nproc: int, args: list[str], rendezvous: list[str] | None = None) -> list[str]:
+    """The command that runs `python -m bench ARGS` as `nproc` ranks: on this machine alone, `bench.launcher` (the
+    ranks of `torchrun --standalone`, forked from one process that imported torch once); with torchrun's rendezvous
+    options (several nodes), torchrun itself."""
+    import sys
+
+    if rendezvous:
+        return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={nproc}", "-m", "bench",
+                *args]
+    return [sys.executable, "-m", "bench.launcher", str(nproc), *args]
+
+
+def launcher_limit(cell_timeout: float | None) -> float | None:
+    """How long a launcher lets its ranks go without progress: a rank stops its own cell at `cell_timeout` (an alarm,
+    or for `loopmark trace` its collectives' timeout); past that by as much again (a minute at most), it is blocked
+    where nothing reaches it. None: no limit."""
+    return cell_timeout + min(cell_timeout, 60) if cell_timeout else None
+
+
+def launch_run(child_args: list[str], out, nproc: int, device: str, cell_timeout: float, record_fault, say) -> None:
+    """Run `loopmark run CHILD_ARGS` under torchrun, `nproc` ranks on this machine, until every planned cell is
+    finished. A crash, a hang (no progress within the cell's time limit and as much again) or a fault of a cell ends
+    the ranks, all of them and everything they started; `record_fault(cell, status, message)` records that cell, and
+    the ranks start again (`--resume`) on the cells after it. `say(line)` shows the ranks' output. Returns when a
+    torchrun ends well, or when its ranks reached no cell (then every cell still planned is recorded by
+    `record_fault(None, ...)`). SIGTERM ends the ranks as Ctrl-C does (KeyboardInterrupt)."""
+    import tempfile
+    from pathlib import Path
+
+    env = quiet_ranks_env(nproc)
+    limit = launcher_limit(cell_timeout)
+    faulted: set = set()
+    with tempfile.TemporaryDirectory(prefix="loopmark-ranks-") as where, _terminate_as_interrupt():
+        ranks, env[HEARTBEAT_ENV] = _Ranks(Path(where)), where
+        cmd = ranks_command(nproc, ["run", *child_args, "--device", device, "--out", str(out), "--resume"])
+        while True:
+            code, hung, current, log = _one_torchrun(cmd, env, ranks, limit, nproc, say)
+            if code == 0 and hung is None:
+                return
+            cell, status, message = _what_failed(ranks, log, code, hung, current, nproc, limit)
+            if cell is None or cell in faulted:  # no cell reached, or the same one again: nothing left to go on with
+                record_fault(None, status, message)
+                return
+            faulted.add(cell)
+            record_fault(cell, status, message)
+
+
+def _one_torchrun(cmd: list[str], env: dict, ranks: _Ranks, limit: float | None, nproc: int, say,
+                  stalled: str = "no progress in {limit:g} s (the cell's time limit and as much again, a minute at "
+                                 "most)"):
+    """Run one torchrun, watching its ranks' heartbeats; (exit status, what hung or None, the cell it was in, its
+    output). Every process it started is ended when it returns. `stalled` begins what hung says."""
+    import subprocess
+    import threading
+    import time
+
+    ranks.clear()
+    log: list[str] = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    reader = threading.Thread(target=_forward, args=(proc.stdout, log, say), daemon=True)
+    reader.start()
+    hung, since, current = None, time.monotonic(), None
+    try:
+        while proc.poll() is None:
+            time.sleep(0.5)
+            beats = ranks.beats()
+            cells = [tuple(b["cell"]) for b in beats if b.get("cell")]
+            now = max(cells, key=cells.count) if cells else None
+            if now != current:
+                current, since = now, time.monotonic()
+            if limit and current and time.monotonic() - since > limit:
+                hung = f"{stalled.format(limit=limit)}: {_stuck(ranks, beats, nproc)}"
+                break
+            late = next((f for f in ranks.faults() if f["status"] == "timeout"), None)
+            if late:  # a rank ran out of time, maybe waiting for another: where is each?
+                current = tuple(late["cell"])
+                hung = (f"{late['error']} on rank {late['rank']}, which waited: "
+                        f"{_stuck(ranks, beats, nproc, late['rank'])}")
+                break
+    finally:
+        _end(proc)
+        reader.join(timeout=5)
+    return proc.returncode, hung, current, "".join(log)
+
+
+def _stuck(ranks: _Ranks, beats: list[dict], nproc: int, timed_out: int | None = None) -> str:
+    """Where each rank of a hung cell is, from the stacks the ranks dump on SIGUSR1: a rank stopped in code of its own
+    is named as the one the others wait for (they wait inside torch, in a collective)."""
+    import signal
+    import time
+
+    heard = {b["rank"]: b for b in beats}
+    silent = [r for r in range(nproc) if r not in heard]
+    if silent:
+        return f"rank {', '.join(map(str, silent))} never reported"
+    for b in heard.values():
+        with contextlib.suppress(KeyError, ValueError, ProcessLookupError, PermissionError):
+            os.kill(int(b["pid"]), signal.SIGUSR1)
+    time.sleep(1.0)
+    where = {r: _innermost(ranks.where / f"stack{r}.txt") for r in sorted(heard) if r != timed_out}
+    stopped = [r for r, (at, in_torch) in where.items() if in_torch is False and at]
+    parts = [f"rank {r} stopped at {where[r][0]}" for r in stopped]
+    parts += [f"rank {r} waiting in torch at {where[r][0]}" if where[r][0] else f"rank {r} at '{heard[r]['text']}'"
+              for r in where if r not in stopped]
+    return "; ".join(parts)
+
+
+def _innermost(path) -> tuple[str | None, bool | None]:
+    """From a faulthandler dump: (the innermost frame of the main thread outside torch and loopmark's harness, whether
+    the innermost frame of all is in torch); (None, None) without a dump."""
+    import re
+
+    try:
+        dump = path.read_text(errors="replace")
+    except OSError:
+        return None, None
+    blocks = re.split(r"\n\s*\n", dump.strip())
+    main = next((b for b in blocks if b.startswith("Current thread")), blocks[-1] if blocks else "")
+    frames = re.findall(r'File "([^"]+)", line (\d+) in (\S+)', main)
+    if not frames:
+        return None, None
+    return own_location(frames), frames[0][0].startswith(_torch_dir())
+
+
+def own_location(frames) -> str | None:
+    """`file:line in function` of the innermost of `frames` (innermost first: (file, line, function)) outside torch,
+    loopmark's harness and runpy: where the user's own code is; relative to the working directory below it."""
+    import runpy
+
+    skip = (_torch_dir(), os.path.dirname(os.path.abspath(__file__)), runpy.__file__, "<")
+    own = next(((f, n, fn) for f, n, fn in frames if not f.startswith(skip)), None)
+    if own is None:
+        return None
+    rel = os.path.relpath(own[0])
+    return f"{own[0] if rel.startswith('..') else rel}:{own[1]} in {own[2]}"
+
+
+def _what_failed(ranks: _Ranks, log: str, code: int, hung: str | None, current, nproc: int, limit):
+    """(cell, status, message) of what ended a torchrun that did not end well."""
+    if hung is not None:
+        return current, "timeout", hung
+    cause = _root_cause(log)
+    faults = ranks.faults()
+    if cause is not None and cause[0] not in {f["rank"] for f in faults}:
+        faults = []  # the first rank to end reported no fault (it was killed): the others' followed from it
+    if faults:
+        first = faults[0]
+        return tuple(first["cell"]), first["status"], f"rank {first['rank']}: {first['error']}"
+    who = f"rank {cause[0]} ended ({cause[1]})" if cause else f"torchrun ended ({_signal_name(code)})"
+    if current is None:
+        last = next((line.strip() for line in reversed(log.splitlines())
+                     if line.strip() and not line.startswith(("=", "-", " "))), "")
+        return None, "error", f"the ranks reached no cell: {who}" + (f"; {last[:200]}" if last else "")
+    where = next((b["text"] for b in ranks.beats() if cause and b["rank"] == cause[0]), None)
+    return current, "error", who + (f" during '{where}'" if where else "")
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM to the launcher ends its ranks as Ctrl-C does (they run in a session of their own, which a signal to
+    the launcher's process group does not reach)."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _end(proc) -> None:
+    """End a torchrun and every process it started (its own session): SIGTERM, then SIGKILL to whatever is left."""
+    import contextlib
+    import signal
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):  # nothing of it is left
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+    proc.wait()
+
+
+def launch_check(child_args: list[str], nproc: int, device: str, cell_timeout: float | None = None) -> int:
+    """`loopmark check --nproc-per-node N`: the check under torchrun; rank 0 prints the verdicts. Its exit status,
+    or 1 when a rank failed or hung (named in one line): a cell with no progress within `cell_timeout` and as much
+    again (a minute at most) ends every rank, as under `loopmark run`."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    env = quiet_ranks_env(nproc)
+    limit = launcher_limit(cell_timeout)
+    cmd = ranks_command(nproc, ["check", *child_args])
+    with tempfile.TemporaryDirectory(prefix="loopmark-ranks-") as where, _terminate_as_interrupt():
+        ranks, env[HEARTBEAT_ENV] = _Ranks(Path(where)), where
+        code, hung, current, log = _one_torchrun(cmd, env, ranks, limit, nproc, print)
+    if hung is not None:
+        cell = " ".join(current[:2]) if current else "the check"
+        print(f"loopmark check: timeout: {cell}: {hung}", file=sys.stderr)
+        return 1
+    cause = _root_cause(log)  # a rank that failed (torchrun itself then exits 1)
+    if code == 0 or (code == 1 and cause is None):
+        return code
+    who = f"rank {cause[0]} ended ({cause[1]})" if cause else f"torchrun ended ({_signal_name(code)})"
+    print(f"loopmark check: {who}", file=sys.stderr)
+    return 1
+
+
+def launch_trace(child_args: list[str], nproc: int, rendezvous: list[str], ranks_env: str, leftover,
+                 cell_timeout: float | None = None):
+    """`loopmark trace --nproc-per-node N`: `loopmark trace CHILD_ARGS` under torchrun (`--standalone` unless
+    `rendezvous` holds torchrun's rendezvous options), the cores shared out among the ranks. The ranks publish their
+    records in a directory named in `ranks_env`, and rank 0 writes them; if it could not (a rank failed and torchrun
+    ended the others first, or they hung), `leftover(where)` writes what was published and returns its exit status
+    (None: nothing was). Returns (the exit status the results were written with or None, a line naming the rank that
+    failed or None).
+
+    A hang: the ranks' collectives wait `cell_timeout` at most (the traced script's process group is given it as its
+    timeout, or its own if shorter), so a rank waiting on one that never comes raises, and publishes what it measured;
+    with no step on any rank for `launcher_limit(cell_timeout)`, every rank is ended and the line names where each
+    one stopped."""
+    import tempfile
+    from pathlib import Path
+
+    env = quiet_ranks_env(nproc)
+    if cell_timeout:
+        env[TIMEOUT_ENV] = f"{cell_timeout:g}"
+    limit = launcher_limit(cell_timeout)
+    with tempfile.TemporaryDirectory(prefix="loopmark-trace-ranks-") as where, \
+            tempfile.TemporaryDirectory(prefix="loopmark-ranks-") as beats, _terminate_as_interrupt():
+        env[ranks_env], env[HEARTBEAT_ENV] = where, beats
+        cmd = ranks_command(nproc, ["trace", *child_args], rendezvous)
+        code, hung, _, log = _one_torchrun(cmd, env, _Ranks(Path(beats)), limit, nproc, print,
+                                           stalled="no step on any rank in {limit:g} s (--cell-timeout and as much "
+                                                   "again, a minute at most)")
+        marker = _read_json(Path(where) / "written.json")
+        if marker is not None and hung is None:  # rank 0 wrote every rank's cell: its exit status is the trace's
+            return marker.get("exit_code"), None
+        cause = _root_cause(log)
+        failed = (f"timeout: {hung}" if hung is not None else
+                  f"rank {cause[0]} ended ({cause[1]})" if cause else
+                  f"torchrun ended ({_signal_name(code)})" if code else None)
+        return leftover(Path(where)), failed

@@ -64,7 +64,6 @@ import warnings
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -73,7 +72,7 @@ from torch.overrides import _get_current_function_mode_stack
 from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_flatten
 
-from bench import distributed
+from bench import distributed, launcher
 from bench.audit import Audit
 from bench.audit import verdict as audit_verdict
 from bench.cell import compiled_frames
@@ -88,6 +87,7 @@ from bench.syncs import (
     site_details,
     storage_key,
 )
+from bench.target import Target
 from bench.timing import LoadWatch
 from bench.trace_ranks import collective_timeout
 from reports import stats
@@ -102,10 +102,6 @@ TOP_SITES = 10  # the sync sites `loopmark trace` prints, most syncs first
 FIRST_ROUND_LIMIT = 100  # optimizer steps the first round waits for an optimizer the script made to step
 
 
-class BadTarget(ValueError):
-    """No script to trace: no such file or module, a syntax error. One line."""
-
-
 class _Stop(BaseException):
     """Raised from the optimizer step hook once the passes are done: it unwinds the script like any exception (its
     `finally` blocks run, DataLoader workers end), and `except Exception` in the script does not catch it."""
@@ -118,60 +114,6 @@ class _Sentinel:
 
     def __call__(self, grad_outputs):
         return None
-
-
-# -- what to run ----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Target:
-    name: str  # the cell's workload: the script's file name, or the module's name
-    argv: tuple  # the script's sys.argv; argv[0] as `python` would set it
-    path: str | None = None  # the script, absolute
-    module: str | None = None
-
-    @property
-    def command(self) -> str:
-        shown = [f"-m {self.module}"] if self.module else [self.argv[0]]
-        return " ".join(["python", *shown, *self.argv[1:]])
-
-
-def script_target(script: str, args=()) -> Target:
-    """A script to run as `python SCRIPT ARGS`; BadTarget (one line) if it does not exist or does not compile."""
-    path = Path(script)
-    if not path.exists():
-        raise BadTarget(f"{script}: no such file")
-    if path.is_dir():
-        raise BadTarget(f"{script}: is a directory (give the script, or -m for a package)")
-    try:
-        compile(path.read_bytes(), str(path), "exec")
-    except SyntaxError as exc:
-        raise BadTarget(f"{script}: syntax error at line {exc.lineno}: {exc.msg}") from None
-    except (OSError, ValueError) as exc:
-        raise BadTarget(f"{script}: cannot read it ({exc})") from None
-    return Target(name=path.name, argv=(script, *args), path=str(path.resolve()))
-
-
-def module_target(name: str, args=()) -> Target:
-    """A module to run as `python -m MODULE ARGS` (a package runs its `__main__`); BadTarget if it is not found or
-    does not compile. Finding it imports its parent packages, as `python -m` does."""
-    try:
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.submodule_search_locations is not None:
-            spec = importlib.util.find_spec(f"{name}.__main__")
-            if spec is None:
-                raise BadTarget(f"-m {name}: a package without a __main__ module")
-        if spec is None or spec.loader is None:
-            raise BadTarget(f"-m {name}: no module named {name!r}")
-        code = spec.loader.get_code(spec.name)
-    except BadTarget:
-        raise
-    except SyntaxError as exc:
-        raise BadTarget(f"-m {name}: syntax error in {exc.filename} at line {exc.lineno}: {exc.msg}") from None
-    except Exception as exc:  # ModuleNotFoundError for a parent, or a parent package's __init__ that raises
-        raise BadTarget(f"-m {name}: {type(exc).__name__}: {exc}".split("\n")[0]) from None
-    if code is None:
-        raise BadTarget(f"-m {name}: no code to run")
-    return Target(name=name, argv=(spec.origin or name, *args), module=name)
 
 
 def _modes_on() -> bool:
@@ -546,7 +488,7 @@ class Tracer:
         __init__.__wrapped__ = ddp_init
         read_epoch.__wrapped__ = sampler_iter
         shims = [(DistributedDataParallel, "__init__", __init__), (DistributedSampler, "__iter__", read_epoch)]
-        if not self.cuda or os.environ.get(distributed.TIMEOUT_ENV):
+        if not self.cuda or os.environ.get(launcher.TIMEOUT_ENV):
             shims += [(distributed_c10d, "init_process_group", init_process_group),
                       (dist, "init_process_group", init_process_group)]
         return shims
@@ -1240,8 +1182,8 @@ def _result(tracer: Tracer, target: Target, outcome: Outcome, steps: int, warmup
             + ", ".join(f"{p} {tracer.done[p]}/{steps}" for p in PHASES))
     if outcome.exception is not None:
         frames = traceback.extract_tb(outcome.exception.__traceback__)[::-1]
-        figures["error_site"] = distributed.own_location([(f.filename, f.lineno, f.name) for f in frames])
-    rank, ranks = distributed.torchrun_rank()
+        figures["error_site"] = launcher.own_location([(f.filename, f.lineno, f.name) for f in frames])
+    rank, ranks = launcher.torchrun_rank()
     if ranks > 1:  # a cell per rank
         figures["rank"] = rank
     spec = CellSpec(workload=target.name if ranks == 1 else f"{target.name} rank {rank}", variant=TRACE_VARIANT,

@@ -38,6 +38,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from bench import trace
+from bench.target import Target, script_target
 
 DEFAULT_SCRIPT = [str(Path(__file__).resolve().parents[1] / "loops" / "examples" / "train_mlp.py")]
 GOAL = 3.0
@@ -48,7 +49,7 @@ def _clocks() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def plain(target: trace.Target, total: int, warmup: int) -> tuple[list[float], float, float]:
+def plain(target: Target, total: int, warmup: int) -> tuple[list[float], float, float]:
     """Per-step wall seconds, the whole wall time of `total` steps of the script run as it is, and its CPU seconds per
     step after the first `warmup` steps."""
     marks = [_clocks()]
@@ -72,7 +73,7 @@ def plain(target: trace.Target, total: int, warmup: int) -> tuple[list[float], f
 PASSES = (("count", "counting"), ("audit", "auditing"), ("time", "timing"), ("memory", "measuring memory"))
 
 
-def traced(target: trace.Target, steps: int, warmup: int) -> dict:
+def traced(target: Target, steps: int, warmup: int) -> dict:
     """Wall and CPU seconds per step of each pass ({pass: (wall, cpu)}; the last runs to the end of the trace, its
     figures made) and of the whole trace."""
     begun: dict[str, tuple[float, float]] = {}
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = args.script or DEFAULT_SCRIPT
-    target = trace.script_target(command[0], command[1:])
+    target = script_target(command[0], command[1:])
     total = args.warmup + len(trace.PHASES) * args.steps
     print(f"{target.command}: {total} steps each way ({args.warmup} warm-up + {len(trace.PHASES)} x {args.steps}), "
           f"{args.repeats} runs each way, {args.threads} thread(s), torch {torch.__version__}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """The ranks of a script traced under torchrun (`loopmark trace --nproc-per-node N`, or a torchrun of the user's own).
 
 Each rank traces its own process (`bench.trace`); each puts its record in a directory the ranks share (`publish`: the
-launching `loopmark trace --nproc-per-node`, `bench.distributed.launch_trace`, names it; under a torchrun of the
+launching `loopmark trace --nproc-per-node`, `bench.launcher.launch_trace`, names it; under a torchrun of the
 user's own, a directory of the machine's temporary directory named after torchrun's run id and port), and rank 0
 writes them, one cell per rank (`collect`). When one rank fails, the others fail in the collective that waited for it:
 `first_failure` names the rank whose own failure ended the trace.
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import distributed
+from bench import launcher
 from reports.table import format_table
 from reports.units import human_bytes
 
@@ -94,7 +94,7 @@ def collective_timeout(args: tuple, kwargs: dict) -> dict:
     """`init_process_group`'s keyword arguments with its `timeout` at most the launcher's --cell-timeout (where it set
     one): a collective that waits for a rank that will never join it raises then, and the rank's trace ends with what
     it measured. `args` are those after the backend (`init_method`, then `timeout`)."""
-    limit = os.environ.get(distributed.TIMEOUT_ENV)
+    limit = os.environ.get(launcher.TIMEOUT_ENV)
     if not limit or len(args) >= 2:
         return kwargs
     cap = datetime.timedelta(seconds=float(limit))

@@ -76,3 +76,15 @@ def test_the_builtin_names_load_no_torch_and_name_the_registry():
 
     assert [resolve_workload(name).name for name in registry.WORKLOAD_NAMES] == list(registry.WORKLOAD_NAMES)
     assert [resolve_variant(name).name for name in registry.BUILTINS] == list(registry.BUILTINS)
+
+
+def test_the_launching_trace_imports_no_torch(tmp_path):
+    """`loopmark trace --nproc-per-node N` checks the script and starts the ranks (here a stand-in for the launch)
+    without importing torch: each rank imports it, and the launching process would only wait for them."""
+    code = ("import sys; from bench import launcher; "
+            "launcher.launch_trace = lambda *a, **k: (0, None); from bench.cli import main; "
+            f"code = main(['trace', '--nproc-per-node', '2', '--out', {str(tmp_path / 'out')!r}, "
+            "'tests/ddp_trace_script.py', '--micro-batches', '2']); "
+            "print(code, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'pandas'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0 []", out.stdout + out.stderr

@@ -22,6 +22,7 @@ import torch
 import bench.cli
 from bench import trace
 from bench.cli import main
+from bench.target import module_target, script_target
 from reports import stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def tiny(tmp_path: Path, steps: int = 100, setup: str = "", before: str = "", af
 
 
 def traced(path: Path, *args: str, steps: int = 3, warmup: int = 1) -> trace.Trace:
-    return trace.trace(trace.script_target(str(path), list(args)), steps, warmup)
+    return trace.trace(script_target(str(path), list(args)), steps, warmup)
 
 
 def line_of(path: Path, code: str) -> int:
@@ -349,7 +350,7 @@ def test_a_module_runs_as_python_dash_m(tmp_path, monkeypatch):
     (package / "__init__.py").write_text("")
     tiny(package, name="train.py", setup="assert __name__ == '__main__' and sys.argv[1:] == ['--fast'], sys.argv")
     monkeypatch.syspath_prepend(str(tmp_path))
-    result = trace.trace(trace.module_target("mypkg.train", ["--fast"]), 2, 1)
+    result = trace.trace(module_target("mypkg.train", ["--fast"]), 2, 1)
     assert (result.record["workload"], result.record["status"], result.record["syncs_per_step"]) == (
         "mypkg.train", "ok", 2)
 

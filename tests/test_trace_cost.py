@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from bench import trace
+from bench.target import script_target
 
 # every way of naming the GPU that the stand-in maps, at each step; `modes` records the torch function modes on
 ENTRY_POINTS = """\
@@ -48,7 +49,7 @@ def test_the_time_and_memory_passes_run_without_a_mode_and_map_every_cuda_argume
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(ENTRY_POINTS.format(steps=100)))
     seen = tmp_path / "modes.json"
-    result = trace.trace(trace.script_target(str(script), [str(seen)]), steps, warmup)
+    result = trace.trace(script_target(str(script), [str(seen)]), steps, warmup)
     r = result.record
     assert (r["status"], result.outcome.how) == ("ok", "stopped"), r["error"]
     assert r["trace_passes"] == dict.fromkeys(trace.PHASES, steps)

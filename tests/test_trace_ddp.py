@@ -122,11 +122,11 @@ def test_a_rank_that_fails_ends_every_rank_is_named_and_the_others_measurements_
 def test_rendezvous_options_go_to_torchrun_in_place_of_standalone(monkeypatch, tmp_path):
     """`--nnodes`, `--node-rank` and `--rdzv-*` are torchrun's: they replace `--standalone` on its command line, before
     `-m bench trace`, which gets loopmark's own options and the script's (no torchrun is started here)."""
-    from bench import distributed
+    from bench import launcher
     from bench.cli import main
 
     seen = []
-    monkeypatch.setattr(distributed, "_one_torchrun", lambda cmd, *a, **k: (seen.append(cmd), (0, None, None, ""))[1])
+    monkeypatch.setattr(launcher, "_one_torchrun", lambda cmd, *a, **k: (seen.append(cmd), (0, None, None, ""))[1])
     main(["trace", "--nproc-per-node", "2", "--nnodes", "2", "--node-rank", "1", "--rdzv-backend", "c10d",
           "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id", "job7", "--steps", "3", "--out", str(tmp_path / "out"),
           str(SCRIPT), "--micro-batches", "2"])

@@ -13,6 +13,7 @@ import pytest
 
 from bench import trace
 from bench.cli import main
+from bench.target import script_target
 
 # A complete script: a DataLoader over seeded data, an MLP, SGD with momentum; STEP is the body of one iteration over
 # the loader (`batches` is its iterator, `data, target` the batch drawn), EVAL runs after each iteration.
@@ -55,7 +56,7 @@ def script(tmp_path: Path, step: str = CORRECT, evaluation: str = "", name: str 
 
 
 def judged(path: Path) -> dict:
-    result = trace.trace(trace.script_target(str(path), []), steps=3, warmup=1)
+    result = trace.trace(script_target(str(path), []), steps=3, warmup=1)
     assert result.record["trace_passes"]["audit"] == 3, result.record
     return result.record
 
@@ -192,7 +193,7 @@ def test_a_hugging_face_trainer_with_gradient_accumulation(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     script = tmp_path / "train.py"
     script.write_text((SCRIPTS / "hf_trainer_accumulation.py").read_text())
-    r = trace.trace(trace.script_target(str(script), ["--kwargs"] if kwargs else []), steps=3, warmup=2).record
+    r = trace.trace(script_target(str(script), ["--kwargs"] if kwargs else []), steps=3, warmup=2).record
     assert (r["verdict"], reason in r["verdict_reason"]) == (verdict, True), r["verdict_reason"]
 
 
@@ -205,7 +206,7 @@ def test_a_lightning_script_steps_through_closures(tmp_path, monkeypatch, accumu
     monkeypatch.chdir(tmp_path)
     script = tmp_path / "train.py"
     script.write_text((SCRIPTS / "lightning_module.py").read_text())
-    r = trace.trace(trace.script_target(str(script), [str(accumulate)]), steps=3, warmup=2).record
+    r = trace.trace(script_target(str(script), [str(accumulate)]), steps=3, warmup=2).record
     assert (r["verdict"], r["audit_steps"]) == ("consistent", 3), r["verdict_reason"]
 
 
@@ -238,5 +239,5 @@ def test_an_epochs_leftover_micro_batch_is_not_a_dropped_one(tmp_path):
     steps per pass and 3 optimizer steps per epoch, an epoch boundary falls in the audit pass."""
     path = tmp_path / "train.py"
     path.write_text(LEFTOVER)
-    r = trace.trace(trace.script_target(str(path), []), steps=3, warmup=2).record
+    r = trace.trace(script_target(str(path), []), steps=3, warmup=2).record
     assert r["verdict"] == "consistent", r["verdict_reason"]
