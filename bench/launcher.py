@@ -313,15 +313,21 @@ def _forward(stream, log: list, echo) -> None:
 
 
 def ranks_command(nproc: int, args: list[str], rendezvous: list[str] | None = None) -> list[str]:
-    """The command that runs `python -m bench ARGS` as `nproc` ranks: on this machine alone, `bench.launcher` (the
-    ranks of `torchrun --standalone`, forked from one process that imported torch once); with torchrun's rendezvous
-    options (several nodes), torchrun itself."""
-    import sys
-
-    if rendezvous:
-        return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={nproc}", "-m", "bench",
-                *args]
+    """The command that runs `python -m bench ARGS` as `nproc` ranks: on this machine alone and without an NVIDIA
+    GPU, `bench.launcher` (the ranks of `torchrun --standalone`, forked from one process that imported torch once);
+    with torchrun's rendezvous options (several nodes), or where a GPU is, torchrun itself (`--standalone`): a
+    process forked after anything touched CUDA (an import that asks for the device count) cannot use CUDA."""
+    if rendezvous or gpu_present():
+        return [sys.executable, "-m", "torch.distributed.run", *(rendezvous or ["--standalone"]),
+                f"--nproc-per-node={nproc}", "-m", "bench", *args]
     return [sys.executable, "-m", "bench.launcher", str(nproc), *args]
+
+
+def gpu_present() -> bool:
+    """Whether this machine shows an NVIDIA GPU (its device files), found without touching CUDA."""
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 def launcher_limit(cell_timeout: float | None) -> float | None:

@@ -204,3 +204,16 @@ def test_the_launchers_ranks_get_every_variable_torchrun_gives_a_rank():
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"], env["GROUP_RANK"]) == \
         ("1", "1", "2", "2", "0")
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("127.0.0.1", "29500")
+
+
+def test_the_ranks_are_forked_on_a_cpu_machine_and_torchruns_elsewhere(monkeypatch):
+    """One machine without a GPU: `bench.launcher`; with a GPU, or torchrun's rendezvous options: torchrun."""
+    from bench import launcher
+
+    monkeypatch.setattr(launcher, "gpu_present", lambda: False)
+    assert launcher.ranks_command(2, ["run"])[1:] == ["-m", "bench.launcher", "2", "run"]
+    assert launcher.ranks_command(2, ["trace"], ["--nnodes=2"])[1:] == [
+        "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2", "-m", "bench", "trace"]
+    monkeypatch.setattr(launcher, "gpu_present", lambda: True)
+    assert launcher.ranks_command(2, ["check"])[1:] == [
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "bench", "check"]
