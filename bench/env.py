@@ -44,6 +44,8 @@ def environment(argv: list[str] | None = None) -> dict:
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "torch_threads": torch.get_num_threads(),
         "cpu_model": _cpu_model(),
+        # the vector instructions torch's CPU kernels use (AVX2, AVX512, ...): they set the order a sum is taken in
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_cores": os.cpu_count(),
         "gpu": gpu_info() if cuda else None,
     }

@@ -6,7 +6,9 @@ regresses when any gate fails:
 
 - deterministic metrics change at all: syncs_per_step (beyond 1e-9; the sync sites whose count changed are named),
   collectives_per_step of a distributed cell (the same; the loop lines whose collectives changed are named),
-  verdict, retains_graph, and ops_per_step when both runs used the same torch version;
+  verdict, retains_graph, and ops_per_step when both runs used the same torch version (between two devices, say two
+  CPU models, `identical` and `equivalent` are one verdict: both are equal within rounding, and bitwise equality
+  rests on the order a device's vector units sum in; a warning says so, and any other change of verdict regresses);
 - peak_memory_bytes grows by more than `memory_pct` percent;
 - memory_growth_bytes_per_step goes from about zero (<= 1 KiB/step: the CPU heap slope's noise stays
   under it) to a leak (> 4 KiB/step: one step of a retained autograd graph on the smallest workload);
@@ -171,6 +173,10 @@ def _compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory
     base_torch, cand_torch = _torch(b, base_env), _torch(c, cand_env)
     torch_differs = bool(base_torch and cand_torch and base_torch != cand_torch)
     base_device, cand_device = _device_name(b, base_env), _device_name(c, cand_env)
+    base_vector, cand_vector = (env.get("cpu_capability") if record.get("device") == "cpu" else None
+                                for record, env in ((b, base_env), (c, cand_env)))
+    if base_vector and cand_vector and base_vector != cand_vector and base_device == cand_device:
+        base_device, cand_device = f"{base_device} ({base_vector})", f"{cand_device} ({cand_vector})"
     device_differs = bool(base_device and cand_device and base_device != cand_device)
     if torch_differs:
         warnings.append(f"torch version differs ({literal(base_torch)} in the baseline, {literal(cand_torch)} in the "
@@ -184,7 +190,12 @@ def _compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory
         warnings.append(f"steps per block differ ({_show(_value(b.get('steps')))} in the baseline, "
                         f"{_show(_value(c.get('steps')))} in the candidate): per-epoch work spreads over a "
                         "different number of steps, so syncs/step and ops/step are not compared")
-    _deterministic(result, b, c, check_ops=not torch_differs, check_counts=not steps_differ)
+    _deterministic(result, b, c, check_ops=not torch_differs, check_counts=not steps_differ,
+                   rounding_differs=device_differs)
+    if device_differs and ROUNDING_ONLY & {_value(b.get("verdict")), _value(c.get("verdict"))} == ROUNDING_ONLY:
+        warnings.append(f"{literal(key[2])} device differs ({literal(base_device)} in the baseline, "
+                        f"{literal(cand_device)} in the candidate): identical and equivalent verdicts are not told "
+                        "apart (equal within rounding either way; bitwise equality rests on the device's arithmetic)")
     if only_deterministic:
         return result
     _memory(result, b, c, memory_pct)
@@ -211,7 +222,12 @@ def _compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory
     return result
 
 
-def _deterministic(result: CellResult, b: dict, c: dict, check_ops: bool, check_counts: bool = True) -> None:
+# two verdicts that differ only in rounding: bitwise equal to the baseline, or equal to it within rounding
+ROUNDING_ONLY = {"identical", "equivalent"}
+
+
+def _deterministic(result: CellResult, b: dict, c: dict, check_ops: bool, check_counts: bool = True,
+                   rounding_differs: bool = False) -> None:
     metrics = [("verdict", "verdict", None), ("retains_graph", "retains_graph", None)]
     if check_counts:
         metrics.insert(0, ("syncs_per_step", "syncs/step", SYNCS_TOLERANCE))
@@ -226,6 +242,9 @@ def _deterministic(result: CellResult, b: dict, c: dict, check_ops: bool, check_
             result.notes.append(f"{name} missing in the {'baseline' if old is None else 'candidate'}")
             continue
         changed = abs(float(old) - float(new)) > tolerance if tolerance is not None else old != new
+        if changed and column == "verdict" and rounding_differs and {old, new} == ROUNDING_ONLY:
+            result.notes.append(f"verdict {old} -> {new}: the same within rounding on another device")
+            continue
         if changed:
             where = (_sync_site_changes(b, c) if column == "syncs_per_step" else
                      _collective_site_changes(b, c) if column == "collectives_per_step" else "")

@@ -138,6 +138,30 @@ def test_different_device_name_warns_and_skips_the_time_gate(tmp_path, capsys):
     assert "warning: cpu device differs (AMD EPYC 7763 in the baseline, Intel Xeon in the candidate)" in out
 
 
+@pytest.mark.parametrize("other", ["another model", "another vector unit"])
+def test_identical_and_equivalent_are_one_verdict_between_two_cpus_and_two_on_one(tmp_path, capsys, other):
+    """Bitwise equality rests on the order a CPU's vector units sum in: between two CPU models (or the same model name
+    with other vector instructions) identical <-> equivalent is said, not gated; on one CPU it regresses; and a
+    verdict that changes otherwise (equivalent -> broken) regresses on any CPU."""
+    base = _records(tensor_sum={"verdict": "equivalent"})
+    rounding = _records(tensor_sum={"verdict": "identical"})
+    wrong = _records(tensor_sum={"verdict": "broken"})
+    kw = {"base_env": {**ENVIRONMENT, "cpu_capability": "AVX2"}, "cand_env": {**ENVIRONMENT, "cpu_capability": "AVX2"}}
+    if other == "another model":
+        rounding[1]["device_name"] = wrong[1]["device_name"] = "Intel Xeon"
+    else:
+        kw["cand_env"]["cpu_capability"] = "AVX512"
+    rc, out, _ = _compare(tmp_path, capsys, base, rounding, "--only-deterministic", **kw)
+    assert rc == 0, out
+    assert "verdict equivalent -> identical: the same within rounding on another device" in out
+    assert "identical and equivalent verdicts are not told apart" in out
+    rc, out, _ = _compare(tmp_path, capsys, base, wrong, "--only-deterministic", **kw)
+    assert rc == 1 and "verdict changed: equivalent -> broken" in out
+    one_cpu = _records(tensor_sum={"verdict": "identical"})
+    rc, out, _ = _compare(tmp_path, capsys, base, one_cpu, "--only-deterministic")
+    assert rc == 1 and "verdict changed: equivalent -> identical" in out
+
+
 def test_environment_torch_is_used_when_cells_do_not_say(tmp_path, capsys):
     base = _records(tensor_sum={"torch_version": None})
     cand = _records(tensor_sum={"torch_version": None, "step_times_s": step_times(4e-3, n=400)})
