@@ -140,7 +140,7 @@ def _check_cells(cells: list[tuple[str, str]], device, args, spread):
     from concurrent.futures.process import BrokenProcessPool
     from functools import partial
 
-    from bench import launcher
+    from loops import resolve_variant
 
     check = partial(_check_cell, device=device, epochs=args.epochs, steps=args.steps, seed=args.seed)
     cores = os.cpu_count() or 1
@@ -148,7 +148,10 @@ def _check_cells(cells: list[tuple[str, str]], device, args, spread):
     done = 0
     if jobs > 1 and not spread and device.type == "cpu" and launcher.fork_safe():
         try:
-            for result in launcher.forked_map(check, cells, jobs, max(1, cores // jobs)):
+            # compiling cells take seconds more than the others: they go first
+            compiling = {name for name in {v for _, v in cells} if resolve_variant(name).idiom == "compilation"}
+            for result in launcher.forked_map(check, cells, jobs, max(1, cores // jobs),
+                                              first=lambda cell: cell[1] in compiling):
                 done += 1
                 yield result
         except BrokenProcessPool:  # a loop that ended its process: the cells from there on run here, as with --jobs 1

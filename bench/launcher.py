@@ -207,9 +207,10 @@ def _worker_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def forked_map(func, items: list, jobs: int, threads: int):
+def forked_map(func, items: list, jobs: int, threads: int, first=None):
     """`func(item)` for each of `items`, in `jobs` processes forked from this one (each with `threads` intra-op
-    threads), yielded in the order of `items` as each is ready. Raises `BrokenProcessPool` at the first item whose
+    threads), yielded in the order of `items` as each is ready; the items for which `first(item)` is true are handed
+    out first (the longest, so that the short ones fill the end). Raises `BrokenProcessPool` at the first item whose
     worker died (the caller runs it, and those after it, itself)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -219,8 +220,11 @@ def forked_map(func, items: list, jobs: int, threads: int):
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=_worker_threads,
                                initargs=(threads,))
     try:
-        futures = [pool.submit(func, item) for item in items]
-        for future in futures:
+        order = sorted(range(len(items)), key=lambda i: not first(items[i])) if first else range(len(items))
+        futures = dict.fromkeys(range(len(items)))
+        for i in order:
+            futures[i] = pool.submit(func, items[i])
+        for future in futures.values():
             yield future.result()
     except BaseException:  # an interrupt, a worker that died, the caller done early: no worker goes on
         for process in list((getattr(pool, "_processes", None) or {}).values()):
