@@ -190,7 +190,7 @@ def test_check_shared_out_among_processes_gives_the_rows_one_process_gives(capsy
     assert main([*argv, "--jobs", "1"]) == 0
     alone = capsys.readouterr().out
     code = ("import sys, torch; torch.set_num_threads(1); from bench import launcher; real = launcher.forked_map; "
-            "launcher.forked_map = lambda *a: (print('forked', a[2], file=sys.stderr), real(*a))[1]; "
+            "launcher.forked_map = lambda *a, **k: (print('forked', a[2], file=sys.stderr), real(*a, **k))[1]; "
             f"from bench.cli import main; sys.exit(main({[*argv, '--jobs', '2']!r}))")
     root = Path(__file__).resolve().parents[1]
     shared = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
