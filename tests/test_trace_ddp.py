@@ -140,19 +140,23 @@ def test_rendezvous_options_go_to_torchrun_in_place_of_standalone(monkeypatch, t
 
 
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="needs Hugging Face Accelerate")
-def test_accelerate_launch_of_bench_trace(tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2 -m bench trace SCRIPT.py`: Accelerate starts the ranks through
-    torchrun (on a machine without a GPU too), each traces an Accelerate script (`prepare`, `accelerator.backward`): 1
-    all-reduce of 72 bytes and 2 blocking copies (the prepared loader's) per step, consistent, a cell per rank."""
+@pytest.mark.parametrize("launch", ["accelerate", "loopmark"])
+def test_accelerate_launch_of_bench_trace(tmp_path, launch):
+    """`accelerate launch --multi_gpu --num_processes 2 -m bench trace SCRIPT.py` (Accelerate starts the ranks through
+    torchrun, on a machine without a GPU too), or `loopmark trace --nproc-per-node 2 SCRIPT.py` (its forked ranks,
+    which Accelerate takes for torchrun's): each rank traces an Accelerate script (`prepare`,
+    `accelerator.backward`): 1 all-reduce of 72 bytes and 2 blocking copies (the prepared loader's) per step,
+    consistent, a cell per rank."""
     out = tmp_path / "out"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-         "-m", "bench", "trace", "--steps", "2", "--warmup", "2", "--out", str(out), str(ACCELERATED)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    start = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "bench",
+             "trace"] if launch == "accelerate" else ["-m", "bench", "trace", "--nproc-per-node", "2"]
+    options = ["--steps", "2", "--warmup", "2", "--out", str(out), str(ACCELERATED)]
+    done = subprocess.run([sys.executable, *start, *options], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     cells = json.loads((out / "results.json").read_text())["cells"]
     assert [(c["workload"], c["rank"], c["ranks"]) for c in cells] == [
