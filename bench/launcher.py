@@ -1,18 +1,24 @@
-"""The ranks of `--nproc-per-node N` on this machine, started as `torchrun --standalone` starts them, but forked from
-one process that has imported torch once.
+"""Starting the ranks of `loopmark run|check|trace --nproc-per-node N`, watching them, and naming the one that failed;
+torch-free, so that the launching command imports no torch its ranks will import anyway.
 
-`python -m bench.launcher N ARGS...` runs `python -m bench ARGS...` as N ranks. Each rank's environment is what
-torchrun gives a rank of a one-node job (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`,
-`MASTER_PORT`, `TORCHELASTIC_RUN_ID`, ...), so a script, a library (Lightning, Accelerate) and loopmark's own ranks
-see a torchrun job. What differs is the cost: torchrun is a process that imports torch, and each rank imports torch
-again and, on its first optimizer, torch's compiler front end (`torch._dynamo`), about 3.5 s of CPU per process on a
-small machine before any step. Here the launcher imports them once, before it starts any thread, and each rank is a
-fork of it. Nothing else is shared: no rank exists before the fork, no tensor has been made, no device touched.
+The ranks of one machine are started as `torchrun --standalone` starts them, but forked from one process that has
+imported torch once: `python -m bench.launcher N ARGS...` runs `python -m bench ARGS...` as N ranks. Each rank's
+environment is what torchrun gives a rank of a one-node job (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`,
+`LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`, `TORCHELASTIC_RUN_ID`, ...), so a script, a library (Lightning,
+Accelerate) and loopmark's own ranks see a torchrun job. What differs is the cost: torchrun is a process that imports
+torch, and each rank imports torch again and, on its first optimizer, torch's compiler front end (`torch._dynamo`),
+about 3.5 s of CPU per process on a small machine before any step. Here the launcher imports them once, before it
+starts any thread, and each rank is a fork of it. Nothing else is shared: no rank exists before the fork, no tensor
+has been made, no device touched. Several nodes (`--nnodes`, `--rdzv-*`), and a machine with an NVIDIA GPU, get
+torchrun itself (`ranks_command`).
 
 As torchrun does, when a rank fails (a non-zero exit, a signal) the others are ended (SIGTERM, then SIGKILL), the
-first failure is reported as torchrun's summary reports it (`Root Cause ... rank: R ... exitcode: C`, which
-`bench.distributed` reads), and the launcher exits 1. Several nodes (`--nnodes`, `--rdzv-*`) stay torchrun's.
-"""
+first failure is reported as torchrun's summary reports it (`Root Cause ... rank: R ... exitcode: C`, read by
+`_root_cause` whichever started the ranks), and the launcher exits 1. While the ranks run, `_one_torchrun` watches
+their heartbeats (`bench.distributed.heartbeat`) and ends them all when none progresses (`launcher_limit`).
+
+`forked_map` shares independent work (the cells of `loopmark check --jobs N`) out among processes forked the same
+way."""
 
 from __future__ import annotations
 
