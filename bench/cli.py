@@ -146,21 +146,27 @@ def _check_cells(cells: list[tuple[str, str]], device, args, spread):
     cores = os.cpu_count() or 1
     jobs = min(args.jobs or min(cores, 4), len(cells))
     done = 0
-    if jobs > 1 and not spread and device.type == "cpu" and launcher.fork_safe():
-        try:
-            # compiling cells take seconds more than the others: they go first
-            compiling = {name for name in {v for _, v in cells} if resolve_variant(name).idiom == "compilation"}
-            for result in launcher.forked_map(check, cells, jobs, max(1, cores // jobs),
-                                              first=lambda cell: cell[1] in compiling):
-                done += 1
-                yield result
-        except BrokenProcessPool:  # a loop that ended its process: the cells from there on run here, as with --jobs 1
-            pass
-    for cell in cells[done:]:
-        yield check(cell, spread=spread)
+    _CHECK_CACHE.clear()  # this check's own: a worker forked from here starts with it empty
+    try:
+        if jobs > 1 and not spread and device.type == "cpu" and launcher.fork_safe():
+            try:
+                # compiling cells take seconds more than the others: they go first
+                compiling = {name for name in {v for _, v in cells} if resolve_variant(name).idiom == "compilation"}
+                for result in launcher.forked_map(check, cells, jobs, max(1, cores // jobs),
+                                                  first=lambda cell: cell[1] in compiling):
+                    done += 1
+                    yield result
+            except BrokenProcessPool:  # a loop that ended its process: the cells from there on run here
+                pass
+        for cell in cells[done:]:
+            yield check(cell, spread=spread)
+    finally:
+        _CHECK_CACHE.clear()  # the baselines' parameters and gradients are not kept past the check
 
 
-_CHECK_CACHE: dict = {}  # this process's workloads and baselines, by workload name: shared by that workload's cells
+# the workloads and baselines of the check under way in this process, by workload name: shared by that workload's
+# cells (a module's, not an argument's: a forked worker gets it at the fork, and keeps it from cell to cell)
+_CHECK_CACHE: dict = {}
 
 
 def _check_cell(cell: tuple[str, str], device, epochs, steps, seed, spread=None) -> tuple[list[str], bool]:

@@ -23,11 +23,22 @@ way."""
 from __future__ import annotations
 
 import contextlib
+import glob
+import importlib
+import importlib.util
+import json
 import os
+import re
+import runpy
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+import traceback
+from pathlib import Path
 
 # what the ranks import anyway, imported once here before the fork
 PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "bench.cli", "bench.runner", "bench.trace")
@@ -62,11 +73,9 @@ def torchrun_rank() -> tuple[int, int]:
 
 def _torch_dir() -> str:
     """Where torch is installed, found without importing it (a frame there is torch's own)."""
-    import importlib.util
 
     spec = importlib.util.find_spec("torch")
     return (list(spec.submodule_search_locations or []) or [""])[0] if spec else ""
-
 
 
 def free_port() -> int:
@@ -90,7 +99,6 @@ def rank_env(rank: int, nproc: int, port: int) -> dict[str, str]:
 
 def _rank(rank: int, nproc: int, port: int, args: list[str]) -> None:
     """In the forked child: become rank `rank` and run `python -m bench ARGS`; never returns."""
-    import runpy
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -104,7 +112,6 @@ def _rank(rank: int, nproc: int, port: int, args: list[str]) -> None:
         if done.code is not None and not isinstance(done.code, int):
             print(done.code, file=sys.stderr)
     except BaseException:  # as an uncaught exception ends `python -m bench`: its traceback, exit status 1
-        import traceback
 
         traceback.print_exc()
         code = 1
@@ -114,7 +121,6 @@ def _rank(rank: int, nproc: int, port: int, args: list[str]) -> None:
 def start_ranks(nproc: int, args: list[str]) -> int:
     """Start `nproc` ranks of `python -m bench ARGS` and wait for them; 0 when every rank exits 0, else 1 once the
     others are ended, the first failure reported."""
-    import importlib
 
     for name in PRELOAD:
         importlib.import_module(name)
@@ -145,7 +151,7 @@ def start_ranks(nproc: int, args: list[str]) -> int:
         code = os.waitstatus_to_exitcode(status)
         if code != 0 and first is None:
             first = rank, code, pid
-            _end(left)
+            _end_ranks(left)
     if first is None:
         return 0
     rank, code, pid = first
@@ -159,7 +165,7 @@ def _signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-def _end(left: dict[int, int]) -> None:
+def _end_ranks(left: dict[int, int]) -> None:
     """End the ranks still running once a rank failed: SETTLE_S to end by themselves, then SIGTERM, then SIGKILL to
     any left after GRACE_S; reaps them."""
     _reap(left, SETTLE_S)
@@ -190,20 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     return start_ranks(int(argv[0]), argv[1:])
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # ---------------------------------------------------------------- independent work shared out among forked workers
 def fork_safe() -> bool:
     """Whether this process may fork workers: a single thread (a fork copies only the calling thread, and a lock another
     thread held stays held in the copy) and no CUDA context made (a forked child cannot use it)."""
-    import threading
 
     import torch
 
-    return (hasattr(os, "fork") and threading.active_count() == 1
-            and not (torch.cuda.is_available() and torch.cuda.is_initialized()))
+    return hasattr(os, "fork") and threading.active_count() == 1 and not torch.cuda.is_initialized()
 
 
 def _worker_threads(threads: int) -> None:
@@ -250,7 +251,6 @@ FLIGHT_RECORDER_ENV = "TORCH_FR_BUFFER_SIZE"
 def quiet_ranks_env(nproc: int, threads: int | None = None) -> dict:
     """The ranks' environment: the cores shared out among them (OMP_NUM_THREADS), the flight recorder off unless set,
     and the command the user typed (what results.json records as the run's command)."""
-    import sys
 
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // nproc))
@@ -260,8 +260,6 @@ def quiet_ranks_env(nproc: int, threads: int | None = None) -> dict:
 
 
 def _signal_name(code: int) -> str:
-    import signal
-
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
@@ -272,15 +270,12 @@ def _signal_name(code: int) -> str:
 
 def _root_cause(log: str) -> tuple[int, str] | None:
     """(rank, how it ended) of the first failure torchrun's summary names."""
-    import re
 
     found = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", log, re.S)
     return (int(found.group(1)), _signal_name(int(found.group(2)))) if found else None
 
 
 def _read_json(path) -> dict | None:
-    import json
-
     try:
         doc = json.loads(path.read_text())
         return doc if isinstance(doc, dict) else None
@@ -308,9 +303,7 @@ class _Ranks:
 def _forward(stream, log: list, echo) -> None:
     """Copy the ranks' output to `echo`, line by line, and keep all of it in `log`. torchrun's own log lines and its
     failure report are kept, not shown: the launcher says in one line what failed."""
-    import re
 
-    from bench.launcher import PREFIX
 
     launcher_line = re.compile(rf"^([WEI]\d{{4}} \d\d:\d\d:\d\d|{re.escape(PREFIX)})")
     torch_rank = re.compile(r"^\[rank\d+\]:")  # torch's prefix on a rank's own warnings and tracebacks
@@ -335,7 +328,6 @@ def ranks_command(nproc: int, args: list[str], rendezvous: list[str] | None = No
 
 def gpu_present() -> bool:
     """Whether this machine shows an NVIDIA GPU (its device files), found without touching CUDA."""
-    import glob
 
     return bool(glob.glob("/dev/nvidia[0-9]*"))
 
@@ -354,8 +346,6 @@ def launch_run(child_args: list[str], out, nproc: int, device: str, cell_timeout
     the ranks start again (`--resume`) on the cells after it. `say(line)` shows the ranks' output. Returns when a
     torchrun ends well, or when its ranks reached no cell (then every cell still planned is recorded by
     `record_fault(None, ...)`). SIGTERM ends the ranks as Ctrl-C does (KeyboardInterrupt)."""
-    import tempfile
-    from pathlib import Path
 
     env = quiet_ranks_env(nproc)
     limit = launcher_limit(cell_timeout)
@@ -380,9 +370,6 @@ def _one_torchrun(cmd: list[str], env: dict, ranks: _Ranks, limit: float | None,
                                  "most)"):
     """Run one torchrun, watching its ranks' heartbeats; (exit status, what hung or None, the cell it was in, its
     output). Every process it started is ended when it returns. `stalled` begins what hung says."""
-    import subprocess
-    import threading
-    import time
 
     ranks.clear()
     log: list[str] = []
@@ -417,8 +404,6 @@ def _one_torchrun(cmd: list[str], env: dict, ranks: _Ranks, limit: float | None,
 def _stuck(ranks: _Ranks, beats: list[dict], nproc: int, timed_out: int | None = None) -> str:
     """Where each rank of a hung cell is, from the stacks the ranks dump on SIGUSR1: a rank stopped in code of its own
     is named as the one the others wait for (they wait inside torch, in a collective)."""
-    import signal
-    import time
 
     heard = {b["rank"]: b for b in beats}
     silent = [r for r in range(nproc) if r not in heard]
@@ -439,7 +424,6 @@ def _stuck(ranks: _Ranks, beats: list[dict], nproc: int, timed_out: int | None =
 def _innermost(path) -> tuple[str | None, bool | None]:
     """From a faulthandler dump: (the innermost frame of the main thread outside torch and loopmark's harness, whether
     the innermost frame of all is in torch); (None, None) without a dump."""
-    import re
 
     try:
         dump = path.read_text(errors="replace")
@@ -456,7 +440,6 @@ def _innermost(path) -> tuple[str | None, bool | None]:
 def own_location(frames) -> str | None:
     """`file:line in function` of the innermost of `frames` (innermost first: (file, line, function)) outside torch,
     loopmark's harness and runpy: where the user's own code is; relative to the working directory below it."""
-    import runpy
 
     skip = (_torch_dir(), os.path.dirname(os.path.abspath(__file__)), runpy.__file__, "<")
     own = next(((f, n, fn) for f, n, fn in frames if not f.startswith(skip)), None)
@@ -490,7 +473,6 @@ def _what_failed(ranks: _Ranks, log: str, code: int, hung: str | None, current, 
 def _terminate_as_interrupt():
     """SIGTERM to the launcher ends its ranks as Ctrl-C does (they run in a session of their own, which a signal to
     the launcher's process group does not reach)."""
-    import signal
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -504,9 +486,6 @@ def _terminate_as_interrupt():
 
 def _end(proc) -> None:
     """End a torchrun and every process it started (its own session): SIGTERM, then SIGKILL to whatever is left."""
-    import contextlib
-    import signal
-    import subprocess
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -522,9 +501,6 @@ def launch_check(child_args: list[str], nproc: int, device: str, cell_timeout: f
     """`loopmark check --nproc-per-node N`: the check under torchrun; rank 0 prints the verdicts. Its exit status,
     or 1 when a rank failed or hung (named in one line): a cell with no progress within `cell_timeout` and as much
     again (a minute at most) ends every rank, as under `loopmark run`."""
-    import sys
-    import tempfile
-    from pathlib import Path
 
     env = quiet_ranks_env(nproc)
     limit = launcher_limit(cell_timeout)
@@ -557,8 +533,6 @@ def launch_trace(child_args: list[str], nproc: int, rendezvous: list[str], ranks
     timeout, or its own if shorter), so a rank waiting on one that never comes raises, and publishes what it measured;
     with no step on any rank for `launcher_limit(cell_timeout)`, every rank is ended and the line names where each
     one stopped."""
-    import tempfile
-    from pathlib import Path
 
     env = quiet_ranks_env(nproc)
     if cell_timeout:
@@ -579,3 +553,7 @@ def launch_trace(child_args: list[str], nproc: int, rendezvous: list[str], ranks
                   f"rank {cause[0]} ended ({cause[1]})" if cause else
                   f"torchrun ended ({_signal_name(code)})" if code else None)
         return leftover(Path(where)), failed
+
+
+if __name__ == "__main__":
+    sys.exit(main())
