@@ -192,7 +192,7 @@ def _compare_cell(key, b, c, base_env, cand_env, max_slowdown_pct, alpha, memory
                         "different number of steps, so syncs/step and ops/step are not compared")
     _deterministic(result, b, c, check_ops=not torch_differs, check_counts=not steps_differ,
                    rounding_differs=device_differs)
-    if device_differs and ROUNDING_ONLY & {_value(b.get("verdict")), _value(c.get("verdict"))} == ROUNDING_ONLY:
+    if device_differs and {_value(b.get("verdict")), _value(c.get("verdict"))} == ROUNDING_ONLY:
         warnings.append(f"{literal(key[2])} device differs ({literal(base_device)} in the baseline, "
                         f"{literal(cand_device)} in the candidate): identical and equivalent verdicts are not told "
                         "apart (equal within rounding either way; bitwise equality rests on the device's arithmetic)")
