@@ -10,7 +10,9 @@ torch, and each rank imports torch again and, on its first optimizer, torch's co
 about 3.5 s of CPU per process on a small machine before any step. Here the launcher imports them once, before it
 starts any thread, and each rank is a fork of it. Nothing else is shared: no rank exists before the fork, no tensor
 has been made, no device touched. Several nodes (`--nnodes`, `--rdzv-*`), and a machine with an NVIDIA GPU, get
-torchrun itself (`ranks_command`).
+torchrun itself (`ranks_command`). Where the launching process has imported torch already (`loopmark run` and `check`
+do; so does a Python program or a test session calling `bench.cli.main`) and its ranks run one intra-op thread each,
+the launcher is itself a fork of that process (`_Forked`) rather than `python -m bench.launcher`: no import at all.
 
 As torchrun does, when a rank fails (a non-zero exit, a signal) the others are ended (SIGTERM, then SIGKILL), the
 first failure is reported as torchrun's summary reports it (`Root Cause ... rank: R ... exitcode: C`, read by
@@ -22,11 +24,14 @@ way."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import importlib
 import importlib.util
+import itertools
 import json
+import locale
 import os
 import re
 import runpy
@@ -38,6 +43,7 @@ import tempfile
 import threading
 import time
 import traceback
+import weakref
 from pathlib import Path
 
 # what the ranks import anyway, imported once here before the fork
@@ -105,8 +111,8 @@ def _rank(rank: int, nproc: int, port: int, args: list[str]) -> None:
     os.environ.update(rank_env(rank, nproc, port))
     sys.argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py"), *args]
     code = 0
-    try:
-        runpy.run_module("bench", run_name="__main__", alter_sys=True)
+    try:  # by its path: a host that imported `bench` through a loader of its own (pytest's) cannot give its code
+        runpy.run_path(sys.argv[0], run_name="__main__")
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         if done.code is not None and not isinstance(done.code, int):
@@ -186,6 +192,116 @@ def _reap(left: dict[int, int], within: float | None) -> None:
             time.sleep(0.05)
             continue
         left.pop(pid, None)
+
+
+class _Forked:
+    """`python -m bench.launcher N ARGS` started as a fork of this process, which imported torch already, rather than
+    as a new interpreter that imports it again: what `subprocess.Popen(cmd, stdout=PIPE, stderr=STDOUT, text=True,
+    env=env, start_new_session=True)` gives (`pid`, `stdout`, `poll`, `wait`, `returncode`), less the imports.
+
+    The child is the launcher of a process of its own: a session of its own, its output the pipe, `env` its
+    environment, the working directory first on its import path (as `python -m` puts it), Ctrl-C and SIGTERM as a new
+    interpreter has them, one intra-op thread. Cleanup this process registered for its own exit (a temporary
+    directory's finalizer) is not run by the child or its ranks. The launcher ends with `os._exit`; a rank ends as an
+    interpreter does (`_exit_rank`): neither ever returns into the code this process forked from."""
+
+    def __init__(self, nproc: int, args: list[str], env: dict):
+        read, write = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(read)
+            _forked_launcher(write, nproc, args, env)
+        os.close(write)
+        self.stdout = open(read, encoding=locale.getpreferredencoding(False), errors="replace")  # noqa: SIM115
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(["bench.launcher"], timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+
+def _forked_launcher(write: int, nproc: int, args: list[str], env: dict) -> None:
+    """In the child of `_Forked`: be the launcher of `nproc` ranks; never returns."""
+
+    launcher, code = os.getpid(), 1
+    try:
+        os.setsid()
+        os.dup2(write, 1)
+        os.dup2(write, 2)
+        os.close(write)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        os.environ.clear()
+        os.environ.update(env)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for path in [os.getcwd(), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))][::-1]:
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        for finalizer in list(getattr(weakref.finalize, "_registry", {})):
+            finalizer.atexit = False  # this process's to run at its exit, not its copies'
+        import torch
+
+        torch.set_num_threads(1)
+        code = start_ranks(nproc, args)
+    except SystemExit as done:  # a rank's end (its `sys.exit`), or the launcher's
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        if os.getpid() != launcher:
+            _exit_rank(code)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _exit_rank(code: int) -> None:
+    """End a rank forked from a launcher that was itself forked (`_Forked`) as the interpreter ends a process: its
+    threads joined, its atexit handlers run (a traced script's included), its streams flushed; never returns."""
+
+    try:
+        with contextlib.suppress(AttributeError):
+            threading._shutdown()  # the non-daemon threads, as at the end of a process
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def _start(cmd: list[str], env: dict):
+    """Start the ranks' launcher `cmd` in a session of its own, its stdout and stderr one pipe: forked from this process
+    (`_Forked`) where that can be done (`_forkable`), else as the command."""
+
+    if _forkable(cmd, env):
+        return _Forked(int(cmd[3]), cmd[4:], env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def _forkable(cmd: list[str], env: dict) -> bool:
+    """Whether `cmd`, loopmark's launcher, can be a fork of this process: torch imported here already (otherwise the
+    command imports it as fast), a process that can fork (`fork_safe`), and ranks of one intra-op thread each. A child
+    forked after this process ran a parallel region of OpenMP hangs at its own first one; with one thread it has
+    none."""
+
+    return (cmd[1:3] == ["-m", "bench.launcher"] and "torch" in sys.modules and env.get("OMP_NUM_THREADS") == "1"
+            and fork_safe())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,14 +489,13 @@ def _one_torchrun(cmd: list[str], env: dict, ranks: _Ranks, limit: float | None,
 
     ranks.clear()
     log: list[str] = []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = _start(cmd, env)
     reader = threading.Thread(target=_forward, args=(proc.stdout, log, say), daemon=True)
     reader.start()
     hung, since, current = None, time.monotonic(), None
     try:
         while proc.poll() is None:
-            time.sleep(0.5)
+            time.sleep(0.1)
             beats = ranks.beats()
             cells = [tuple(b["cell"]) for b in beats if b.get("cell")]
             now = max(cells, key=cells.count) if cells else None
@@ -442,6 +557,9 @@ def own_location(frames) -> str | None:
     loopmark's harness and runpy: where the user's own code is; relative to the working directory below it."""
 
     skip = (_torch_dir(), os.path.dirname(os.path.abspath(__file__)), runpy.__file__, "<")
+    here = os.path.abspath(__file__)
+    # the frames outside a rank's `_rank` are the launcher's, and a launcher forked from a host process its host's
+    frames = itertools.takewhile(lambda frame: not (frame[0] == here and frame[2] == "_rank"), frames)
     own = next(((f, n, fn) for f, n, fn in frames if not f.startswith(skip)), None)
     if own is None:
         return None

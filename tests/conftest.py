@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ pytest_plugins = ["pytester"]
 torch.set_num_threads(1)
 
 MAX_WORKERS = 4
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # options under which pytest-benchmark must time (it times nothing under xdist)
@@ -31,6 +35,28 @@ def measured_once():
     settings = runner.Settings(steps=3, repeats=1, warmup=1, memory_steps=3, check_steps=2, cell_timeout=0)
     runner.untimed_passes(workload, resolve_variant("baseline"), device, settings,
                           stage_batches(workload, "train", 3, device), {})
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`cli(*ARGS)`: `loopmark ARGS` run in this process, as `bench.cli.main`, from the repository's root (where the
+    ranks it starts import `tests.distributed_loops`): (exit status, stdout, stderr) as a finished process's. The
+    ranks of `--nproc-per-node N` are forked from this process, which has imported torch already (`bench.launcher`);
+    a launching process of its own would import torch once more for nothing (and `loopmark`, the name, is the pytest
+    plugin's fixture)."""
+    from bench.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        with monkeypatch.context() as typed:
+            typed.setattr(sys, "argv", ["loopmark", *args])  # what the results record as the command typed
+            code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["loopmark", *args], code, out, err)
+    return run
 
 
 def pytest_xdist_auto_num_workers(config):

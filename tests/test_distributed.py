@@ -2,8 +2,6 @@
 --nproc-per-node 2` starts them; a rank that crashes or hangs; and what runs without a process group."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,25 +13,6 @@ from reports import results
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--device", "cpu", "--steps", "3", "--repeats", "1", "--warmup", "2"]
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """`cli(*ARGS)`: `loopmark ARGS` run in this process, as `bench.cli.main`, from the repository's root (where the
-    ranks it starts import `tests.distributed_loops`): (exit status, stdout, stderr) as a finished process's. Only the
-    ranks, torchrun's, are processes of their own: a launching process of ours would import torch once more for
-    nothing (and `loopmark`, the name, is the pytest plugin's fixture)."""
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        with monkeypatch.context() as typed:
-            typed.setattr(sys, "argv", ["loopmark", *args])  # what the results record as the command typed
-            code = main(list(args))
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["loopmark", *args], code, out, err)
-    return run
 
 
 def left_behind(marker: str) -> list[str]:

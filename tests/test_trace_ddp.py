@@ -26,10 +26,14 @@ ACCELERATED = ROOT / "tests" / "accelerate_trace_script.py"
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def traced(out: Path, *argv: str, launcher: bool, warmup: int = 2) -> subprocess.CompletedProcess:
-    """`loopmark trace --nproc-per-node 2 ...` (launcher), or the user's own `torchrun ... -m bench trace ...`."""
+def traced(out: Path, *argv: str, launcher: str, warmup: int = 2, cli=None) -> subprocess.CompletedProcess:
+    """`loopmark trace --nproc-per-node 2 ...` typed (launcher "typed"), or run in this process by the `cli` fixture
+    ("here": the ranks forked from this process, which imported torch already), or the user's own `torchrun ... -m
+    bench trace ...` ("torchrun")."""
     options = ["--steps", "2", "--warmup", str(warmup), "--out", str(out)]
-    start = ["-m", "bench", "trace", "--nproc-per-node", "2"] if launcher else [
+    if launcher == "here":
+        return cli("trace", "--nproc-per-node", "2", *options, *argv)
+    start = ["-m", "bench", "trace", "--nproc-per-node", "2"] if launcher == "typed" else [
         "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bench", "trace"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *start, *options, *argv], cwd=ROOT, capture_output=True, text=True,
@@ -37,27 +41,30 @@ def traced(out: Path, *argv: str, launcher: bool, warmup: int = 2) -> subprocess
 
 
 @pytest.mark.parametrize(("micro_batches", "no_sync", "collectives", "verdict", "launcher", "more"), [
-    # one all-reduce per backward pass; the user's own torchrun command (the other cases: loopmark's launcher)
-    (1, "none", 1, "consistent", False, []),
-    (2, "first", 1, "consistent", True, []),  # no_sync on the first micro-batch: one all-reduce, after the last
-    (2, "backward", 2, "consistent", True, []),  # no_sync around backward() only: DDP all-reduces both (a no-op)
-    (2, "last", 1, "broken", True, []),  # the last micro-batch not synced: the ranks' parameters part after step 1
+    # one all-reduce per backward pass; the user's own torchrun command
+    (1, "none", 1, "consistent", "torchrun", []),
+    # no_sync on the first micro-batch: one all-reduce, after the last; `loopmark trace` as typed in a shell (the
+    # other cases: run in this process)
+    (2, "first", 1, "consistent", "typed", []),
+    (2, "backward", 2, "consistent", "here", []),  # no_sync around backward() only: DDP all-reduces both (a no-op)
+    (2, "last", 1, "broken", "here", []),  # the last micro-batch not synced: the ranks' parameters part after step 1
     # nanoGPT's require_backward_grad_sync on the last micro-batch: one all-reduce; epochs of 2 steps, each given
     # set_epoch: no epoch repeats the one before
-    (2, "flag", 1, "consistent", True, ["--samples", "32"]),
+    (2, "flag", 1, "consistent", "here", ["--samples", "32"]),
     # epochs of 4 steps and no set_epoch: the second epoch (steps 5 to 8, in the audit and time passes) reads the
     # first one's order
-    (1, "none", 1, "different", True, ["--samples", "32", "--no-set-epoch"]),
+    (1, "none", 1, "different", "here", ["--samples", "32", "--no-set-epoch"]),
 ])
-def test_each_rank_of_a_ddp_script_is_traced(tmp_path, micro_batches, no_sync, collectives, verdict, launcher, more):
+def test_each_rank_of_a_ddp_script_is_traced(tmp_path, cli, micro_batches, no_sync, collectives, verdict, launcher,
+                                             more):
     """Each rank's cell counts its all-reduces per step and 2 blocking copies per micro-batch; its verdict is the
     audit's, broken when the ranks' parameters differ after a step, different when a shuffling DistributedSampler
     reads an epoch in the order of the one before. Only rank 0 writes; `--strict` fails a broken verdict through the
     launcher (not a different one)."""
     out = tmp_path / "out"
-    strict = ["--strict"] if launcher else []
+    strict = ["--strict"] if launcher != "torchrun" else []
     done = traced(out, *strict, str(SCRIPT), "--micro-batches", str(micro_batches), "--no-sync", no_sync, *more,
-                  launcher=launcher)
+                  launcher=launcher, cli=cli)
     assert done.returncode == (1 if verdict == "broken" else 0), done.stdout + done.stderr
     cells = json.loads((out / "results.json").read_text())["cells"]
     assert [(c["workload"], c["rank"], c["ranks"]) for c in cells] == [
@@ -101,13 +108,14 @@ def _line_of(text: str, path: Path = FAULTY) -> int:
              "ended: waiting for the other ranks' records'"),
     ("kill", "loopmark trace: rank 1 ended (killed by SIGKILL)"),
 ])
-def test_a_rank_that_fails_ends_every_rank_is_named_and_the_others_measurements_are_kept(tmp_path, fault, named):
+def test_a_rank_that_fails_ends_every_rank_is_named_and_the_others_measurements_are_kept(tmp_path, cli, fault,
+                                                                                         named):
     """Rank 1 of tests/ddp_fault_script.py fails at its step 4, the first of the audit pass (1 warm-up step, 2 counted):
     the trace exits 1 within about --cell-timeout, one line names the rank (and where it stopped), and rank 0's cell
     is written with its count pass (2 all-reduces in step 3; DDP rebuilds its bucket in step 2)."""
     out = tmp_path / "out"
     done = traced(out, "--cell-timeout", "5", str(FAULTY), "--fault", fault, "--at-step", "4",
-                  launcher=True, warmup=1)
+                  launcher="here", warmup=1, cli=cli)
     assert done.returncode == 1, done.stdout + done.stderr
     for code in ("raise ValueError", "time.sleep(3600)"):
         named = named.replace("{" + code + "}", str(_line_of(code)))
