@@ -46,8 +46,10 @@ import traceback
 import weakref
 from pathlib import Path
 
-# what the ranks import anyway, imported once here before the fork
-PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "bench.cli", "bench.runner", "bench.trace")
+# what the ranks import anyway, imported once here before the fork: torch, its compiler front end (a rank's first
+# optimizer imports it), the commands, and what each rank's figures need (scipy.stats, for their intervals)
+PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "bench.cli", "bench.runner", "bench.trace",
+           "reports.report", "reports.findings", "scipy.stats")
 # after a rank fails, how long the others get to end by themselves before SIGTERM: a rank whose peer is gone sees its
 # collective fail at once, and a traced rank then publishes what it measured (torchrun's agent, polling, gives as much)
 SETTLE_S = 2.0
