@@ -54,6 +54,7 @@ PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "bench.cli", "bench.ru
 # collective fail at once, and a traced rank then publishes what it measured (torchrun's agent, polling, gives as much)
 SETTLE_S = 2.0
 GRACE_S = 10.0  # how long ended ranks get between SIGTERM and SIGKILL
+STACKS_S = 1.0  # how long the ranks of a hung cell get to dump their stacks (SIGUSR1)
 # the launcher's own lines: kept from the user's screen (`_forward`), as torchrun's are
 PREFIX = "loopmark-launcher: "
 
@@ -526,16 +527,28 @@ def _stuck(ranks: _Ranks, beats: list[dict], nproc: int, timed_out: int | None =
     silent = [r for r in range(nproc) if r not in heard]
     if silent:
         return f"rank {', '.join(map(str, silent))} never reported"
+    stacks = {r: ranks.where / f"stack{r}.txt" for r in sorted(heard)}
+    before = {r: _size(path) for r, path in stacks.items()}
     for b in heard.values():
         with contextlib.suppress(KeyError, ValueError, ProcessLookupError, PermissionError):
             os.kill(int(b["pid"]), signal.SIGUSR1)
-    time.sleep(1.0)
-    where = {r: _innermost(ranks.where / f"stack{r}.txt") for r in sorted(heard) if r != timed_out}
+    deadline = time.monotonic() + STACKS_S  # each dump is written at once, by the signal's own handler
+    while time.monotonic() < deadline and any(_size(path) <= before[r] for r, path in stacks.items()):
+        time.sleep(0.02)
+    time.sleep(0.05)  # the rest of a dump begun
+    where = {r: _innermost(stacks[r]) for r in stacks if r != timed_out}
     stopped = [r for r, (at, in_torch) in where.items() if in_torch is False and at]
     parts = [f"rank {r} stopped at {where[r][0]}" for r in stopped]
     parts += [f"rank {r} waiting in torch at {where[r][0]}" if where[r][0] else f"rank {r} at '{heard[r]['text']}'"
               for r in where if r not in stopped]
     return "; ".join(parts)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def _innermost(path) -> tuple[str | None, bool | None]:

@@ -13,6 +13,15 @@ pytest_plugins = ["pytester"]
 # OpenMP threads make every operator many times slower. Verdicts compare runs made under the same setting.
 torch.set_num_threads(1)
 
+# tqdm's bars (the compiler's among them) start a monitor thread, which lives on; a process with a thread of its own
+# cannot fork the ranks' launcher (`bench.launcher._forkable`), and would start `python -m bench.launcher` instead
+try:
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0
+except ImportError:
+    pass
+
 MAX_WORKERS = 4
 ROOT = Path(__file__).resolve().parents[1]
 

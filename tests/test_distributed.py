@@ -73,7 +73,7 @@ def test_a_crashed_or_hung_rank_faults_its_cell_alone(cli, tmp_path):
     """A rank killed mid-cell gives that cell `error` naming the rank; a rank stuck where no signal reaches it gives
     `timeout` naming where it stopped; the cells before and after are measured, and no process is left."""
     out = tmp_path / "faults"
-    done = cli("run", "--nproc-per-node", "2", *SMALL, "--cell-timeout", "6", "--out", str(out),
+    done = cli("run", "--nproc-per-node", "2", *SMALL, "--cell-timeout", "4", "--out", str(out),
                     "--variant", "tests.distributed_loops:crash_on_rank_1",
                     "--variant", "tests.distributed_loops:stuck_on_rank_1", "--variant", "ddp_static_graph",
                     "--variant", "tests.distributed_loops:tutorial_epoch")
@@ -104,10 +104,10 @@ def test_check_ends_a_rank_hung_in_a_collective_at_its_time_limit(cli):
     """`check --nproc-per-node 2` with rank 1 stuck where no signal reaches it: the launcher ends every rank after the
     cell's limit and as much again, exit 1, naming the cell and where rank 1 stopped (not gloo's 30-minute wait)."""
     done = cli("check", "--nproc-per-node", "2", "--variant", "tests.distributed_loops:stuck_on_rank_1",
-               "--cell-timeout", "4")
+               "--cell-timeout", "3")
     text = done.stdout + done.stderr
     assert done.returncode == 1, text
-    assert "timeout: " in text and "stuck_on_rank_1" in text and "no progress in 8 s" in text, text
+    assert "timeout: " in text and "stuck_on_rank_1" in text and "no progress in 6 s" in text, text
     assert "rank 1 stopped at tests/distributed_loops.py" in text and "at None" not in text, text
 
 

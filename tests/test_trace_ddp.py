@@ -102,8 +102,8 @@ def _line_of(text: str, path: Path = FAULTY) -> int:
     ("raise", "loopmark trace: rank 1 failed: the script raised ValueError: rank 1 gave up at step 4 "
               "(tests/ddp_fault_script.py:{raise ValueError} in main); rank(s) 0 ended in the collective that waited "
               "for it"),
-    # rank 0 waits in DDP's all-reduce: its process group's timeout (5 s) ends it, the launcher the sleeping rank 1
-    ("hang", "loopmark trace: timeout: no step on any rank in 10 s (--cell-timeout and as much again, a minute at "
+    # rank 0 waits in DDP's all-reduce: its process group's timeout (3 s) ends it, the launcher the sleeping rank 1
+    ("hang", "loopmark trace: timeout: no step on any rank in 6 s (--cell-timeout and as much again, a minute at "
              "most): rank 1 stopped at tests/ddp_fault_script.py:{time.sleep(3600)} in main; rank 0 at 'its trace "
              "ended: waiting for the other ranks' records'"),
     ("kill", "loopmark trace: rank 1 ended (killed by SIGKILL)"),
@@ -114,7 +114,7 @@ def test_a_rank_that_fails_ends_every_rank_is_named_and_the_others_measurements_
     the trace exits 1 within about --cell-timeout, one line names the rank (and where it stopped), and rank 0's cell
     is written with its count pass (2 all-reduces in step 3; DDP rebuilds its bucket in step 2)."""
     out = tmp_path / "out"
-    done = traced(out, "--cell-timeout", "5", str(FAULTY), "--fault", fault, "--at-step", "4",
+    done = traced(out, "--cell-timeout", "3", str(FAULTY), "--fault", fault, "--at-step", "4",
                   launcher="here", warmup=1, cli=cli)
     assert done.returncode == 1, done.stdout + done.stderr
     for code in ("raise ValueError", "time.sleep(3600)"):
