@@ -476,3 +476,16 @@ def _column_has_data(column: pd.Series) -> bool:
     if column.dtype == object:
         return column.map(lambda v: _has_samples(v) or (isinstance(v, float) and not math.isnan(v))).any()
     return column.notna().any()
+
+
+
+def save_png(fig: Figure, file, dpi: float) -> None:
+    """`fig` as a PNG of `dpi` dots per inch, drawn once: `savefig` with a layout engine (every figure here has one)
+    draws the figure twice, the first time to place its panels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.image import imsave
+
+    fig.set_dpi(dpi)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    imsave(file, canvas.buffer_rgba(), format="png", dpi=dpi)

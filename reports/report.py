@@ -119,7 +119,7 @@ def write_report(paths: list, out_dir=None, reference_dir=REFERENCE_DIR) -> list
         buffer = io.BytesIO()
         with warnings.catch_warnings():  # a character no font has: said once, by plots._fonts_for
             warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-            fig.savefig(buffer, format="png", dpi=DPI)
+            plots.save_png(fig, buffer, DPI)
         results.atomic_write(png_path, buffer.getvalue())
         images[name] = (title, png_path.name, buffer.getvalue())
         written.append(png_path)
