@@ -163,17 +163,19 @@ class AllocatorLedger:
                                   "counter_start": counter, "counter_peak": counter})
                     peak, counter_peak = held, counter
                 continue
-            if fields.device.type != "cpu":
+            # each field read is a call into the profiler's bindings, made once; a CPU record's device is `cpu` itself
+            device = fields.device
+            if device != _CPU and device.type != "cpu":
                 continue
-            size, ptr = int(fields.alloc_size), int(fields.ptr)
+            size, ptr, total = fields.alloc_size, fields.ptr, fields.total_allocated
             if size > 0:
                 ledger[ptr] = size
                 held += size
             elif ptr in ledger:
                 held -= ledger.pop(ptr)
             if counter_base is None:
-                counter_base = int(fields.total_allocated) - size
-            counter = int(fields.total_allocated) - counter_base
+                counter_base = total - size
+            counter = total - counter_base
             if peak is not None:
                 if held > peak:
                     peak = held
@@ -182,6 +184,9 @@ class AllocatorLedger:
         if steps:
             steps[-1]["peak"], steps[-1]["counter_peak"] = peak, counter_peak
         return steps
+
+
+_CPU = torch.device("cpu")
 
 
 def _start_memory_profiler() -> None:
@@ -211,13 +216,16 @@ def _quiet_stderr():
 
 
 def _records(tree) -> list[tuple[str, object]]:
-    """The profiler's records in time order: (name, allocation fields) for a `[memory]` record, (name, None)
+    """The profiler's records in time order: (None, allocation fields) for a `[memory]` record, (name, None)
     for any other; an allocation is recorded as a child of the scope (`record_function`) it was made in."""
     flat, stack, allocation = [], list(tree), torch._C._profiler._ExtraFields_Allocation
     while stack:
         node = stack.pop()
         fields = node.extra_fields
-        flat.append((node.start_time_ns, node.name, fields if type(fields) is allocation else None))
+        if type(fields) is allocation:  # nearly every record; its name ("[memory]") is not read
+            flat.append((node.start_time_ns, None, fields))
+        else:
+            flat.append((node.start_time_ns, node.name, None))
         children = node.children
         if children:
             stack += children
