@@ -222,10 +222,10 @@ def _records(tree) -> list[tuple[str, object]]:
     while stack:
         node = stack.pop()
         fields = node.extra_fields
-        if type(fields) is allocation:  # nearly every record; its name ("[memory]") is not read
+        if type(fields) is allocation:  # nearly every record: its name ("[memory]") is not read, it has no children
             flat.append((node.start_time_ns, None, fields))
-        else:
-            flat.append((node.start_time_ns, node.name, None))
+            continue
+        flat.append((node.start_time_ns, node.name, None))
         children = node.children
         if children:
             stack += children
