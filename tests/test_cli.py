@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -178,24 +177,24 @@ def test_check_passes_on_builtins_and_fails_on_a_broken_user_loop(capsys):
     assert "step 2 consumed the sum of 2 batch gradients" in capsys.readouterr().out
 
 
-def test_check_shared_out_among_processes_gives_the_rows_one_process_gives(capsys):
-    """`check --jobs 2` checks cells in two processes forked from the command's, each judging against its own
-    baseline: the table is the one `--jobs 1` prints, row for row, in the same order; a user's workload is checked
-    as a built-in is. (The forking check runs as a command of its own: a process with other threads, as a test
-    runner's may be, checks in order.)"""
+def test_check_shared_out_among_processes_gives_the_rows_one_process_gives(capsys, monkeypatch):
+    """`check --jobs 2` checks cells in two processes forked from the command's (here this test's, a process of one
+    thread), each judging against its own baseline: the table is the one `--jobs 1` prints, row for row, in the same
+    order; a user's workload is checked as a built-in is."""
+    from bench import launcher
+
     argv = ["check", "--epochs", "2", "--steps", "2", "--workload", "mlp", "--workload", f"{USER}:regression",
             "--variant", "baseline", "--variant", "graph_sum", "--variant", "zero_grad_missing", "--variant",
             "tensor_sum"]
     capsys.readouterr()
     assert main([*argv, "--jobs", "1"]) == 0
     alone = capsys.readouterr().out
-    code = ("import sys, torch; torch.set_num_threads(1); from bench import launcher; real = launcher.forked_map; "
-            "launcher.forked_map = lambda *a, **k: (print('forked', a[2], file=sys.stderr), real(*a, **k))[1]; "
-            f"from bench.cli import main; sys.exit(main({[*argv, '--jobs', '2']!r}))")
-    root = Path(__file__).resolve().parents[1]
-    shared = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
-    assert shared.returncode == 0 and "forked 2" in shared.stderr, shared.stdout + shared.stderr
-    assert shared.stdout == alone
+    jobs, real = [], launcher.forked_map
+    monkeypatch.setattr(launcher, "forked_map", lambda func, items, n, *a, **k: (jobs.append(n),
+                                                                                 real(func, items, n, *a, **k))[1])
+    assert launcher.fork_safe()  # else `check` checks in order, in this process
+    assert main([*argv, "--jobs", "2"]) == 0
+    assert jobs == [2] and capsys.readouterr().out == alone
     assert [line.split()[:3] for line in alone.splitlines()[1:4]] == [
         ["mlp", "baseline", "identical"], ["mlp", "graph_sum", "broken"], ["mlp", "zero_grad_missing", "broken"]]
 
