@@ -276,9 +276,13 @@ def cmd_run(args) -> int:
 
 
 def _finish(args, out: Path, records: list[dict]) -> int:
-    """The end of a run: the summary, the report, and with --strict the failing cells."""
+    """The end of a run: the summary, the report (unless --no-report), and with --strict the failing cells."""
     _summary(records)
-    reported = _report([out])
+    if args.no_report:  # a report there before is not these results'
+        from reports.results import remove_report
+
+        remove_report(out)
+    reported = args.no_report or _report([out])
     print(f"\nwrote {out}/results.csv, {out}/results.json")
     failed = strict_failures(records) if args.strict else []
     if failed:
@@ -866,6 +870,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--strict", action="store_true",
                    help="exit 1 when a cell ends in error, timeout, diverged or oom, or a verdict is not as expected "
                         "(a built-in's declared verdict, a variant of yours not broken): for CI")
+    r.add_argument("--no-report", action="store_true",
+                   help="write results.csv and results.json only: no report or plots (`loopmark report DIR` makes "
+                        "them later)")
     r.add_argument("--resume", action="store_true", help="skip cells already finished in --out (default: in "
                                                          "results/latest)")
     r.add_argument("--overwrite", action="store_true", help="replace the results an --out directory already holds "

@@ -230,7 +230,7 @@ class Loopmark:
         out = Path(tempfile.mkdtemp(prefix="ddp-", dir=self._session.scratch()))
         cmd = [sys.executable, "-m", "bench", "run", "--nproc-per-node", str(nproc), "--device", dev.type,
                "--workload", name, "--variant", v.name, "--steps", str(s.steps), "--repeats", str(s.repeats),
-               "--warmup", str(s.warmup), "--seed", str(s.seed), "--out", str(out / "run")]
+               "--warmup", str(s.warmup), "--seed", str(s.seed), "--out", str(out / "run"), "--no-report"]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # what this session imports
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0 or not (out / "run" / "results.json").exists():

@@ -87,8 +87,7 @@ def write_merged(paths, out_dir, command: str, mixed_cpus: bool = False, partial
     env["command"] = command
     out_dir = results.check_writable(out_dir)
     results.write_results(out_dir, env, records)
-    for stale in [out_dir / "report.md", out_dir / "report.html", *out_dir.glob("plot_*.png")]:
-        stale.unlink(missing_ok=True)
+    results.remove_report(out_dir)
     return records
 
 

@@ -534,6 +534,14 @@ class OutputError(OSError):
 LATEST = "latest"  # under a results root: a symlink to the newest run directory
 
 
+def remove_report(directory) -> None:
+    """Remove the report in `directory` (report.md, report.html, plot_*.png): results written there that it was not made
+    from must not stand beside it."""
+    directory = Path(directory)
+    for stale in [directory / "report.md", directory / "report.html", *directory.glob("plot_*.png")]:
+        stale.unlink(missing_ok=True)
+
+
 def holds_results(directory) -> bool:
     """Whether `directory` holds the results of a run (results.json or results.csv)."""
     return any((Path(directory) / name).exists() for name in ("results.json", "results.csv"))

@@ -30,13 +30,17 @@ STEPS = 3  # the smallest `loopmark run --steps`; the tracked loop reads back on
 
 
 def _run(root, name: str, extra: str):
-    """`loopmark run` of the loop above (with `extra` as one more line per step) as `userloop:loop`."""
+    """`loopmark run --no-report` of the loop above (with `extra` as one more line per step) as `userloop:loop`, into
+    a directory that holds a report of other results (which must go: the gate reads results.json alone)."""
     src = root / name
     src.mkdir()
     (src / "userloop.py").write_text(LOOP.format(extra=extra))
     out = root / f"out_{name}"
+    out.mkdir()
+    for stale in ("report.md", "report.html", "plot_throughput.png"):
+        (out / stale).write_text("a report of other results")
     argv = ["run", "--device", "cpu", "--quick", "--workload", "digits", "--variant", "userloop:loop", "--steps",
-            str(STEPS), "--repeats", "1", "--warmup", "1", "--out", str(out)]
+            str(STEPS), "--repeats", "1", "--warmup", "1", "--out", str(out), "--no-report"]
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(src))
         mp.delitem(sys.modules, "userloop", raising=False)
@@ -64,6 +68,11 @@ def test_one_more_item_per_step_fails_the_gate_on_syncs(runs, capsys):
 def test_same_code_compares_clean_on_deterministic_metrics(runs, capsys):
     """Two runs of the same code compare clean (exit 0) on the deterministic metrics."""
     assert main(["compare", str(runs["base"]), str(runs["same"]), "--only-deterministic"]) == 0
+
+
+def test_no_report_writes_the_results_alone(runs):
+    """`run --no-report` writes results.csv and results.json, no report, and removes the report that was there."""
+    assert sorted(p.name for p in runs["base"].iterdir()) == ["results.csv", "results.json"]
 
 
 @pytest.mark.parametrize("args", [["/nonexistent/dir", "/nonexistent/dir"]])
