@@ -13,6 +13,8 @@ has been made, no device touched. Several nodes (`--nnodes`, `--rdzv-*`), and a 
 torchrun itself (`ranks_command`). Where the launching process has imported torch already (`loopmark run` and `check`
 do; so does a Python program or a test session calling `bench.cli.main`) and its ranks run one intra-op thread each,
 the launcher is itself a fork of that process (`_Forked`) rather than `python -m bench.launcher`: no import at all.
+Its ranks then hold a copy of whatever that process held (modules, objects), but no thread of it and no CUDA context
+(`fork_safe`), and none of the cleanup it registered for its own exit.
 
 As torchrun does, when a rank fails (a non-zero exit, a signal) the others are ended (SIGTERM, then SIGKILL), the
 first failure is reported as torchrun's summary reports it (`Root Cause ... rank: R ... exitcode: C`, read by
