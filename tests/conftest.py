@@ -13,8 +13,11 @@ pytest_plugins = ["pytester"]
 # OpenMP threads make every operator many times slower. Verdicts compare runs made under the same setting.
 torch.set_num_threads(1)
 
-# tqdm's bars (the compiler's among them) start a monitor thread, which lives on; a process with a thread of its own
-# cannot fork the ranks' launcher (`bench.launcher._forkable`), and would start `python -m bench.launcher` instead
+# A test process with a thread of its own cannot fork the ranks' launcher (`bench.launcher._forkable`: it starts
+# `python -m bench.launcher` instead) nor `check --jobs`'s workers. Two kinds of thread outlive a compile test: the
+# compiler's pool of C++ compile threads (one thread here: it compiles in the test's own thread, and the workers share
+# the cores already) and tqdm's monitor thread, which its progress bars start.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 try:
     import tqdm
 
