@@ -192,7 +192,8 @@ def test_check_shared_out_among_processes_gives_the_rows_one_process_gives(capsy
     jobs, real = [], launcher.forked_map
     monkeypatch.setattr(launcher, "forked_map", lambda func, items, n, *a, **k: (jobs.append(n),
                                                                                  real(func, items, n, *a, **k))[1])
-    assert launcher.fork_safe()  # else `check` checks in order, in this process
+    # else `check` checks in order, in this process: a thread a test left running would say so here
+    assert launcher.fork_safe(), [t.name for t in threading.enumerate()]
     assert main([*argv, "--jobs", "2"]) == 0
     assert jobs == [2] and capsys.readouterr().out == alone
     assert [line.split()[:3] for line in alone.splitlines()[1:4]] == [
