@@ -1,6 +1,6 @@
 """One function per figure: a DataFrame of cells (reports.load) in, a matplotlib Figure out.
 
-Figures are built with `matplotlib.figure.Figure` (no pyplot, no GUI backend): save them with `savefig`.
+Figures are built with `matplotlib.figure.Figure` (no pyplot, no GUI backend): save them with `save_png`.
 Each figure has one panel per (workload, device) with variants on the y axis, so long variant names
 stay readable; its height grows with the number of variants. A function returns None when the
 DataFrame holds nothing it could plot (e.g. `cpu_vs_gpu` with one device).
@@ -476,7 +476,6 @@ def _column_has_data(column: pd.Series) -> bool:
     if column.dtype == object:
         return column.map(lambda v: _has_samples(v) or (isinstance(v, float) and not math.isnan(v))).any()
     return column.notna().any()
-
 
 
 def save_png(fig: Figure, file, dpi: float) -> None:
